@@ -1,0 +1,52 @@
+"""Save any trained model with one call, load it back safely with another."""
+
+from ._api import inspect, load_any, save_any, verify
+from ._manifest import FileEntry, Manifest
+from ._payload import Payload
+from ._registry import Adapter, AdapterInfo, list_adapters, register_adapter
+from .errors import (
+    ArtifactExistsError,
+    ArtifactNotFoundError,
+    CorruptArtifactError,
+    IntegrityError,
+    MissingFrameworkError,
+    PersistError,
+    SignatureError,
+    UnsupportedModelError,
+    UntrustedContentError,
+    VersionMismatchError,
+    VersionMismatchWarning,
+)
+
+__all__ = [
+    "Adapter",
+    "AdapterInfo",
+    "ArtifactExistsError",
+    "ArtifactNotFoundError",
+    "CorruptArtifactError",
+    "FileEntry",
+    "IntegrityError",
+    "Manifest",
+    "MissingFrameworkError",
+    "Payload",
+    "PersistError",
+    "SignatureError",
+    "UnsupportedModelError",
+    "UntrustedContentError",
+    "VersionMismatchError",
+    "VersionMismatchWarning",
+    "inspect",
+    "list_adapters",
+    "load_any",
+    "register_adapter",
+    "save_any",
+    "verify",
+]
+
+
+def __getattr__(name: str) -> str:
+    if name == "__version__":  # read only when asked: importlib.metadata costs milliseconds
+        from importlib.metadata import version
+
+        return version("mlpersist")
+    raise AttributeError(f"module 'mlpersist' has no attribute {name!r}")

@@ -1,0 +1,240 @@
+"""The public calls: save_any, load_any, inspect, verify."""
+
+from __future__ import annotations
+
+import os
+import platform
+import stat
+import sys
+import warnings
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from . import _registry, _storage
+from ._dispatch import detect, sniff
+from ._manifest import FORMAT_VERSION, FileEntry, Manifest, check_json_value
+from ._payload import Payload
+from ._safepickle import TrustPolicy
+from .errors import (
+    CorruptArtifactError,
+    PersistError,
+    UnsupportedModelError,
+    VersionMismatchError,
+    VersionMismatchWarning,
+)
+
+_ENV_CACHE: dict[str, dict[str, Any]] = {}
+
+
+def save_any(model: Any, path: str | os.PathLike[str], *, overwrite: bool = False, metadata: Any = None,
+             format: str | None = None, **options: Any) -> Manifest:
+    """Save `model` as an artifact directory at `path`, atomically.
+
+    Args:
+        model: a fitted model of any framework an adapter claims.
+        path: the artifact directory to create.
+        overwrite: replace an existing artifact (readers see the old or the new one, never a mix).
+        metadata: JSON-able data stored in the manifest as is.
+        format: one of the adapter's formats (`mlpersist adapters` lists them); default its first.
+        **options: passed to the adapter (e.g. `compress=3` for joblib).
+
+    Returns:
+        The manifest written.
+
+    Raises:
+        mlpersist.errors.UnsupportedModelError: no adapter claims the model, or it cannot save it.
+        mlpersist.errors.ArtifactExistsError: `path` exists and `overwrite` is false (it is left untouched).
+        mlpersist.errors.MissingFrameworkError: the adapter's framework is not installed.
+
+    """
+    root = _local(path)
+    check_json_value(metadata, "metadata")
+    name = detect(model)
+    spec = _registry.get_spec(name)
+    assert spec is not None  # detect only returns registered names
+    fmt = format or (spec.formats[0] if spec.formats else "default")
+    if spec.formats and fmt not in spec.formats:
+        raise PersistError(f"format {fmt!r} is not one the {name} adapter writes ({', '.join(spec.formats)})")
+    adapter = _registry.get_adapter(name)
+    staging = _storage.Staging(root, overwrite=overwrite)
+    try:
+        try:
+            info = dict(adapter.save(model, staging.dir, format=fmt, **options))
+        except (PersistError, OSError):
+            raise
+        except Exception as exc:
+            raise UnsupportedModelError(f"the {name} adapter could not save {type(model).__qualname__} as "
+                                        f"{fmt}: {type(exc).__name__}: {exc}") from exc
+        info["adapter_format_version"] = adapter.format_version
+        check_json_value(info, f"what the {name} adapter returned")
+        cls = type(model)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, adapter=name, format=fmt, model_class=f"{cls.__module__}:{cls.__qualname__}",
+            framework=spec.package, framework_version=_version(spec.package) or "unknown",
+            files=staging.seal(), environment=_environment(name, adapter), created_at=_now(),
+            mlpersist_version=_version("mlpersist") or "unknown", metadata=metadata, info=info)
+        raw = manifest.to_json()
+        staging.commit(raw)
+    except BaseException:
+        staging.abort()
+        raise
+    return Manifest.from_json(raw)
+
+
+def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iterable[str] = (),
+             verify: bool = True, strict: bool = False, **options: Any) -> Any:
+    """Load the model saved at `path` (an artifact directory, or a bare joblib/pickle file).
+
+    Args:
+        path: the artifact directory, or a model file saved without mlpersist.
+        trusted: lift the allow-list for pickle-based content (only for files you trust).
+        allow: extra `"module.Name"` globals a pickle may import, for this call only.
+        verify: check every file's digest before it is opened (sizes are always checked).
+        strict: a framework version different from the recorded one is an error, not a warning.
+        **options: passed to the adapter.
+
+    Returns:
+        The model.
+
+    Raises:
+        mlpersist.errors.ArtifactNotFoundError: nothing loadable at `path`.
+        mlpersist.errors.CorruptArtifactError: the manifest or a payload is malformed.
+        mlpersist.errors.IntegrityError: a file differs from the manifest.
+        mlpersist.errors.UntrustedContentError: the payload would run code the policy does not allow.
+        mlpersist.errors.MissingFrameworkError: the framework that wrote it is not installed.
+        mlpersist.errors.VersionMismatchError: with `strict=True`, the framework versions differ.
+
+    """
+    root = _local(path)
+    policy = TrustPolicy.of(trusted, allow)
+    if root.is_file():
+        return _load_bare(root, policy, **options)
+    opened = _storage.open_artifact(root, verify=verify)
+    try:
+        manifest = opened.manifest
+        adapter = _adapter_for(manifest, strict=strict)
+        return adapter.load(Payload(opened.handles, policy, root), manifest.info, format=manifest.format, **options)
+    finally:
+        opened.close()
+
+
+def inspect(path: str | os.PathLike[str]) -> Manifest:
+    """Read the manifest only; import no framework.
+
+    Raises:
+        mlpersist.errors.ArtifactNotFoundError: no artifact at `path`.
+        mlpersist.errors.CorruptArtifactError: the manifest is malformed.
+
+    """
+    root = _local(path)
+    if root.is_file():
+        manifest, f = _bare_manifest(root)
+        f.close()
+        return manifest
+    return _storage.read_manifest(root)
+
+
+def verify(path: str | os.PathLike[str]) -> None:
+    """Check every payload file's size and digest, and that no unlisted file is present.
+
+    Raises:
+        mlpersist.errors.IntegrityError: naming the first file that differs.
+        mlpersist.errors.ArtifactNotFoundError, mlpersist.errors.CorruptArtifactError: as for `inspect`.
+
+    """
+    _storage.open_artifact(_local(path), verify=True).close()
+
+
+def _adapter_for(manifest: Manifest, *, strict: bool) -> _registry.Adapter:
+    spec = _registry.get_spec(manifest.adapter)
+    if spec is None:
+        raise CorruptArtifactError(
+            f"the artifact was written by the adapter {manifest.adapter!r} ({manifest.framework} "
+            f"{manifest.framework_version}), which is not registered here; install the package that provides it")
+    if not _registry.installed(spec):
+        raise _registry.missing_framework(spec, manifest.framework_version)
+    here = _version(spec.package)
+    if here is not None and manifest.framework_version not in (here, "unknown"):
+        message = (f"the artifact was saved with {spec.package} {manifest.framework_version} and is loaded with "
+                   f"{here}; results may differ. To match: pip install '{spec.package}=="
+                   f"{manifest.framework_version}'")
+        if strict:
+            raise VersionMismatchError(message)
+        warnings.warn(message, VersionMismatchWarning, stacklevel=3)
+    adapter = _registry.get_adapter(manifest.adapter)
+    written = manifest.info.get("adapter_format_version", 1)
+    if type(written) is not int or written > adapter.format_version:
+        raise CorruptArtifactError(f"the {manifest.adapter} payload has format version {written!r}, newer than "
+                                   f"this mlpersist reads ({adapter.format_version}); upgrade mlpersist")
+    return adapter
+
+
+def _bare_manifest(path: Path) -> tuple[Manifest, BinaryIO]:
+    """Describe a bare model file as an artifact of one payload file, opened once."""
+    name, fmt, payload_name = sniff(path)
+    spec = _registry.get_spec(name)
+    assert spec is not None
+    f = open(path, "rb")  # noqa: SIM115 - handed to the caller, closed there
+    try:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptArtifactError(f"{path} is not a regular file")
+        entry = FileEntry(st.st_size, _storage.hash_fd(f.fileno(), st.st_size))
+        manifest = Manifest(FORMAT_VERSION, name, fmt, "unknown:unknown", spec.package, "unknown",
+                            {payload_name: entry}, {}, _now(), _version("mlpersist") or "unknown",
+                            {"source": str(path)}, {"bare": True})
+    except BaseException:
+        f.close()
+        raise
+    return Manifest.from_json(manifest.to_json()), f
+
+
+def _load_bare(path: Path, policy: TrustPolicy, **options: Any) -> Any:
+    manifest, f = _bare_manifest(path)
+    try:
+        (payload_name,) = manifest.files
+        adapter = _adapter_for(manifest, strict=False)
+        return adapter.load(Payload({payload_name: f}, policy), manifest.info, format=manifest.format, **options)
+    finally:
+        f.close()
+
+
+def _local(path: str | os.PathLike[str]) -> Path:
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    elif "://" in text or "::" in text:
+        raise PersistError(f"{text}: remote stores (fsspec URLs) are not supported yet; use a local path")
+    if not text:
+        raise PersistError("path is empty")
+    return Path(os.path.abspath(text))
+
+
+def _environment(name: str, adapter: Any) -> Mapping[str, Any]:
+    if name not in _ENV_CACHE:
+        deps = getattr(adapter, "dependencies", ())
+        _ENV_CACHE[name] = {
+            "python": platform.python_version(),
+            "implementation": sys.implementation.name,
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "packages": {d: v for d in deps if (v := _version(d)) is not None},
+        }
+    return _ENV_CACHE[name]
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+

@@ -1,0 +1,44 @@
+"""Decide which adapter handles a model or a bare file, importing nothing to decide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import _registry
+from .errors import ArtifactNotFoundError, UnsupportedModelError
+
+
+def detect(model: object) -> str:
+    """Return the adapter name claiming the most specific class of `model`.
+
+    Raises:
+        mlpersist.errors.UnsupportedModelError: no adapter claims any class in its MRO.
+
+    """
+    claims = _registry.claims()
+    for cls in type(model).__mro__:  # XGBClassifier meets "xgboost" before sklearn's BaseEstimator
+        if (name := claims.get(cls.__module__.partition(".")[0])) is not None:
+            return name
+    kind = f"{type(model).__module__}.{type(model).__qualname__}"
+    raise UnsupportedModelError(
+        f"no adapter claims {kind}; known adapters: {', '.join(sorted(_registry.specs))}. "
+        "Install the one for its framework, or write one (docs/extending.md)")
+
+
+def sniff(path: Path) -> tuple[str, str, str]:
+    """Recognise a bare model file by content: return (adapter, format, payload name).
+
+    Raises:
+        mlpersist.errors.ArtifactNotFoundError: no adapter recognises the file.
+
+    """
+    with open(path, "rb") as f:
+        head = f.read(16)
+    _registry.claims()  # reads entry points once
+    for name, spec in sorted(_registry.specs.items()):
+        for magic, fmt, payload_name in spec.sniff:
+            if head.startswith(magic):
+                return name, fmt, payload_name
+    raise ArtifactNotFoundError(
+        f"{path} is a file that no adapter recognises (first bytes {head[:8]!r}) and not an mlpersist "
+        "artifact directory; pass the artifact's directory, or a joblib/pickle file")

@@ -1,0 +1,223 @@
+"""The manifest: parse once, validate everything, before any payload is touched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .errors import CorruptArtifactError, PersistError
+
+# Bump runbook: add a reader for the old version next to _from_v1 (keep it, with a test on a
+# file of that version), change FORMAT_VERSION, document the change in docs/format.md.
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_FILES = 10_000
+MAX_FILE_SIZE = 1 << 50  # 1 PiB: anything larger is a hostile or broken manifest
+DIGEST_ALGORITHMS = {"sha256": 64}  # algorithm -> hex length; an explicit set (OMS registry)
+REQUIRED = ("format_version", "adapter", "format", "class", "framework", "files", "environment",
+            "created_at", "mlpersist_version")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """Size in bytes and `"<algorithm>:<hex>"` digest of one payload file."""
+
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed, validated `manifest.json` of an artifact."""
+
+    format_version: int
+    adapter: str
+    format: str
+    model_class: str
+    framework: str
+    framework_version: str
+    files: Mapping[str, FileEntry]
+    environment: Mapping[str, Any]
+    created_at: str
+    mlpersist_version: str
+    metadata: Any = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+    raw: bytes = field(default=b"", repr=False, compare=False)
+
+    @property
+    def digest(self) -> str:
+        """The digest of the manifest's exact bytes: pin it with `load_any(path, digest=...)`."""
+        return "sha256:" + hashlib.sha256(self.raw).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON document this manifest is written as."""
+        return {
+            "format_version": self.format_version,
+            "adapter": self.adapter,
+            "format": self.format,
+            "class": self.model_class,
+            "framework": {"name": self.framework, "version": self.framework_version},
+            "files": {n: {"size": e.size, "digest": e.digest} for n, e in sorted(self.files.items())},
+            "environment": dict(self.environment),
+            "created_at": self.created_at,
+            "mlpersist_version": self.mlpersist_version,
+            "metadata": self.metadata,
+            "info": dict(self.info),
+        }
+
+    def to_json(self) -> bytes:
+        """Serialise canonically: sorted keys, ASCII, no NaN."""
+        return (json.dumps(self.to_dict(), sort_keys=True, indent=2, ensure_ascii=True, allow_nan=False)
+                + "\n").encode("ascii")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Manifest:
+        """Parse and validate manifest bytes.
+
+        Raises:
+            mlpersist.errors.CorruptArtifactError: naming the first bad field.
+
+        """
+        doc = parse_json(raw, MANIFEST_NAME)
+        if not isinstance(doc, dict):
+            raise _bad("the top level", "a JSON object", type(doc).__name__)
+        missing = [k for k in REQUIRED if k not in doc]
+        if missing:
+            raise CorruptArtifactError(f"{MANIFEST_NAME}: missing field(s) {', '.join(missing)}; "
+                                       "the artifact is incomplete or not an mlpersist artifact")
+        version = doc["format_version"]
+        if type(version) is not int:
+            raise _bad("format_version", "an integer", repr(version))
+        if version not in SUPPORTED_VERSIONS:
+            raise CorruptArtifactError(
+                f"{MANIFEST_NAME}: format_version {version} is not one this mlpersist reads "
+                f"({', '.join(map(str, sorted(SUPPORTED_VERSIONS)))}); "
+                + ("upgrade mlpersist" if version > FORMAT_VERSION else "the file is damaged"))
+        return _from_v1(doc, raw)
+
+
+def _from_v1(doc: dict[str, Any], raw: bytes) -> Manifest:
+    fw = doc["framework"]
+    if not isinstance(fw, dict) or not isinstance(fw.get("name"), str) or not isinstance(fw.get("version"), str):
+        raise _bad("framework", '{"name": str, "version": str}', repr(fw)[:80])
+    for key in ("adapter", "format", "class", "created_at", "mlpersist_version"):
+        if not isinstance(doc[key], str) or not doc[key]:
+            raise _bad(key, "a non-empty string", repr(doc[key])[:80])
+    if not _is_identifier(doc["adapter"]):
+        raise _bad("adapter", "an adapter name (letters, digits, _ and -)", repr(doc["adapter"])[:80])
+    for key in ("environment", "info"):
+        if not isinstance(doc.get(key, {}), dict):
+            raise _bad(key, "a JSON object", type(doc[key]).__name__)
+    return Manifest(
+        format_version=doc["format_version"], adapter=doc["adapter"], format=doc["format"],
+        model_class=doc["class"], framework=fw["name"], framework_version=fw["version"],
+        files=parse_files(doc["files"]), environment=MappingProxyType(doc["environment"]),
+        created_at=doc["created_at"], mlpersist_version=doc["mlpersist_version"],
+        metadata=doc.get("metadata"), info=MappingProxyType(doc.get("info", {})), raw=raw)
+
+
+def parse_json(raw: bytes, what: str) -> Any:
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, bounded size and depth."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise CorruptArtifactError(f"{what}: {len(raw)} bytes, more than the {MAX_MANIFEST_BYTES} allowed")
+    try:
+        text = raw.decode("utf-8")
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeError, huge ints are ValueErrors
+        raise CorruptArtifactError(f"{what} is not valid JSON ({str(exc)[:120]}); "
+                                   "the artifact is damaged: re-save or re-fetch it") from None
+
+
+def parse_files(files: Any) -> Mapping[str, FileEntry]:
+    """Validate the `files` map: canonical names, integer sizes, known digests."""
+    if not isinstance(files, dict):
+        raise _bad("files", "a JSON object", type(files).__name__)
+    if len(files) > MAX_FILES:
+        raise _bad("files", f"at most {MAX_FILES} entries", str(len(files)))
+    out: dict[str, FileEntry] = {}
+    folded: dict[str, str] = {}
+    for name, entry in files.items():
+        check_name(name)
+        key = name.casefold()
+        if key in folded:
+            raise _bad(f"files[{name!r}]", "names distinct without regard to case", f"also {folded[key]!r}")
+        folded[key] = name
+        if not isinstance(entry, dict):
+            raise _bad(f"files[{name!r}]", '{"size": int, "digest": str}', repr(entry)[:80])
+        size, digest = entry.get("size"), entry.get("digest")
+        if type(size) is not int or not 0 <= size <= MAX_FILE_SIZE:
+            raise _bad(f"files[{name!r}].size", f"an integer from 0 to {MAX_FILE_SIZE}", repr(size)[:40])
+        check_digest(digest, f"files[{name!r}].digest")
+        out[name] = FileEntry(size, str(digest))
+    return MappingProxyType(out)
+
+
+def check_name(name: Any) -> None:
+    """Refuse any file name that is not a canonical relative POSIX path inside the artifact."""
+    ok = isinstance(name, str) and 0 < len(name) <= 1024 and "\\" not in name and ":" not in name
+    if ok:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            ok = False
+    if ok:
+        parts = name.split("/")
+        ok = (all(p not in ("", ".", "..") for p in parts) and name == unicodedata.normalize("NFC", name)
+              and not any(ord(c) < 32 or ord(c) == 127 for c in name) and name not in RESERVED_NAMES)
+    if not ok:
+        raise CorruptArtifactError(
+            f"{MANIFEST_NAME}: file name {name!r} is not a relative path inside the artifact "
+            "(absolute, '..', '.', empty part, backslash, ':', control character or reserved name); "
+            "refusing to open anything from this artifact")
+
+
+def check_digest(digest: Any, where: str) -> None:
+    """Refuse a digest that is not `<known algorithm>:<lower-case hex of the right length>`."""
+    algo, _, hexpart = digest.partition(":") if isinstance(digest, str) else ("", "", "")
+    if (DIGEST_ALGORITHMS.get(algo) != len(hexpart)
+            or any(c not in "0123456789abcdef" for c in hexpart)):
+        raise _bad(where, f"one of {', '.join(a + ':<hex>' for a in DIGEST_ALGORITHMS)}", repr(digest)[:80])
+
+
+def _is_identifier(s: str) -> bool:
+    return len(s) <= 64 and all(c.isascii() and (c.isalnum() or c in "_-") for c in s)
+
+
+def _bad(where: str, expected: str, found: str) -> CorruptArtifactError:
+    return CorruptArtifactError(f"{MANIFEST_NAME}: {where} should be {expected}, found {found}; "
+                                "the artifact is damaged or was not written by mlpersist")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def check_json_value(value: Any, what: str) -> None:
+    """Refuse metadata that would not survive a JSON round trip."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise PersistError(f"{what} must be JSON-serialisable (dict, list, str, int, finite float, bool, None): "
+                           f"{exc}") from None
+    if json.loads(text) != value:
+        raise PersistError(f"{what} does not survive a JSON round trip (tuple or non-str key?): "
+                           "pass lists and str keys")
+

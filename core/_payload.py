@@ -1,0 +1,58 @@
+"""What an adapter's `load` receives: payload files already checked, and the caller's trust policy."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from . import _safepickle
+from ._safepickle import TrustPolicy
+from .errors import CorruptArtifactError
+
+
+class Payload:
+    """The payload files of one artifact, each opened once and checked against the manifest.
+
+    Adapters read through this object only: it hands out the very handles that were hashed
+    (so a file swapped after the check is never read), and its `unpickle` applies the trust
+    policy the caller gave `load_any`.
+    """
+
+    def __init__(self, handles: Mapping[str, BinaryIO], policy: TrustPolicy, root: Path | None = None) -> None:
+        self._handles, self.policy, self.root = dict(handles), policy, root
+
+    @property
+    def names(self) -> list[str]:
+        """The payload file names, sorted."""
+        return sorted(self._handles)
+
+    def open(self, name: str) -> BinaryIO:
+        """Return the checked handle of `name`, rewound.
+
+        Raises:
+            mlpersist.errors.CorruptArtifactError: the manifest lists no such file.
+
+        """
+        try:
+            f = self._handles[name]
+        except KeyError:
+            raise CorruptArtifactError(f"the artifact has no payload file {name!r} (it has: "
+                                       f"{', '.join(self.names) or 'none'}); it was written by another "
+                                       "adapter or format") from None
+        f.seek(0)
+        return f
+
+    def read_bytes(self, name: str) -> bytes:
+        """Return the whole content of `name`."""
+        return self.open(name).read()
+
+    def unpickle(self, name: str, *, joblib_format: bool = True) -> Any:
+        """Unpickle `name` under the caller's trust policy (the one way pickles are read).
+
+        Raises:
+            mlpersist.errors.UntrustedContentError: it names globals outside the policy; none ran.
+            mlpersist.errors.CorruptArtifactError: it is not a readable pickle.
+
+        """
+        return _safepickle.load(self.open(name), self.policy, what=name, joblib_format=joblib_format)

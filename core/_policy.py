@@ -1,0 +1,135 @@
+"""The default trust policy for pickle-based formats: what may be imported, what never may.
+
+How the list was derived is in docs/security.md. In short: exact names for containers and
+numpy's reconstructors; rules for the classes of trusted packages (every scikit-learn estimator
+and internal data class, numpy scalar/dtype types and ufuncs, scipy sparse matrices); and a
+deny-floor that no `allow=` lifts (only `trusted=True` does).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from types import FunctionType
+from typing import Any
+
+from .errors import UntrustedContentError
+
+# Refused even when `allow=` names them (the floor torch keeps for os/sys/posix/nt): modules that
+# run code, open files or sockets, import modules, dispatch calls, or hold nested deserialisers.
+DENY_MODULES = frozenset("""
+    os posix nt sys subprocess _posixsubprocess pty runpy importlib _frozen_importlib
+    _frozen_importlib_external _imp imp ctypes _ctypes cffi pickle _pickle pickletools shelve dbm
+    marshal types code codeop pydoc pkgutil zipimport site inspect gc _interpreters _xxsubinterpreters
+    cloudpickle dill operator _operator functools itertools shutil tempfile socket ssl http urllib
+    urllib2 httplib requests aiohttp smtplib ftplib poplib telnetlib nntplib xmlrpc socketserver select
+    selectors asyncio multiprocessing signal atexit threading _thread webbrowser venv ensurepip pip
+    distutils setuptools cProfile profile timeit trace bdb pdb doctest idlelib lib2to3 logging io _io
+    pathlib glob fileinput linecache filecmp mmap zipfile tarfile sqlite3 compileall py_compile platform
+    uuid _osx_support _aix_support imaplib commands popen2 pipes pexpect yaml sympy numexpr _pyrepl test
+    copyreg numpy.testing numpy.f2py numpy.ctypeslib numpy.lib._datasource numpy.lib.format
+    numpy.lib._npyio_impl sklearn.utils._testing sklearn.datasets sklearn.externals sklearn._build_utils
+    sklearn.__check_build joblib.numpy_pickle_compat joblib.memory joblib.parallel torch.hub torch.jit
+    torch.utils torch.distributed torch._inductor torch._dynamo torch.fx torch.serialization
+    keras.models keras.saving keras.src.saving keras.config keras.utils
+""".split())
+DENY_NAMES = frozenset("""
+    builtins.eval builtins.exec builtins.compile builtins.__import__ builtins.getattr builtins.setattr
+    builtins.delattr builtins.globals builtins.locals builtins.vars builtins.open builtins.input
+    builtins.breakpoint builtins.help builtins.memoryview builtins.type builtins.apply builtins.execfile
+    builtins.file builtins.reload builtins.map builtins.filter builtins.iter builtins.next
+    builtins.__build_class__ builtins.print builtins.exit builtins.quit builtins.super numpy.memmap
+    numpy.load numpy.save numpy.savez numpy.savez_compressed numpy.savetxt numpy.fromfile numpy.loadtxt
+    numpy.genfromtxt numpy.vectorize numpy.frompyfunc numpy.fromregex joblib.load joblib.dump
+    joblib.Memory pandas.read_pickle pandas.eval torch.load torch.save
+""".split())
+
+# Allowed by exact name. Values are checking wrappers where the bare callable trusts its input.
+_BUILTINS = "int float complex str bytes bytearray list tuple set frozenset dict slice range bool object"
+EXACT_NAMES = frozenset(
+    [f"builtins.{n}" for n in _BUILTINS.split()]
+    + """
+    _codecs.encode collections.OrderedDict collections.defaultdict collections.Counter collections.deque
+    datetime.datetime datetime.date datetime.time datetime.timedelta datetime.timezone decimal.Decimal
+    fractions.Fraction numpy.ndarray numpy.dtype numpy.core.multiarray._reconstruct
+    numpy._core.multiarray._reconstruct numpy.core.multiarray.scalar numpy._core.multiarray.scalar
+    numpy.core.numeric._frombuffer numpy._core.numeric._frombuffer
+    numpy.random._pickle.__randomstate_ctor numpy.random._pickle.__bit_generator_ctor
+    numpy.random._pickle.__generator_ctor numpy.random.mtrand.RandomState
+    numpy.random._generator.Generator numpy.random._mt19937.MT19937 numpy.random._pcg64.PCG64
+    numpy.random._pcg64.PCG64DXSM numpy.random._philox.Philox numpy.random._sfc64.SFC64
+    numpy.ma.core._mareconstruct numpy.ma.core.MaskedArray numpy.ma.MaskedArray joblib.numpy_pickle.NumpyArrayWrapper
+    xgboost.sklearn.XGBClassifier xgboost.sklearn.XGBRegressor xgboost.sklearn.XGBRanker
+    xgboost.sklearn.XGBRFClassifier xgboost.sklearn.XGBRFRegressor xgboost.core.Booster
+    lightgbm.sklearn.LGBMClassifier lightgbm.sklearn.LGBMRegressor lightgbm.sklearn.LGBMRanker
+    lightgbm.basic.Booster
+    """.split())
+EXACT = EXACT_NAMES
+
+# Packages whose classes are judged by rule_allows (they are imported only to look the name up).
+RULE_ROOTS = frozenset({"sklearn", "numpy", "scipy"})
+_PYX = "__pyx_unpickle_"
+_SKLEARN_FUNCTION_MODULES = ("sklearn.metrics.", "sklearn.feature_selection._univariate_selection",
+                             "sklearn.feature_selection._mutual_info")
+_SCIPY_CLASS_MODULES = ("scipy.sparse.", "scipy.stats._distn_infrastructure", "scipy.stats._continuous_distns",
+                        "scipy.stats._discrete_distns")
+
+
+def denied(module: str, name: str) -> bool:
+    """True for names on the deny-floor: no `allow=` admits them."""
+    parts = module.split(".")
+    if any(".".join(parts[:i]) in DENY_MODULES for i in range(1, len(parts) + 1)):
+        return True
+    dunder_builtin = module == "builtins" and name.startswith("__")
+    return dunder_builtin or f"{module}.{name}" in DENY_NAMES
+
+
+def rule_allows(module: str, name: str, obj: Any) -> bool:
+    """Judge a class or function of a trusted package (already looked up, never called)."""
+    root = module.partition(".")[0]
+    if name.startswith(_PYX) and callable(obj):  # Cython's pickle helper: allowed with its class
+        cls = getattr(sys.modules.get(module), name[len(_PYX):], None)
+        return isinstance(cls, type) and rule_allows(module, cls.__name__, cls)
+    if root == "sklearn":
+        if name == "newObj":  # Cython helper (neighbors, dist_metrics): obj.__new__(obj) on an allowed class
+            return callable(obj) and getattr(obj, "__module__", None) == module
+        if isinstance(obj, type):
+            return getattr(obj, "__module__", "").startswith("sklearn.")
+        return (isinstance(obj, FunctionType) and obj.__module__ == module
+                and module.startswith(_SKLEARN_FUNCTION_MODULES))
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(obj, np.ufunc):  # numpy and scipy.special ufuncs: pure maths
+        return root == "numpy" or module.startswith("scipy.special")
+    if root == "numpy":
+        if not isinstance(obj, type) or np is None or issubclass(obj, np.memmap):
+            return False
+        return issubclass(obj, (np.generic, np.dtype)) or obj.__module__.startswith("numpy.random.")
+    if root == "scipy":
+        return isinstance(obj, type) and getattr(obj, "__module__", "").startswith(_SCIPY_CLASS_MODULES)
+    return False
+
+
+def _checked_scalar(real: Callable[..., Any]) -> Callable[..., Any]:
+    def scalar(dtype: Any, *args: Any) -> Any:
+        # numpy.core.multiarray.scalar with an object dtype dereferences raw bytes (numpy #28316).
+        if getattr(dtype, "hasobject", True):
+            raise UntrustedContentError("a numpy scalar with an object dtype is refused: it reads raw memory",
+                                        ["numpy._core.multiarray.scalar"])
+        return real(dtype, *args)
+    return scalar
+
+
+_WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+    "numpy.core.multiarray.scalar": _checked_scalar,
+    "numpy._core.multiarray.scalar": _checked_scalar,
+}
+_wrapped: dict[str, Any] = {}
+
+
+def wrap(full: str, obj: Any) -> Any:
+    """Return `obj`, or the checking wrapper registered for it (one per name, kept for identity)."""
+    if full not in _WRAPPERS:
+        return obj
+    if full not in _wrapped:
+        _wrapped[full] = _WRAPPERS[full](obj)
+    return _wrapped[full]

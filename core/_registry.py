@@ -1,0 +1,190 @@
+"""Adapters known by import string: data, not code, until a model of theirs is saved or loaded."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from .errors import MissingFrameworkError, PersistError
+
+if TYPE_CHECKING:
+    from ._payload import Payload
+
+ENTRY_POINT_GROUP = "mlpersist.adapters"
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """What every adapter provides: the same verbs for every framework.
+
+    `save` writes payload files into `dest` (a fresh, empty directory) and returns the JSON-able
+    facts `load` needs, stored as the manifest's `info`. `load` gets a `Payload` whose files the
+    core has already checked against the manifest, and rebuilds the model.
+    """
+
+    name: ClassVar[str]
+    format_version: ClassVar[int]
+
+    def save(self, model: Any, dest: Path, *, format: str, **options: Any) -> Mapping[str, Any]: ...
+
+    def load(self, payload: Payload, info: Mapping[str, Any], **options: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """How to find an adapter without importing it."""
+
+    target: str                  # "module:Class", imported on first use
+    claims: tuple[str, ...]      # top-level modules whose classes this adapter saves
+    extra: str                   # the mlpersist extra named in MissingFrameworkError ("" for none)
+    package: str                 # the distribution whose version the manifest records
+    formats: tuple[str, ...] = ()  # formats it writes; the first is the default
+    # bare files it reads: (magic prefix, format, the payload name its load expects)
+    sniff: tuple[tuple[bytes, str, str], ...] = ()
+
+
+_BUILTIN: dict[str, AdapterSpec] = {  # alphabetical; a test checks the order
+    "sklearn": AdapterSpec(
+        "mlpersist.adapters.sklearn:SklearnAdapter", ("sklearn",), "sklearn", "scikit-learn", ("joblib", "pickle"),
+        # pickle protocols 2-5, then joblib's compressed containers (zlib, gzip, bz2, xz, lzma, lz4)
+        tuple((b"\x80" + bytes([p]), "joblib", "model.joblib") for p in (2, 3, 4, 5))
+        + tuple((m, "joblib", "model.joblib") for m in (b"\x78", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x5d\x00\x00",
+                                                         b"\x04\x22\x4d\x18"))),
+}
+_specs: dict[str, AdapterSpec] = dict(_BUILTIN)
+specs = MappingProxyType(_specs)  # read-only view; only register_adapter writes _specs
+_instances: dict[str, Adapter] = {}
+_entry_points_read = False
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One row of `list_adapters()`."""
+
+    name: str
+    framework: str
+    formats: tuple[str, ...]
+    installed: bool
+    target: str
+
+
+def register_adapter(name: str, target: str, *, claims: tuple[str, ...] | list[str] = (),
+                     extra: str | None = None, package: str | None = None,
+                     formats: tuple[str, ...] | list[str] = (), replace: bool = False) -> None:
+    """Add an adapter without editing mlpersist.
+
+    Args:
+        name: the adapter's name, recorded in every manifest it writes.
+        target: `"module:Class"` of the adapter class, imported on first use.
+        claims: top-level modules whose classes it saves (default: `(name,)`).
+        extra: the mlpersist extra named when its framework is missing (default: none).
+        package: the distribution whose version is recorded (default: the first claim).
+        formats: formats it writes, the default first.
+        replace: allow taking over a name or claim already registered.
+
+    Raises:
+        mlpersist.errors.PersistError: the name or a claim is taken and `replace` is false.
+
+    """
+    _read_entry_points()
+    claims = tuple(claims) or (name,)
+    if ":" not in target:
+        raise PersistError(f"adapter target {target!r} should be 'module:Class'")
+    if not replace:
+        if name in _specs:
+            raise PersistError(f"adapter name {name!r} is taken by {_specs[name].target}; pass replace=True")
+        taken = {c: n for n, s in _specs.items() for c in s.claims}
+        for c in claims:
+            if c in taken:
+                raise PersistError(f"module {c!r} is claimed by adapter {taken[c]!r}; pass replace=True")
+    else:
+        for other, spec in list(_specs.items()):
+            if other != name and set(spec.claims) & set(claims):
+                _specs[other] = replace_claims(spec, tuple(c for c in spec.claims if c not in claims))
+    pkg = package or claims[0]
+    _specs[name] = AdapterSpec(target, claims, extra or "", pkg, tuple(formats))
+    _instances.pop(name, None)
+
+
+def replace_claims(spec: AdapterSpec, new: tuple[str, ...]) -> AdapterSpec:
+    """Return `spec` claiming only `new`."""
+    return AdapterSpec(spec.target, new, spec.extra, spec.package, spec.formats, spec.sniff)
+
+
+def claims() -> dict[str, str]:
+    """Map each claimed top-level module to its adapter's name."""
+    _read_entry_points()
+    return {c: name for name, spec in _specs.items() for c in spec.claims}
+
+
+def get_spec(name: str) -> AdapterSpec | None:
+    """Return the spec registered under `name`, reading entry points on first use."""
+    _read_entry_points()
+    return _specs.get(name)
+
+
+def get_adapter(name: str) -> Adapter:
+    """Import and instantiate the adapter `name` (once).
+
+    Raises:
+        mlpersist.errors.MissingFrameworkError: its framework is not installed.
+        mlpersist.errors.PersistError: no such adapter is registered.
+
+    """
+    if name in _instances:
+        return _instances[name]
+    spec = get_spec(name)
+    if spec is None:
+        known = ", ".join(sorted(_specs))
+        raise PersistError(f"no adapter named {name!r} is registered (known: {known}); "
+                           "install the package that provides it, or register_adapter() it")
+    module_name, _, attr = spec.target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] in spec.claims:
+            raise missing_framework(spec) from exc
+        raise
+    adapter = getattr(module, attr)()
+    _instances[name] = adapter
+    return adapter  # type: ignore[no-any-return]
+
+
+def missing_framework(spec: AdapterSpec, version: str | None = None) -> MissingFrameworkError:
+    """Build the error that names the exact install line."""
+    version = None if version == "unknown" else version
+    pin = f"=={version}" if version else ""
+    alt = f"  (or pip install 'mlpersist[{spec.extra}]')" if spec.extra else ""
+    return MissingFrameworkError(
+        f"{spec.package}{' ' + version if version else ''} is needed and is not installed; "
+        f"run: pip install '{spec.package}{pin}'{alt}")
+
+
+def installed(spec: AdapterSpec) -> bool:
+    """True when every module the adapter claims can be imported (imports nothing)."""
+    return all(sys.modules[c] is not None if c in sys.modules else importlib.util.find_spec(c) is not None
+               for c in spec.claims)
+
+
+def list_adapters() -> list[AdapterInfo]:
+    """Every known adapter, its framework, formats, and whether the framework is installed."""
+    _read_entry_points()
+    return [AdapterInfo(n, s.package, s.formats, installed(s), s.target) for n, s in sorted(_specs.items())]
+
+
+def _read_entry_points() -> None:
+    global _entry_points_read
+    if _entry_points_read:
+        return
+    _entry_points_read = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in _specs:  # stored as a string: never loaded until used
+            _specs[ep.name] = AdapterSpec(ep.value, (ep.name,), "", ep.name)

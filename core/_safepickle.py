@@ -1,0 +1,345 @@
+"""The one way mlpersist unpickles: an allow-list enforced inside the unpickler, at run time."""
+
+from __future__ import annotations
+
+import _compat_pickle
+import importlib
+import io
+import os
+import pickle
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import BuiltinFunctionType, FunctionType, ModuleType
+from typing import Any, BinaryIO
+
+from ._policy import EXACT, RULE_ROOTS, denied, rule_allows, wrap
+from .errors import CorruptArtifactError, UntrustedContentError
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """What a load may import: the default list, plus `allow`, or everything if `trusted`."""
+
+    trusted: bool = False
+    allow: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def of(cls, trusted: bool = False, allow: Iterable[str] = ()) -> TrustPolicy:
+        """Build a policy from the `trusted=` and `allow=` arguments of `load_any`."""
+        if isinstance(allow, str):
+            allow = [allow]
+        return cls(bool(trusted), frozenset(allow))
+
+
+def load(fileobj: BinaryIO, policy: TrustPolicy, *, what: str, joblib_format: bool = True) -> Any:
+    """Unpickle `fileobj` (joblib or plain pickle) under `policy`.
+
+    Raises:
+        mlpersist.errors.UntrustedContentError: listing every global outside the policy; none was called.
+        mlpersist.errors.CorruptArtifactError: the stream is malformed.
+
+    """
+    obj, refused = _run(fileobj, policy, what=what, joblib_format=joblib_format)
+    if refused:
+        raise refusal(what, refused)
+    return obj
+
+
+def audit(fileobj: BinaryIO, *, what: str, joblib_format: bool = True) -> list[tuple[str, bool]]:
+    """Return every global the file names, with whether the default policy allows it.
+
+    Refused globals are never imported or called; allowed ones are data constructors.
+    """
+    seen: list[tuple[str, bool]] = []
+    _run(fileobj, TrustPolicy(), what=what, joblib_format=joblib_format, seen=seen)
+    return seen
+
+
+def refusal(what: str, names: Iterable[str]) -> UntrustedContentError:
+    """Build the error that lists every refused name and the `allow=` that would admit them."""
+    names = sorted(set(names))
+    listed = ", ".join(names)
+    return UntrustedContentError(
+        f"{what} would import {listed}, which the default trust policy does not allow; nothing was run. "
+        f"If you trust the file's author, pass allow={names!r} (or trusted=True) to load_any", names)
+
+
+def _run(fileobj: BinaryIO, policy: TrustPolicy, *, what: str, joblib_format: bool,
+         seen: list[tuple[str, bool]] | None = None) -> tuple[Any, list[str]]:
+    state = _State(policy, what, seen)
+    if policy.trusted:
+        if joblib_format:
+            from joblib.numpy_pickle import NumpyUnpickler  # trusted: joblib's own reader, unchanged
+
+            up = NumpyUnpickler("", _decompressed(fileobj, what), ensure_native_byte_order=True)
+            return _guarded_call(up.load, state), []
+        return _guarded_call(lambda: pickle.load(fileobj), state), []
+    stream = _decompressed(fileobj, what) if joblib_format else fileobj
+    state.raw_stream = stream is fileobj
+    up = _joblib_class()(stream, state) if joblib_format else _Plain(stream, state)
+    obj = _guarded_call(up.load, state)
+    return obj, state.refused
+
+
+def _guarded_call(fn: Any, state: _State) -> Any:
+    try:
+        return fn()
+    except (UntrustedContentError, CorruptArtifactError):
+        raise
+    except RecursionError:
+        raise CorruptArtifactError(f"{state.what}: pickle nested too deeply") from None
+    except MemoryError:
+        raise CorruptArtifactError(f"{state.what}: pickle declares more data than memory holds") from None
+    except Exception as exc:
+        if state.refused:  # a refused global's stand-in broke the stream: the refusal is the story
+            raise refusal(state.what, state.refused) from None
+        raise CorruptArtifactError(f"{state.what} could not be unpickled ({type(exc).__name__}: "
+                                   f"{str(exc)[:200]}); the file is damaged or not a pickle") from exc
+
+
+def _decompressed(fileobj: BinaryIO, what: str) -> BinaryIO:
+    from joblib.numpy_pickle_utils import _COMPRESSORS, _ZFILE_PREFIX, _buffered_read_file, _detect_compressor
+
+    kind = _detect_compressor(fileobj)
+    if kind == "compat":
+        raise CorruptArtifactError(f"{what} uses joblib's pre-0.10 format, whose side files mlpersist never "
+                                   f"opens (prefix {_ZFILE_PREFIX!r}); re-save it with a current joblib")
+    if kind in _COMPRESSORS:
+        return _buffered_read_file(_COMPRESSORS[kind].decompressor_file(fileobj))  # type: ignore[no-any-return]
+    return fileobj
+
+
+class _Refused:
+    """Stands in for a refused global so the rest of the stream can be read for the report."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Refused:
+        return self
+
+    def __reduce__(self) -> Any:
+        raise TypeError("refused global")
+
+
+class _State:
+    def __init__(self, policy: TrustPolicy, what: str, seen: list[tuple[str, bool]] | None) -> None:
+        self.policy, self.what, self.seen = policy, what, seen
+        self.refused: list[str] = []
+        self.globals: set[int] = set()  # ids of objects find_class handed out
+        self.cache: dict[tuple[str, str], Any] = {}
+        self.raw_stream = False  # True when the unpickler reads the file itself (not a decompressor)
+
+    def structural(self, message: str) -> UntrustedContentError:
+        return UntrustedContentError(f"{self.what}: {message}; refusing to go on (nothing refused was run)",
+                                     self.refused)
+
+
+def resolve(module: str, name: str, policy: TrustPolicy) -> Any | None:
+    """Return the object `module.name` if `policy` allows it, else None. Imports only trusted packages."""
+    full = f"{module}.{name}"
+    root = module.partition(".")[0]
+    if denied(module, name):
+        return None
+    listed = full in policy.allow or full in EXACT
+    if not listed and ("." in name or root not in RULE_ROOTS):
+        return None  # dotted names only when listed exactly; unknown packages are never imported
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    if isinstance(obj, ModuleType):
+        return None
+    if listed:
+        return wrap(full, obj)
+    return obj if rule_allows(module, name, obj) else None
+
+
+class _Guard:
+    """Structural rules on top of find_class; mixed into pickle's pure-Python unpickler."""
+
+    stack: list[Any]
+    metastack: list[Any]
+    proto: int
+    _s: _State
+
+    def find_class(self, module: str, name: str) -> Any:
+        sys.audit("pickle.find_class", module, name)
+        if self.proto < 3:  # canonical names first (__builtin__ -> builtins, copy_reg -> copyreg)
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        s = self._s
+        key = (module, name)
+        if key not in s.cache:
+            s.cache[key] = resolve(module, name, s.policy)
+            if s.seen is not None:
+                s.seen.append((f"{module}.{name}", s.cache[key] is not None))
+        obj = s.cache[key]
+        if obj is None:
+            s.refused.append(f"{module}.{name}")
+            return _Refused(f"{module}.{name}")
+        s.globals.add(id(obj))
+        return obj
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise self._s.structural("persistent ids are not part of any format mlpersist reads")
+
+    def _callable_ok(self, fn: Any) -> bool:
+        return isinstance(fn, _Refused) or id(fn) in self._s.globals
+
+    def load_reduce(self) -> None:
+        args = self.stack.pop()
+        fn = self.stack[-1]
+        if not self._callable_ok(fn):
+            raise self._s.structural(f"REDUCE calls {type(fn).__name__}, which no allowed global provided")
+        self.stack[-1] = fn(*args)
+
+    def load_newobj(self) -> None:
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        if not self._callable_ok(cls) or not (isinstance(cls, (type, _Refused))):
+            raise self._s.structural("NEWOBJ on something that is not an allowed class")
+        self.stack.append(cls if isinstance(cls, _Refused) else cls.__new__(cls, *args))
+
+    def load_newobj_ex(self) -> None:
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        if not self._callable_ok(cls) or not (isinstance(cls, (type, _Refused))):
+            raise self._s.structural("NEWOBJ_EX on something that is not an allowed class")
+        self.stack.append(cls if isinstance(cls, _Refused) else cls.__new__(cls, *args, **kwargs))
+
+    def load_obj(self) -> None:
+        args = self.pop_mark()  # type: ignore[attr-defined]
+        cls = args.pop(0)
+        if not self._callable_ok(cls):
+            raise self._s.structural("OBJ on something that is not an allowed class")
+        self._instantiate(cls, args)  # type: ignore[attr-defined]
+
+    def load_build(self) -> None:
+        state = self.stack[-1]
+        target = self.stack[-2]
+        if isinstance(target, _Refused):
+            self.stack.pop()
+            return
+        if id(target) in self._s.globals or isinstance(target, (type, ModuleType, FunctionType,
+                                                                 BuiltinFunctionType)):
+            raise self._s.structural(f"BUILD would set state on the global {type(target).__name__} itself")
+        _check_dtype_state(target, state, self._s)
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+    def load_setitem(self) -> None:
+        self._check_target(self.stack[-3], dict, "SETITEM")
+        pickle._Unpickler.load_setitem(self)  # type: ignore[attr-defined]
+
+    def load_setitems(self) -> None:
+        self._check_target(self.metastack[-1][-1], dict, "SETITEMS")
+        pickle._Unpickler.load_setitems(self)  # type: ignore[attr-defined]
+
+    def load_append(self) -> None:
+        self._check_target(self.stack[-2], list, "APPEND")
+        pickle._Unpickler.load_append(self)  # type: ignore[attr-defined]
+
+    def load_appends(self) -> None:
+        self._check_target(self.metastack[-1][-1], list, "APPENDS")
+        pickle._Unpickler.load_appends(self)  # type: ignore[attr-defined]
+
+    def load_additems(self) -> None:
+        self._check_target(self.metastack[-1][-1], set, "ADDITEMS")
+        pickle._Unpickler.load_additems(self)  # type: ignore[attr-defined]
+
+    def _check_target(self, target: Any, kind: type, op: str) -> None:
+        if not isinstance(target, (kind, _Refused)):
+            raise self._s.structural(f"{op} on a {type(target).__name__}, where only a {kind.__name__} may take it")
+
+    def load_ext(self) -> None:
+        raise self._s.structural("copyreg extension codes (EXT1/EXT2/EXT4) are refused: they bypass find_class")
+
+
+def _dispatch(base: dict[int, Any]) -> dict[int, Any]:
+    d = dict(base)
+    for op, meth in ((pickle.REDUCE, "load_reduce"), (pickle.NEWOBJ, "load_newobj"),
+                     (pickle.NEWOBJ_EX, "load_newobj_ex"), (pickle.OBJ, "load_obj"), (pickle.BUILD, "load_build"),
+                     (pickle.SETITEM, "load_setitem"), (pickle.SETITEMS, "load_setitems"),
+                     (pickle.APPEND, "load_append"), (pickle.APPENDS, "load_appends"),
+                     (pickle.ADDITEMS, "load_additems"), (pickle.EXT1, "load_ext"), (pickle.EXT2, "load_ext"),
+                     (pickle.EXT4, "load_ext")):
+        d[op[0]] = getattr(_Guard, meth)
+    return d
+
+
+class _Plain(_Guard, pickle._Unpickler):
+    dispatch = _dispatch(pickle._Unpickler.dispatch)
+
+    def __init__(self, file: BinaryIO, state: _State) -> None:
+        pickle._Unpickler.__init__(self, file)
+        self._s = state
+
+
+_JOBLIB_CLASS: type | None = None
+
+
+def _joblib_class() -> type:
+    """Build (once) the guarded subclass of joblib's reader: joblib is imported only when needed."""
+    global _JOBLIB_CLASS
+    if _JOBLIB_CLASS is None:
+        from joblib.numpy_pickle import NumpyArrayWrapper, NumpyUnpickler
+
+        class _Joblib(_Guard, NumpyUnpickler):  # type: ignore[misc]
+            dispatch = _dispatch(NumpyUnpickler.dispatch)
+
+            def __init__(self, file: BinaryIO, state: _State) -> None:
+                NumpyUnpickler.__init__(self, "", file, ensure_native_byte_order=True)
+                self._s = state
+
+            def load_build(self) -> None:
+                _Guard.load_build(self)
+                top = self.stack[-1]
+                if isinstance(top, NumpyArrayWrapper):
+                    self.stack[-1] = _read_wrapped(self, top)
+
+        _Joblib.dispatch[pickle.BUILD[0]] = _Joblib.load_build
+        _JOBLIB_CLASS = _Joblib
+    return _JOBLIB_CLASS
+
+
+def _read_wrapped(up: Any, wrapper: Any) -> Any:
+    """Read the array after a NumpyArrayWrapper, refusing shapes the file cannot hold."""
+    import numpy as np
+
+    s: _State = up._s
+    shape, dtype = getattr(wrapper, "shape", None), getattr(wrapper, "dtype", None)
+    if (not isinstance(dtype, np.dtype) or not isinstance(shape, tuple)
+            or not all(type(n) is int and n >= 0 for n in shape) or getattr(wrapper, "order", None) not in ("C", "F")
+            or getattr(wrapper, "subclass", None) is not np.ndarray):
+        raise CorruptArtifactError(f"{s.what}: malformed joblib array header")
+    if dtype.hasobject:  # the inner stream goes through the same guarded unpickler (joblib GHSA-m62q-453p-gv66)
+        return _Plain(up.file_handle, s).load()
+    need = dtype.itemsize * int(np.prod(shape, dtype=np.float64))
+    if s.raw_stream and need > _remaining(up.file_handle):
+        raise CorruptArtifactError(f"{s.what}: an array declares {need} bytes, more than the file holds")
+    return wrapper.read(up, True)
+
+
+def _remaining(f: Any) -> float:
+    try:
+        return float(os.fstat(f.fileno()).st_size - f.tell())
+    except (OSError, AttributeError, io.UnsupportedOperation):
+        return float(1 << 40)  # no size known: the reads themselves stop at the stream's end
+
+
+def _check_dtype_state(target: Any, state: Any, s: _State) -> None:
+    """numpy.dtype's C setstate trusts its tuple (numpy #30476): check its shape first."""
+    np = sys.modules.get("numpy")
+    if np is None or not isinstance(target, np.dtype):
+        return
+    ok = (isinstance(state, tuple) and len(state) in (8, 9) and type(state[0]) is int
+          and isinstance(state[1], str) and len(state[1]) == 1
+          and all(type(x) is int for x in state[5:8]))
+    if not ok:
+        raise s.structural("a numpy dtype carries a malformed state")

@@ -1,0 +1,373 @@
+"""Local artifact directories: atomic, durable writes; verified, race-safe reads."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import mmap
+import os
+import shutil
+import socket
+import stat
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, RESERVED_NAMES, FileEntry, Manifest, check_name
+from .errors import ArtifactExistsError, ArtifactNotFoundError, CorruptArtifactError, IntegrityError, PersistError
+
+_TMP = ".mlpersist-tmp-"
+_OLD = ".mlpersist-old-"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_CHUNK = 1 << 20
+
+# The I/O seam: fault-injection tests patch these names, never the frameworks.
+fsync = os.fsync
+rename = os.rename
+
+
+def hash_fd(fd: int, size: int) -> str:
+    """Return `sha256:<hex>` of the first `size` bytes of `fd`, without copying through Python."""
+    h = hashlib.sha256()
+    if size:
+        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as m:
+            h.update(m)  # releases the GIL; no Python-side copy
+    return "sha256:" + h.hexdigest()
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+class Staging:
+    """A fresh directory beside `target` where one save is written before it is committed."""
+
+    def __init__(self, target: Path, *, overwrite: bool) -> None:
+        self.target, self.overwrite = target, overwrite
+        check_target(target, overwrite=overwrite)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(target)
+        self.dir = target.with_name(f".{target.name}{_TMP}{_host()}-{os.getpid()}-{os.urandom(6).hex()}")
+        os.mkdir(self.dir, 0o777)  # the umask applies, as for any directory the user makes
+
+    def seal(self) -> dict[str, FileEntry]:
+        """Fsync and digest every file the adapter wrote; refuse anything but regular files."""
+        entries: dict[str, FileEntry] = {}
+        for dirpath, dirnames, filenames, dfd in os.fwalk(self.dir):
+            for name in dirnames:
+                if stat.S_ISLNK(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
+                    raise PersistError(f"the adapter wrote a symlink {name!r}; artifacts hold regular files only")
+            for name in filenames:
+                rel = os.path.relpath(os.path.join(dirpath, name), self.dir).replace(os.sep, "/")
+                check_name(rel)
+                fd = os.open(name, os.O_RDONLY | _NOFOLLOW, dir_fd=dfd)
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode):
+                        raise PersistError(f"the adapter wrote {rel!r}, which is not a regular file")
+                    fsync(fd)
+                    entries[rel] = FileEntry(st.st_size, hash_fd(fd, st.st_size))
+                finally:
+                    os.close(fd)
+            fsync(dfd)
+        return entries
+
+    def commit(self, manifest: bytes) -> None:
+        """Write the manifest last, then move the whole directory into place in one step."""
+        fd = os.open(self.dir / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(manifest)
+            while view:
+                view = view[os.write(fd, view):]
+            fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.dir)
+        if self.overwrite and _is_artifact(self.target):
+            old = exchange(self.dir, self.target)  # self.dir now holds the previous artifact
+            try:
+                _fsync_dir(self.target.parent)
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            if not rename_noreplace(self.dir, self.target):
+                raise ArtifactExistsError(f"{self.target} appeared while saving (another writer?); "
+                                          "nothing was replaced: pass overwrite=True to replace it")
+            _fsync_dir(self.target.parent)
+
+    def abort(self) -> None:
+        """Remove everything this save wrote; the target is untouched."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def check_target(target: Path, *, overwrite: bool) -> None:
+    """Raise ArtifactExistsError unless `target` may receive a new artifact."""
+    if not os.path.lexists(target):
+        return
+    if _is_empty_dir(target):
+        return  # nothing to lose: a directory made for the artifact
+    if not _is_artifact(target):
+        raise ArtifactExistsError(f"{target} exists and is not an mlpersist artifact; refusing to replace it "
+                                  "even with overwrite=True: remove it or choose another path")
+    if not overwrite:
+        raise ArtifactExistsError(f"{target} already holds an artifact; pass overwrite=True to replace it")
+
+
+def clean_stale(target: Path) -> None:
+    """Remove temporaries of earlier saves to `target` whose process on this host is gone."""
+    host = _host()
+    for prefix in (_TMP, _OLD):
+        head = f".{target.name}{prefix}{host}-"
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(target.parent):
+                if entry.name.startswith(head):
+                    pid = entry.name[len(head):].partition("-")[0]
+                    if pid.isdigit() and not _alive(int(pid)):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _host() -> str:
+    return "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
+
+
+def _is_artifact(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and (path / MANIFEST_NAME).is_file()
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | _DIRECTORY)
+    try:
+        fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux renameat2; False where the system or filesystem does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(-100, os.fsencode(src), -100, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def rename_noreplace(src: Path, dst: Path) -> bool:
+    """Move `src` to `dst` unless `dst` holds something; True on success."""
+    try:
+        if _renameat2(src, dst, _RENAME_NOREPLACE):
+            return True
+    except FileExistsError:
+        if not _is_empty_dir(dst):
+            return False
+    try:
+        rename(src, dst)  # POSIX rename replaces only an empty directory
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+    return True
+
+
+def exchange(new: Path, target: Path) -> Path:
+    """Swap `new` into `target` atomically; return where the previous artifact now lies."""
+    if _renameat2(new, target, _RENAME_EXCHANGE):
+        return new
+    # No atomic exchange here (not Linux, or the filesystem lacks it): two renames, with a
+    # window in which `target` is absent; readers retry, and the old copy is kept until the end.
+    old = target.with_name(f".{target.name}{_OLD}{_host()}-{os.getpid()}-{os.urandom(4).hex()}")
+    rename(target, old)
+    try:
+        rename(new, target)
+    except BaseException:
+        rename(old, target)
+        raise
+    return old
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+class _Swapped(Exception):
+    """The directory was replaced under us by a concurrent save: read again."""
+
+
+class Opened:
+    """A verified artifact: its manifest and one open handle per payload file."""
+
+    def __init__(self, root: Path, manifest: Manifest, handles: Mapping[str, BinaryIO]) -> None:
+        self.root, self.manifest, self.handles = root, manifest, dict(handles)
+
+    def close(self) -> None:
+        """Close every handle."""
+        for f in self.handles.values():
+            f.close()
+
+
+def read_manifest(root: Path) -> Manifest:
+    """Read and validate only the manifest of the artifact at `root`."""
+    dfd = _open_root(root)
+    try:
+        return Manifest.from_json(_read_small(dfd, MANIFEST_NAME))
+    finally:
+        os.close(dfd)
+
+
+def open_artifact(root: Path, *, verify: bool, check_manifest: object = None) -> Opened:
+    """Open, check and hand over every payload file; retry if a concurrent save swaps it."""
+    for _ in range(5):
+        try:
+            return _open_once(root, verify=verify, check_manifest=check_manifest)
+        except _Swapped:
+            continue
+        except ArtifactNotFoundError:
+            if not _replacing(root):
+                raise
+            time.sleep(0.05)  # a non-atomic overwrite (no renameat2) is between its two renames
+    raise CorruptArtifactError(f"{root} kept changing while it was read (a writer saving in a loop?); try again")
+
+
+def _open_once(root: Path, *, verify: bool, check_manifest: object) -> Opened:
+    dfd = _open_root(root)
+    handles: dict[str, BinaryIO] = {}
+    try:
+        try:
+            manifest = Manifest.from_json(_read_small(dfd, MANIFEST_NAME))
+        except ArtifactNotFoundError:
+            if _swapped(root, dfd):
+                raise _Swapped from None
+            raise
+        if callable(check_manifest):
+            check_manifest(manifest, lambda name: _read_small(dfd, name, missing_ok=True))
+        for name, entry in manifest.files.items():
+            try:
+                fd = _open_in(dfd, name)
+            except FileNotFoundError:
+                if _swapped(root, dfd):
+                    raise _Swapped from None
+                raise IntegrityError(name, f"a file of {entry.size} bytes", "no such file") from None
+            handles[name] = os.fdopen(fd, "rb")
+            size = os.fstat(fd).st_size
+            if size != entry.size:
+                raise IntegrityError(name, f"{entry.size} bytes", f"{size} bytes")
+        if verify:
+            for name, handle in handles.items():
+                digest = hash_fd(handle.fileno(), manifest.files[name].size)
+                if digest != manifest.files[name].digest:
+                    raise IntegrityError(name, manifest.files[name].digest, digest)
+            extra = sorted(set(_walk(dfd)) - set(manifest.files) - RESERVED_NAMES)
+            if extra:
+                raise IntegrityError(extra[0], "no such file (it is not in the manifest)",
+                                     f"{len(extra)} unlisted file(s): {', '.join(extra[:5])}")
+        return Opened(root, manifest, handles)
+    except BaseException:
+        for handle in handles.values():
+            handle.close()
+        raise
+    finally:
+        os.close(dfd)
+
+
+def _open_root(root: Path) -> int:
+    try:
+        return os.open(root, os.O_RDONLY | _DIRECTORY)
+    except FileNotFoundError:
+        raise ArtifactNotFoundError(f"no artifact at {root}: the path does not exist") from None
+    except NotADirectoryError:
+        raise ArtifactNotFoundError(f"{root} is a file, not an artifact directory") from None
+
+
+def _open_in(dfd: int, name: str) -> int:
+    """Open `name` below `dfd` following no symlink anywhere; refuse anything not a plain file."""
+    parts = name.split("/")
+    fds = [dfd]
+    try:
+        for part in parts[:-1]:
+            fds.append(_guard(lambda p=part: os.open(p, os.O_RDONLY | _DIRECTORY | _NOFOLLOW, dir_fd=fds[-1]),
+                              name))
+        fd = _guard(lambda: os.open(parts[-1], os.O_RDONLY | _NOFOLLOW | _NONBLOCK, dir_fd=fds[-1]), name)
+    finally:
+        for extra in fds[1:]:
+            os.close(extra)
+    st = os.fstat(fd)
+    if st.st_nlink == 0:  # unlinked since we opened it: a concurrent overwrite removed the old artifact
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "removed while opening", name)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        kind = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"hard-linked ({st.st_nlink} links)"
+        raise CorruptArtifactError(f"{name} is {kind}; an artifact holds plain files only: refusing to open it")
+    return fd
+
+
+def _guard(opener: object, name: str) -> int:
+    try:
+        return opener()  # type: ignore[operator,no-any-return]
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+            raise CorruptArtifactError(f"{name} is or passes through a symlink; an artifact holds plain files only: "
+                                       "refusing to open it") from None
+        raise
+
+
+def _read_small(dfd: int, name: str, *, missing_ok: bool = False) -> bytes:
+    try:
+        fd = _open_in(dfd, name)
+    except FileNotFoundError:
+        if missing_ok:
+            return b""
+        raise ArtifactNotFoundError(f"no {name} in the directory: it is not an mlpersist artifact, "
+                                    "or its save did not finish") from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise CorruptArtifactError(f"{name} is larger than {MAX_MANIFEST_BYTES} bytes")
+    return data
+
+
+def _walk(dfd: int) -> Iterator[str]:
+    for dirpath, _dirs, files, _fd in os.fwalk(".", dir_fd=dfd):
+        for name in files:
+            yield os.path.normpath(os.path.join(dirpath, name)).replace(os.sep, "/")
+
+
+def _replacing(root: Path) -> bool:
+    """True while another process's non-atomic overwrite of `root` is under way."""
+    head = f".{root.name}{_OLD}"
+    with contextlib.suppress(OSError):
+        return any(e.name.startswith(head) for e in os.scandir(root.parent))
+    return False
+
+
+def _swapped(root: Path, dfd: int) -> bool:
+    try:
+        return os.stat(root).st_ino != os.fstat(dfd).st_ino
+    except FileNotFoundError:
+        return True

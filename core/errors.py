@@ -1,0 +1,94 @@
+"""Every error and warning mlpersist raises on purpose.
+
+The tree::
+
+    PersistError (Exception)
+    ├── UnsupportedModelError (+ TypeError)      no adapter claims the model's class
+    ├── ArtifactExistsError (+ FileExistsError)  save target exists and overwrite is off
+    ├── ArtifactNotFoundError (+ FileNotFoundError)  no artifact (or no manifest) at the path
+    ├── CorruptArtifactError (+ ValueError)      manifest or payload malformed
+    ├── IntegrityError                           a file differs from its manifest entry
+    │   └── SignatureError                       signature missing, bad, or by an unknown key
+    ├── UntrustedContentError                    loading would run code the caller did not allow
+    ├── MissingFrameworkError (+ ImportError)    the adapter's framework is not installed
+    └── VersionMismatchError                     strict=True and the versions differ
+
+    VersionMismatchWarning (UserWarning)         the versions differ (not strict)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class PersistError(Exception):
+    """Base of every error mlpersist raises on purpose."""
+
+
+class UnsupportedModelError(PersistError, TypeError):
+    """No registered adapter claims the model's class."""
+
+
+class ArtifactExistsError(PersistError, FileExistsError):
+    """The save target exists and `overwrite=True` was not given."""
+
+
+class ArtifactNotFoundError(PersistError, FileNotFoundError):
+    """Nothing loadable at the path: no directory, no manifest, or no known file."""
+
+
+class CorruptArtifactError(PersistError, ValueError):
+    """The manifest or a payload is malformed, truncated or inconsistent."""
+
+
+class IntegrityError(PersistError):
+    """A payload file differs from the size or digest in the manifest."""
+
+    def __init__(self, path: str, expected: str, found: str) -> None:
+        super().__init__(f"{path}: manifest says {expected}, found {found}; re-save or re-fetch the artifact")
+        self.path, self.expected, self.found = path, expected, found
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return type(self), (self.path, self.expected, self.found)
+
+
+class SignatureError(IntegrityError):
+    """The manifest signature is missing, invalid, or made by a key the caller did not trust."""
+
+
+class UntrustedContentError(PersistError):
+    """Loading would import or call something the trust policy does not allow."""
+
+    def __init__(self, message: str, names: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.names = tuple(names)
+
+    def __reduce__(self) -> tuple[type, tuple[str, tuple[str, ...]]]:
+        return type(self), (str(self), self.names)
+
+
+class MissingFrameworkError(PersistError, ImportError):
+    """The framework an adapter needs is not installed."""
+
+
+class VersionMismatchError(PersistError):
+    """With `strict=True`: the artifact was written by another version of the framework."""
+
+
+class VersionMismatchWarning(UserWarning):
+    """The artifact was written by another version of the framework than the one installed."""
+
+
+__all__ = [
+    "ArtifactExistsError",
+    "ArtifactNotFoundError",
+    "CorruptArtifactError",
+    "IntegrityError",
+    "MissingFrameworkError",
+    "PersistError",
+    "SignatureError",
+    "UnsupportedModelError",
+    "UntrustedContentError",
+    "VersionMismatchError",
+    "VersionMismatchWarning",
+]
