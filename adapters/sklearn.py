@@ -1,0 +1,123 @@
+"""scikit-learn: a joblib (or pickle) payload, read back only through the core's guarded unpickler."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import joblib
+import numpy as np
+from mlpersist import Payload
+from mlpersist.errors import PersistError, UntrustedContentError
+from sklearn.tree._tree import Tree
+
+_FILES = {"joblib": "model.joblib", "pickle": "model.pkl"}
+_MAX_CLASSES_RECORDED = 1000
+
+
+class SklearnAdapter:
+    """Any estimator, Pipeline, ColumnTransformer or meta-estimator, through joblib by default."""
+
+    name: ClassVar[str] = "sklearn"
+    format_version: ClassVar[int] = 1
+    dependencies: ClassVar[tuple[str, ...]] = ("scikit-learn", "numpy", "scipy", "joblib")
+
+    def save(self, model: Any, dest: Path, *, format: str, compress: Any = 0, protocol: int | None = None,
+             **options: Any) -> Mapping[str, Any]:
+        """Write model.joblib (`compress=` as joblib takes it) or model.pkl; return what describes the model."""
+        if options:
+            raise PersistError(f"the sklearn adapter takes compress= and protocol=, not {', '.join(sorted(options))}")
+        if format == "joblib":
+            joblib.dump(model, dest / _FILES["joblib"], compress=compress, protocol=protocol)
+        else:
+            with open(dest / _FILES["pickle"], "wb") as f:
+                pickle.dump(model, f, protocol=protocol or pickle.HIGHEST_PROTOCOL)
+        return describe(model)
+
+    def load(self, payload: Payload, info: Mapping[str, Any], *, format: str, **options: Any) -> Any:
+        """Unpickle under the caller's trust policy, then check tree structures before anything predicts."""
+        if options:
+            raise PersistError(f"the sklearn adapter takes no load options, not {', '.join(sorted(options))}")
+        model = payload.unpickle(_FILES.get(format, _FILES["joblib"]), joblib_format=format == "joblib")
+        if not payload.policy.trusted:
+            validate(model)
+        return model
+
+
+def describe(model: Any) -> dict[str, Any]:
+    """Record n_features_in_, feature_names_in_ and classes_ where the model has them."""
+    out: dict[str, Any] = {}
+    if isinstance(n := getattr(model, "n_features_in_", None), (int, np.integer)):
+        out["n_features_in"] = int(n)
+    names = getattr(model, "feature_names_in_", None)
+    if names is not None:
+        out["feature_names_in"] = [str(x) for x in names]
+    classes = getattr(model, "classes_", None)
+    if isinstance(classes, np.ndarray) and classes.ndim == 1:
+        if len(classes) <= _MAX_CLASSES_RECORDED:
+            out["classes"] = [c.item() if isinstance(c, np.generic) else str(c) for c in classes]
+        out["n_classes"] = len(classes)
+    return out
+
+
+def validate(model: Any) -> None:
+    """Refuse trees whose node, child or feature indices point outside their arrays.
+
+    Tree.predict (Cython) indexes these arrays without bounds checks: a crafted file would read
+    out of bounds. Walks the whole object graph (pipelines, ensembles, meta-estimators).
+
+    Raises:
+        mlpersist.errors.UntrustedContentError: naming the first bad structure.
+
+    """
+    seen: set[int] = set()
+    stack: list[tuple[Any, int | None, str]] = [(model, None, type(model).__name__)]
+    while stack:
+        obj, n_features, where = stack.pop()
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, np.ndarray, type)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Tree):
+            _check_tree(obj, n_features, where)
+            continue
+        nodes = getattr(obj, "nodes", None)
+        if isinstance(nodes, np.ndarray) and nodes.dtype.names and "left" in nodes.dtype.names:
+            _check_predictor_nodes(nodes, n_features, where)
+        n = getattr(obj, "n_features_in_", n_features)
+        n = int(n) if isinstance(n, (int, np.integer)) else n_features
+        children: Any = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else (
+            getattr(obj, "__dict__", {}).values())
+        for i, child in enumerate(children):
+            stack.append((child, n, f"{where}[{i}]"))
+
+
+def _check_tree(tree: Tree, n_features: int | None, where: str) -> None:
+    count = tree.node_count
+    left, right, feature = tree.children_left, tree.children_right, tree.feature
+    idx = np.arange(count)
+    leaf = left == -1
+    ok = (len(left) == len(right) == len(feature) == count and count >= 1
+          and tree.value.shape[0] == count
+          and bool(np.all(leaf == (right == -1)))
+          and bool(np.all(leaf | ((left > idx) & (left < count) & (right > idx) & (right < count))))
+          and bool(np.all(leaf | ((feature >= 0) & (feature < tree.n_features)))))
+    if not ok or (n_features is not None and tree.n_features != n_features):
+        raise UntrustedContentError(
+            f"{where}: a decision tree's child or feature indices point outside its arrays (n_features "
+            f"{tree.n_features}, estimator expects {n_features}); the file is crafted or damaged, refusing it",
+            ["sklearn.tree._tree.Tree"])
+
+
+def _check_predictor_nodes(nodes: np.ndarray, n_features: int | None, where: str) -> None:
+    count = len(nodes)
+    inner = nodes["is_leaf"] == 0
+    ok = bool(np.all(~inner | ((nodes["left"] < count) & (nodes["right"] < count)
+                               & (nodes["left"] > 0) & (nodes["right"] > 0))))
+    if ok and n_features is not None:
+        ok = bool(np.all(~inner | (nodes["feature_idx"] < n_features)))
+    if not ok:
+        raise UntrustedContentError(
+            f"{where}: a gradient-boosting predictor's node indices point outside its arrays; "
+            "the file is crafted or damaged, refusing it", ["sklearn.ensemble._hist_gradient_boosting"])
