@@ -1,0 +1,264 @@
+"""scikit-learn adapter: every kind of estimator round-trips exactly, and its errors are typed."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from contract import AdapterContract
+from mlp_testkit import require
+from mlpersist import (
+    ArtifactExistsError,
+    MissingFrameworkError,
+    PersistError,
+    UnsupportedModelError,
+    UntrustedContentError,
+    VersionMismatchError,
+    VersionMismatchWarning,
+    inspect,
+    load_any,
+    save_any,
+)
+
+
+def data(n: int = 200, features: int = 6, seed: int = 0) -> tuple[Any, Any]:
+    datasets = require("sklearn.datasets")
+    return datasets.make_classification(n, features, n_informative=4, random_state=seed)
+
+
+class TestSklearn(AdapterContract):
+    adapter = "sklearn"
+    framework_module = "sklearn"
+
+    def make_model(self) -> Any:
+        pipeline = require("sklearn.pipeline")
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        x, y = data()
+        return pipeline.Pipeline([("scaler", StandardScaler()), ("classifier", LogisticRegression())]).fit(x, y)
+
+    def make_input(self) -> Any:
+        return data(50, seed=1)[0]
+
+    def outputs(self, model: Any, x: Any) -> Any:
+        return model.predict_proba(x)
+
+
+def _estimators() -> dict[str, Callable[[], Any]]:
+    def lazy(module: str, name: str, **kw: Any) -> Callable[[], Any]:
+        return lambda: getattr(require(module), name)(**kw)
+
+    return {
+        "logistic": lazy("sklearn.linear_model", "LogisticRegression"),
+        "ridge": lazy("sklearn.linear_model", "RidgeClassifier"),
+        "sgd": lazy("sklearn.linear_model", "SGDClassifier", random_state=0),
+        "forest": lazy("sklearn.ensemble", "RandomForestClassifier", n_estimators=50, random_state=0),
+        "extra-trees": lazy("sklearn.ensemble", "ExtraTreesClassifier", n_estimators=20, random_state=0),
+        "gbm": lazy("sklearn.ensemble", "GradientBoostingClassifier", n_estimators=20, random_state=0),
+        "hist-gbm": lazy("sklearn.ensemble", "HistGradientBoostingClassifier", max_iter=20, random_state=0),
+        "tree": lazy("sklearn.tree", "DecisionTreeClassifier", random_state=0),
+        "svc": lazy("sklearn.svm", "SVC", random_state=0),
+        "knn-kdtree": lazy("sklearn.neighbors", "KNeighborsClassifier", algorithm="kd_tree"),
+        "knn-balltree": lazy("sklearn.neighbors", "KNeighborsClassifier", algorithm="ball_tree"),
+        "mlp": lazy("sklearn.neural_network", "MLPClassifier", max_iter=50, random_state=0),
+        "naive-bayes": lazy("sklearn.naive_bayes", "GaussianNB"),
+        "isolation-forest": lazy("sklearn.ensemble", "IsolationForest", n_estimators=20, random_state=0),
+        "kmeans": lazy("sklearn.cluster", "KMeans", n_clusters=3, n_init=2, random_state=0),
+        "pca": lazy("sklearn.decomposition", "PCA", n_components=3),
+        "grid-search": lambda: require("sklearn.model_selection").GridSearchCV(
+            require("sklearn.linear_model").LogisticRegression(), {"C": [0.1, 1.0]}, cv=3),
+        "stacking": lambda: require("sklearn.ensemble").StackingClassifier(
+            [("t", require("sklearn.tree").DecisionTreeClassifier(random_state=0)),
+             ("l", require("sklearn.linear_model").LogisticRegression())], cv=3),
+        "voting": lambda: require("sklearn.ensemble").VotingClassifier(
+            [("t", require("sklearn.tree").DecisionTreeClassifier(random_state=0)),
+             ("n", require("sklearn.naive_bayes").GaussianNB())], voting="soft"),
+        "calibrated": lambda: require("sklearn.calibration").CalibratedClassifierCV(
+            require("sklearn.svm").LinearSVC(random_state=0), cv=3),
+        "select-k-best": lambda: require("sklearn.pipeline").make_pipeline(
+            require("sklearn.feature_selection").SelectKBest(k=3),
+            require("sklearn.linear_model").LogisticRegression()),
+        "function-transformer": lambda: require("sklearn.pipeline").make_pipeline(
+            require("sklearn.preprocessing").FunctionTransformer(require("numpy").abs),
+            require("sklearn.linear_model").LogisticRegression()),
+    }
+
+
+def _outputs(model: Any, x: Any) -> Any:
+    for method in ("predict_proba", "decision_function", "transform", "predict"):
+        if hasattr(model, method):
+            try:
+                return getattr(model, method)(x)
+            except AttributeError:  # e.g. SVC.predict_proba without probability=True
+                continue
+    raise AssertionError(f"{model!r} has no output method")
+
+
+@pytest.mark.parametrize("make", _estimators().values(), ids=list(_estimators()))
+def test_estimators_round_trip_with_identical_outputs(make: Callable[[], Any], tmp_path: Path) -> None:
+    np = require("numpy")
+    x, y = data()
+    model = make().fit(x, y)
+    save_any(model, tmp_path / "m")
+    loaded = load_any(tmp_path / "m")
+    assert type(loaded) is type(model)
+    np.testing.assert_array_equal(_outputs(loaded, x), _outputs(model, x))
+    if hasattr(model, "predict"):
+        np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+
+
+def test_a_column_transformer_on_a_dataframe_keeps_its_fitted_preprocessing(tmp_path: Path) -> None:
+    pd, np = require("pandas"), require("numpy")
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"age": rng.normal(40, 10, 300), "income": rng.normal(5e4, 1e4, 300),
+                       "plan": rng.choice(["basic", "pro", "team"], 300)})
+    y = (df["age"] > 40).astype(int)
+    model = Pipeline([
+        ("prep", ColumnTransformer([("num", StandardScaler(), ["age", "income"]),
+                                    ("cat", OneHotEncoder(handle_unknown="ignore"), ["plan"])])),
+        ("clf", RandomForestClassifier(n_estimators=30, random_state=0)),
+    ]).fit(df, y)
+    m = save_any(model, tmp_path / "m")
+    assert m.info["feature_names_in"] == ["age", "income", "plan"] and m.info["classes"] == [0, 1]
+    loaded = load_any(tmp_path / "m")
+    new = pd.DataFrame({"age": [30.0, 55.0], "income": [4e4, 7e4], "plan": ["pro", "unseen"]})
+    np.testing.assert_array_equal(loaded.predict_proba(new), model.predict_proba(new))
+    np.testing.assert_array_equal(loaded[:-1].transform(new), model[:-1].transform(new))
+
+
+def test_the_manifest_records_features_and_classes(tmp_path: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = data()
+    m = save_any(LogisticRegression().fit(x, y), tmp_path / "m")
+    assert m.info["n_features_in"] == 6 and m.info["classes"] == [0, 1] and m.framework == "scikit-learn"
+    assert set(m.environment["packages"]) >= {"scikit-learn", "numpy", "scipy", "joblib"}
+
+
+@pytest.mark.parametrize("options", [{"compress": 3}, {"compress": ("gzip", 3)}, {"compress": ("lzma", 1)},
+                                     {"format": "pickle"}, {"protocol": 2}], ids=str)
+def test_compression_and_formats_round_trip(options: dict[str, Any], tmp_path: Path) -> None:
+    np = require("numpy")
+    from sklearn.ensemble import RandomForestClassifier
+
+    x, y = data()
+    model = RandomForestClassifier(n_estimators=10, random_state=0).fit(x, y)
+    save_any(model, tmp_path / "m", **options)
+    np.testing.assert_array_equal(load_any(tmp_path / "m").predict_proba(x), model.predict_proba(x))
+
+
+def test_unknown_options_and_formats_are_typed_errors(tmp_path: Path) -> None:
+    from sklearn.linear_model import LinearRegression
+
+    with pytest.raises(PersistError, match="format 'onnx' is not one"):
+        save_any(LinearRegression(), tmp_path / "a", format="onnx")
+    with pytest.raises(PersistError, match="takes compress= and protocol=, not level"):
+        save_any(LinearRegression(), tmp_path / "a", level=3)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_model_that_cannot_be_pickled_is_unsupported_and_leaves_nothing(tmp_path: Path) -> None:
+    from sklearn.preprocessing import FunctionTransformer
+
+    with pytest.raises(UnsupportedModelError, match="could not save FunctionTransformer"):
+        save_any(FunctionTransformer(lambda v: v), tmp_path / "a")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_artifact_is_not_replaced_without_overwrite(tmp_path: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = data()
+    save_any(LogisticRegression().fit(x, y), tmp_path / "m")
+    with pytest.raises(ArtifactExistsError):
+        save_any(LogisticRegression(C=0.1).fit(x, y), tmp_path / "m")
+    assert load_any(tmp_path / "m").C == 1.0
+
+
+def test_a_custom_transformer_needs_an_explicit_allow(tmp_path: Path) -> None:
+    np = require("numpy")
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn_custom import ClipTransformer
+
+    x, y = data()
+    model = make_pipeline(ClipTransformer(-0.5, 0.5), LogisticRegression()).fit(x, y)
+    save_any(model, tmp_path / "m")
+    with pytest.raises(UntrustedContentError, match=r"sklearn_custom\.ClipTransformer") as info:
+        load_any(tmp_path / "m")
+    assert info.value.names == ("sklearn_custom.ClipTransformer",)
+    loaded = load_any(tmp_path / "m", allow=["sklearn_custom.ClipTransformer"])
+    np.testing.assert_array_equal(loaded.predict_proba(x), model.predict_proba(x))
+    np.testing.assert_array_equal(load_any(tmp_path / "m", trusted=True).predict_proba(x), model.predict_proba(x))
+
+
+@pytest.mark.parametrize("compress", [0, 3])
+def test_a_bare_joblib_file_loads_under_the_same_rules(compress: int, tmp_path: Path) -> None:
+    np, joblib = require("numpy"), require("joblib")
+    from sklearn.ensemble import RandomForestClassifier
+
+    x, y = data()
+    model = RandomForestClassifier(n_estimators=10, random_state=0).fit(x, y)
+    joblib.dump(model, tmp_path / "model.joblib", compress=compress)
+    np.testing.assert_array_equal(load_any(tmp_path / "model.joblib").predict_proba(x), model.predict_proba(x))
+    assert inspect(tmp_path / "model.joblib").adapter == "sklearn"
+
+
+def test_a_bare_pickle_file_loads_under_the_same_rules(tmp_path: Path) -> None:
+    np = require("numpy")
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = data()
+    model = LogisticRegression().fit(x, y)
+    (tmp_path / "model.pkl").write_bytes(pickle.dumps(model, protocol=4))
+    np.testing.assert_array_equal(load_any(tmp_path / "model.pkl").predict_proba(x), model.predict_proba(x))
+
+
+def test_a_different_scikit_learn_version_warns_and_strict_refuses(tmp_path: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = data()
+    save_any(LogisticRegression().fit(x, y), tmp_path / "m")
+    doc = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    doc["framework"]["version"] = "1.0.2"
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(doc))
+    with pytest.warns(VersionMismatchWarning, match=r"scikit-learn 1\.0\.2 and is loaded with 1\."):
+        load_any(tmp_path / "m")
+    with pytest.raises(VersionMismatchError, match=r"pip install 'scikit-learn==1\.0\.2'"):
+        load_any(tmp_path / "m", strict=True)
+
+
+def test_loading_without_scikit_learn_names_the_pip_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = data()
+    m = save_any(LogisticRegression().fit(x, y), tmp_path / "m")
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    with pytest.raises(MissingFrameworkError, match=rf"pip install 'scikit-learn=={m.framework_version}'"):
+        load_any(tmp_path / "m")
+
+
+def test_the_examples_pipeline_scales_new_data_exactly_as_the_original(tmp_path: Path) -> None:
+    np = require("numpy")
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = data()
+    model = Pipeline([("scaler", StandardScaler()), ("classifier", LogisticRegression())]).fit(x, y)
+    save_any(model, tmp_path / "m")
+    loaded = load_any(tmp_path / "m")
+    new = data(20, seed=7)[0]
+    scaler, original = loaded.named_steps["scaler"], model.named_steps["scaler"]
+    np.testing.assert_array_equal(scaler.transform(new), original.transform(new))

@@ -1,0 +1,95 @@
+"""What every adapter owes: subclass AdapterContract in tests/adapters/test_<fw>.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlp_testkit import run_python
+from mlpersist import IntegrityError, inspect, load_any, save_any, verify
+
+
+class AdapterContract:
+    """Round trip, fresh-process load, manifest facts, integrity: for one representative model."""
+
+    adapter: str
+    framework_module: str  # imported by loading; nothing heavier may be
+
+    def make_model(self) -> Any:
+        raise NotImplementedError
+
+    def make_input(self) -> Any:
+        raise NotImplementedError
+
+    def outputs(self, model: Any, x: Any) -> Any:
+        """Return the model's outputs on `x` as a numpy array."""
+        raise NotImplementedError
+
+    @pytest.fixture
+    def saved(self, tmp_path: Path) -> tuple[Any, Path]:
+        model = self.make_model()
+        save_any(model, tmp_path / "artifact")
+        return model, tmp_path / "artifact"
+
+    def test_round_trip_gives_bit_identical_outputs(self, saved: tuple[Any, Path]) -> None:
+        import numpy as np
+
+        model, path = saved
+        x = self.make_input()
+        np.testing.assert_array_equal(self.outputs(load_any(path), x), self.outputs(model, x))
+
+    def test_the_manifest_names_adapter_class_and_framework(self, saved: tuple[Any, Path]) -> None:
+        model, path = saved
+        m = inspect(path)
+        assert m.adapter == self.adapter
+        assert m.model_class == f"{type(model).__module__}:{type(model).__qualname__}"
+        assert m.framework_version not in ("", "unknown")
+        assert m.environment["packages"][m.framework] == m.framework_version
+        verify(path)
+
+    def test_a_fresh_process_loads_the_same_outputs(self, saved: tuple[Any, Path], tmp_path: Path) -> None:
+        import numpy as np
+
+        model, path = saved
+        x = self.make_input()
+        np.save(tmp_path / "x.npy", x)
+        run_python(f"""
+            import numpy as np, sys, mlpersist
+            import test_{self.adapter} as t
+            model = mlpersist.load_any({str(path)!r})
+            out = t.{type(self).__name__}().outputs(model, np.load({str(tmp_path / 'x.npy')!r}))
+            np.save({str(tmp_path / 'out.npy')!r}, out)
+        """, env={"PYTHONPATH": f"{Path(__file__).parent}:{Path(__file__).parent / 'adapters'}"})
+        np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), self.outputs(model, x))
+
+    def test_a_tampered_payload_is_refused_before_the_framework_reads_it(self, saved: tuple[Any, Path]) -> None:
+        _, path = saved
+        manifest = json.loads((path / "manifest.json").read_text())
+        name = max(manifest["files"], key=lambda n: manifest["files"][n]["size"])
+        data = bytearray((path / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (path / name).write_bytes(bytes(data))
+        with pytest.raises(IntegrityError, match=name):
+            load_any(path)
+
+    def test_inspect_and_verify_import_no_framework(self, saved: tuple[Any, Path]) -> None:
+        _, path = saved
+        proc = run_python(f"""
+            import sys, mlpersist
+            mlpersist.inspect({str(path)!r}); mlpersist.verify({str(path)!r})
+            heavy = [m for m in ("numpy", "sklearn", "torch", "tensorflow", "keras", "xgboost") if m in sys.modules]
+            print(heavy)
+        """)
+        assert proc.stdout.strip() == "[]"
+
+    def test_loading_imports_only_its_own_framework(self, saved: tuple[Any, Path]) -> None:
+        _, path = saved
+        others = sorted({"sklearn", "torch", "tensorflow", "keras", "xgboost", "lightgbm"} - {self.framework_module})
+        proc = run_python(f"""
+            import sys, mlpersist
+            mlpersist.load_any({str(path)!r})
+            print([m for m in {others!r} if m in sys.modules])
+        """)
+        assert proc.stdout.strip() == "[]"

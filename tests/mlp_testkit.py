@@ -1,0 +1,84 @@
+"""Test helpers importable from every test and from the fresh processes tests start."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def require(module: str) -> ModuleType:
+    """Skip when `module` is missing, unless this nox session is the one testing it."""
+    if os.environ.get("MLPERSIST_REQUIRE") == module.partition(".")[0]:
+        return importlib.import_module(module)  # missing here fails the run
+    return pytest.importorskip(module)
+
+
+def run_python(code: str, *, cwd: Path | None = None, timeout: float = 120, check: bool = True,
+               env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter (same venv) with tests/ importable."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), **(env or {})}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=full_env, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `python -m mlpersist ARGS` in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "mlpersist", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT / "tests")}, check=False)
+
+
+class DummyModel:
+    """A framework-free model: predicts `x * scale + shift`."""
+
+    def __init__(self, scale: float = 2.0, shift: float = 1.0) -> None:
+        self.scale, self.shift = scale, shift
+
+    def predict(self, xs: list[float]) -> list[float]:
+        return [x * self.scale + self.shift for x in xs]
+
+
+class ExplodingModel(DummyModel):
+    """Its adapter fails halfway through writing its payload."""
+
+
+class DummyAdapter:
+    """Stores a DummyModel as JSON: enough to test the core without any framework."""
+
+    name: ClassVar[str] = "dummy"
+    format_version: ClassVar[int] = 1
+    dependencies: ClassVar[tuple[str, ...]] = ()
+
+    def save(self, model: Any, dest: Path, *, format: str, **options: Any) -> Mapping[str, Any]:
+        (dest / "params.json").write_text(json.dumps({"scale": model.scale, "shift": model.shift}))
+        if isinstance(model, ExplodingModel):
+            raise RuntimeError("the framework failed while writing")
+        (dest / "sub").mkdir()
+        (dest / "sub" / "extra.bin").write_bytes(bytes(range(256)) * 4)
+        return {"kind": type(model).__name__}
+
+    def load(self, payload: Any, info: Mapping[str, Any], *, format: str, **options: Any) -> Any:
+        params = json.loads(payload.read_bytes("params.json"))
+        assert payload.read_bytes("sub/extra.bin") == bytes(range(256)) * 4
+        return DummyModel(**params)
+
+
+def register_dummy() -> None:
+    """Register DummyAdapter for classes of this module (tests restore the registry afterwards)."""
+    from mlpersist import register_adapter
+
+    register_adapter("dummy", "mlp_testkit:DummyAdapter", claims=("mlp_testkit",), package="pytest")
