@@ -1,0 +1,71 @@
+"""Each framework's tests in a virtualenv of its own: `nox -s sklearn`, `nox -s core`, plain `nox` for all."""
+
+from __future__ import annotations
+
+import glob
+
+import nox
+
+nox.needs_version = ">=2025.02.09"
+nox.options.default_venv_backend = "venv"  # pip, not uv: uv would fetch a CUDA torch on this machine
+nox.options.error_on_missing_interpreters = True
+
+PYTHON = "3.11"
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+TEST = PYPROJECT["dependency-groups"]["test"]
+CONSTRAINTS = ("-c", "tests/constraints.txt")
+FRAMEWORKS = {"sklearn": ["pandas"]}  # framework -> extra test-only packages next to it
+
+
+@nox.session(python=PYTHON)
+def core(session: nox.Session) -> None:
+    """Core tests with no framework installed at all."""
+    session.install(*CONSTRAINTS, "-e", ".", *TEST)
+    session.run("pytest", "tests/core", *session.posargs)
+
+
+def _adapter_session(framework: str, extra: list[str]) -> None:
+    """Register `nox -s <framework>`: one adapter's tests, next to the framework-free core."""
+
+    @nox.session(name=framework, python=PYTHON)
+    def run(session: nox.Session) -> None:
+        session.install(*CONSTRAINTS, "-e", f".[{framework}]", *TEST, *extra)
+        session.run("pytest", "tests/core", "tests/contract.py", *_adapter_tests(framework), *session.posargs,
+                    env={"MLPERSIST_REQUIRE": framework})
+
+
+def _adapter_tests(framework: str) -> list[str]:
+    return sorted(glob.glob(f"tests/adapters/test_{framework}*.py"))
+
+
+for _fw, _extra in FRAMEWORKS.items():
+    _adapter_session(_fw, _extra)
+
+
+@nox.session(python=PYTHON)
+def isolation(session: nox.Session) -> None:
+    """Fresh interpreters prove `import mlpersist` and each load pull in no other framework."""
+    session.install(*CONSTRAINTS, "-e", ".[all]", *TEST)
+    session.run("pytest", "tests/test_isolation.py", *session.posargs, env={"MLPERSIST_REQUIRE": "sklearn"})
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """Run every script in examples/ end to end."""
+    session.install(*CONSTRAINTS, "-e", ".[sklearn]", "pandas")
+    for script in sorted(glob.glob("examples/*.py")):
+        session.run("python", script)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff: style, imports, and the rule that the core imports no framework at module level."""
+    session.install(*CONSTRAINTS, *PYPROJECT["dependency-groups"]["lint"])
+    session.run("ruff", "check", ".")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the installed package (core/ is importable only as `mlpersist`)."""
+    session.install(*CONSTRAINTS, ".[all]", *PYPROJECT["dependency-groups"]["typecheck"])
+    session.run("mypy", "-p", "mlpersist", "--config-file", "pyproject.toml")
