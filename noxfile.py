@@ -30,7 +30,7 @@ def _adapter_session(framework: str, extra: list[str]) -> None:
 
     @nox.session(name=framework, python=PYTHON)
     def run(session: nox.Session) -> None:
-        session.install(*CONSTRAINTS, "-e", f".[{framework}]", *TEST, *extra)
+        session.install(*CONSTRAINTS, "-e", f".[{framework},sign]", *TEST, *extra)
         session.run("pytest", "tests/core", "tests/contract.py", *_adapter_tests(framework), *session.posargs,
                     env={"MLPERSIST_REQUIRE": framework})
 

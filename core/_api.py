@@ -13,14 +13,17 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import _registry, _storage
+from . import _registry, _signing, _storage
 from ._dispatch import detect, sniff
 from ._manifest import FORMAT_VERSION, FileEntry, Manifest, check_json_value
 from ._payload import Payload
 from ._safepickle import TrustPolicy
+from ._signing import KeySource
 from .errors import (
     CorruptArtifactError,
+    IntegrityError,
     PersistError,
+    SignatureError,
     UnsupportedModelError,
     VersionMismatchError,
     VersionMismatchWarning,
@@ -85,7 +88,8 @@ def save_any(model: Any, path: str | os.PathLike[str], *, overwrite: bool = Fals
 
 
 def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iterable[str] = (),
-             verify: bool = True, strict: bool = False, **options: Any) -> Any:
+             verify: bool = True, strict: bool = False, digest: str | None = None,
+             public_key: KeySource | Iterable[KeySource] | None = None, **options: Any) -> Any:
     """Load the model saved at `path` (an artifact directory, or a bare joblib/pickle file).
 
     Args:
@@ -94,6 +98,9 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
         allow: extra `"module.Name"` globals a pickle may import, for this call only.
         verify: check every file's digest before it is opened (sizes are always checked).
         strict: a framework version different from the recorded one is an error, not a warning.
+        digest: the manifest digest you expect (`mlpersist inspect` prints it); for a bare file, its sha256.
+        public_key: Ed25519 public key(s) (PEM path or bytes) of which one must have signed the manifest;
+            default: the keys named by $MLPERSIST_PUBLIC_KEYS. A valid signature lifts the allow-list.
         **options: passed to the adapter.
 
     Returns:
@@ -102,20 +109,24 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
     Raises:
         mlpersist.errors.ArtifactNotFoundError: nothing loadable at `path`.
         mlpersist.errors.CorruptArtifactError: the manifest or a payload is malformed.
-        mlpersist.errors.IntegrityError: a file differs from the manifest.
+        mlpersist.errors.IntegrityError: a file differs from the manifest, or the pinned digest.
+        mlpersist.errors.SignatureError: keys are configured and no valid signature by one of them exists.
         mlpersist.errors.UntrustedContentError: the payload would run code the policy does not allow.
         mlpersist.errors.MissingFrameworkError: the framework that wrote it is not installed.
         mlpersist.errors.VersionMismatchError: with `strict=True`, the framework versions differ.
 
     """
     root = _local(path)
+    keys = _signing.load_public_keys(public_key)
     policy = TrustPolicy.of(trusted, allow)
     if root.is_file():
-        return _load_bare(root, policy, **options)
-    opened = _storage.open_artifact(root, verify=verify)
+        return _load_bare(root, policy, digest=digest, signed_required=bool(keys), **options)
+    opened = _storage.open_artifact(root, verify=verify, check_manifest=_signing.checker(digest, keys))
     try:
         manifest = opened.manifest
         adapter = _adapter_for(manifest, strict=strict)
+        if opened.signed:  # signed by a key the caller configured: the caller trusts its author
+            policy = TrustPolicy(True, policy.allow)
         return adapter.load(Payload(opened.handles, policy, root), manifest.info, format=manifest.format, **options)
     finally:
         opened.close()
@@ -137,15 +148,23 @@ def inspect(path: str | os.PathLike[str]) -> Manifest:
     return _storage.read_manifest(root)
 
 
-def verify(path: str | os.PathLike[str]) -> None:
-    """Check every payload file's size and digest, and that no unlisted file is present.
+def verify(path: str | os.PathLike[str], *, digest: str | None = None,
+           public_key: KeySource | Iterable[KeySource] | None = None) -> None:
+    """Check every payload file's size and digest, that no unlisted file is present, and pins/signature.
+
+    Args:
+        path: the artifact directory.
+        digest: the manifest digest you expect.
+        public_key: key(s) of which one must have signed it (default: $MLPERSIST_PUBLIC_KEYS).
 
     Raises:
         mlpersist.errors.IntegrityError: naming the first file that differs.
+        mlpersist.errors.SignatureError: keys are configured and no valid signature by one of them exists.
         mlpersist.errors.ArtifactNotFoundError, mlpersist.errors.CorruptArtifactError: as for `inspect`.
 
     """
-    _storage.open_artifact(_local(path), verify=True).close()
+    check = _signing.checker(digest, _signing.load_public_keys(public_key))
+    _storage.open_artifact(_local(path), verify=True, check_manifest=check).close()
 
 
 def _adapter_for(manifest: Manifest, *, strict: bool) -> _registry.Adapter:
@@ -192,10 +211,16 @@ def _bare_manifest(path: Path) -> tuple[Manifest, BinaryIO]:
     return Manifest.from_json(manifest.to_json()), f
 
 
-def _load_bare(path: Path, policy: TrustPolicy, **options: Any) -> Any:
+def _load_bare(path: Path, policy: TrustPolicy, *, digest: str | None, signed_required: bool,
+               **options: Any) -> Any:
+    if signed_required:
+        raise SignatureError(str(path), "an artifact signed by a configured key",
+                             "a bare file, which carries no signature (wrap it in an artifact and sign that)")
     manifest, f = _bare_manifest(path)
     try:
         (payload_name,) = manifest.files
+        if digest is not None and manifest.files[payload_name].digest != digest:
+            raise IntegrityError(str(path), f"pinned digest {digest}", manifest.files[payload_name].digest)
         adapter = _adapter_for(manifest, strict=False)
         return adapter.load(Payload({payload_name: f}, policy), manifest.info, format=manifest.format, **options)
     finally:

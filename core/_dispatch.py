@@ -35,9 +35,14 @@ def sniff(path: Path) -> tuple[str, str, str]:
     with open(path, "rb") as f:
         head = f.read(16)
     _registry.claims()  # reads entry points once
-    for name, spec in sorted(_registry.specs.items()):
+    specs = sorted(_registry.specs.items())
+    for name, spec in specs:
         for magic, fmt, payload_name in spec.sniff:
             if head.startswith(magic):
+                return name, fmt, payload_name
+    for name, spec in specs:
+        for suffix, fmt, payload_name in spec.suffixes:
+            if path.name.lower().endswith(suffix) and head:
                 return name, fmt, payload_name
     raise ArtifactNotFoundError(
         f"{path} is a file that no adapter recognises (first bytes {head[:8]!r}) and not an mlpersist "

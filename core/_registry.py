@@ -47,6 +47,8 @@ class AdapterSpec:
     formats: tuple[str, ...] = ()  # formats it writes; the first is the default
     # bare files it reads: (magic prefix, format, the payload name its load expects)
     sniff: tuple[tuple[bytes, str, str], ...] = ()
+    # bare files it reads by name when no magic prefix matched (pickle protocols 0 and 1 have none)
+    suffixes: tuple[tuple[str, str, str], ...] = ()
 
 
 _BUILTIN: dict[str, AdapterSpec] = {  # alphabetical; a test checks the order
@@ -55,7 +57,8 @@ _BUILTIN: dict[str, AdapterSpec] = {  # alphabetical; a test checks the order
         # pickle protocols 2-5, then joblib's compressed containers (zlib, gzip, bz2, xz, lzma, lz4)
         tuple((b"\x80" + bytes([p]), "joblib", "model.joblib") for p in (2, 3, 4, 5))
         + tuple((m, "joblib", "model.joblib") for m in (b"\x78", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x5d\x00\x00",
-                                                         b"\x04\x22\x4d\x18"))),
+                                                         b"\x04\x22\x4d\x18")),
+        tuple((s, "joblib", "model.joblib") for s in (".pkl", ".pickle", ".joblib", ".sav"))),
 }
 _specs: dict[str, AdapterSpec] = dict(_BUILTIN)
 specs = MappingProxyType(_specs)  # read-only view; only register_adapter writes _specs
@@ -114,7 +117,7 @@ def register_adapter(name: str, target: str, *, claims: tuple[str, ...] | list[s
 
 def replace_claims(spec: AdapterSpec, new: tuple[str, ...]) -> AdapterSpec:
     """Return `spec` claiming only `new`."""
-    return AdapterSpec(spec.target, new, spec.extra, spec.package, spec.formats, spec.sniff)
+    return AdapterSpec(spec.target, new, spec.extra, spec.package, spec.formats, spec.sniff, spec.suffixes)
 
 
 def claims() -> dict[str, str]:

@@ -13,7 +13,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -222,8 +222,8 @@ class _Swapped(Exception):
 class Opened:
     """A verified artifact: its manifest and one open handle per payload file."""
 
-    def __init__(self, root: Path, manifest: Manifest, handles: Mapping[str, BinaryIO]) -> None:
-        self.root, self.manifest, self.handles = root, manifest, dict(handles)
+    def __init__(self, root: Path, manifest: Manifest, handles: Mapping[str, BinaryIO], signed: bool = False) -> None:
+        self.root, self.manifest, self.handles, self.signed = root, manifest, dict(handles), signed
 
     def close(self) -> None:
         """Close every handle."""
@@ -240,7 +240,10 @@ def read_manifest(root: Path) -> Manifest:
         os.close(dfd)
 
 
-def open_artifact(root: Path, *, verify: bool, check_manifest: object = None) -> Opened:
+ManifestCheck = Callable[[Manifest, Callable[[str], bytes]], bool]
+
+
+def open_artifact(root: Path, *, verify: bool, check_manifest: ManifestCheck | None = None) -> Opened:
     """Open, check and hand over every payload file; retry if a concurrent save swaps it."""
     for _ in range(5):
         try:
@@ -254,7 +257,7 @@ def open_artifact(root: Path, *, verify: bool, check_manifest: object = None) ->
     raise CorruptArtifactError(f"{root} kept changing while it was read (a writer saving in a loop?); try again")
 
 
-def _open_once(root: Path, *, verify: bool, check_manifest: object) -> Opened:
+def _open_once(root: Path, *, verify: bool, check_manifest: ManifestCheck | None) -> Opened:
     dfd = _open_root(root)
     handles: dict[str, BinaryIO] = {}
     try:
@@ -264,8 +267,8 @@ def _open_once(root: Path, *, verify: bool, check_manifest: object) -> Opened:
             if _swapped(root, dfd):
                 raise _Swapped from None
             raise
-        if callable(check_manifest):
-            check_manifest(manifest, lambda name: _read_small(dfd, name, missing_ok=True))
+        signed = check_manifest is not None and check_manifest(
+            manifest, lambda name: _read_small(dfd, name, missing_ok=True))
         for name, entry in manifest.files.items():
             try:
                 fd = _open_in(dfd, name)
@@ -286,7 +289,7 @@ def _open_once(root: Path, *, verify: bool, check_manifest: object) -> Opened:
             if extra:
                 raise IntegrityError(extra[0], "no such file (it is not in the manifest)",
                                      f"{len(extra)} unlisted file(s): {', '.join(extra[:5])}")
-        return Opened(root, manifest, handles)
+        return Opened(root, manifest, handles, signed)
     except BaseException:
         for handle in handles.values():
             handle.close()

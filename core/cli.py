@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from . import _api, _registry
+from . import _api, _dispatch, _registry, _safepickle, _signing
 from .errors import IntegrityError, PersistError
 
 
@@ -21,6 +22,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("verify", help="check every file's size and digest; exit 1 if one differs")
     p.add_argument("path")
     sub.add_parser("adapters", help="list adapters and whether their framework is installed")
+    p = sub.add_parser("scan", help="list every global a pickle-based file would import, and whether the "
+                                    "default policy allows it, without loading it; exit 1 if any is refused")
+    p.add_argument("path", help="an artifact directory or a bare joblib/pickle file")
+    p = sub.add_parser("keygen", help="create an Ed25519 key pair: KEY (private, mode 0600) and KEY.pub")
+    p.add_argument("key", type=Path)
+    p = sub.add_parser("sign", help="sign an artifact's manifest (writes manifest.sig)")
+    p.add_argument("path", type=Path)
+    p.add_argument("--key", required=True, type=Path, help="the private key made by `mlpersist keygen`")
     args = parser.parse_args(argv)
     try:
         return int(_COMMANDS[args.command](args))
@@ -74,4 +83,38 @@ def _adapters(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"inspect": _inspect, "verify": _verify, "adapters": _adapters}
+def _scan(args: argparse.Namespace) -> int:
+    root = Path(args.path)
+    files = [root] if root.is_file() else [root / n for n in sorted(_api.inspect(root).files)]
+    refused = 0
+    for f in files:
+        try:
+            _dispatch.sniff(f)
+        except PersistError:
+            print(f"{f}: not pickle-based, nothing to scan")
+            continue
+        with open(f, "rb") as handle:
+            found = _safepickle.audit(handle, what=str(f))
+        print(f"{f}: {len(found)} global(s)")
+        for name, allowed in found:
+            print(f"  {'allowed' if allowed else 'REFUSED'}  {name}")
+            refused += not allowed
+    print(f"{refused} refused global(s)" + (": load with allow=[...] only if you trust the author" if refused else ""))
+    return 1 if refused else 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    public = _signing.keygen(args.key)
+    print(f"private key: {args.key} (keep it secret)\npublic key:  {public} (give it to whoever loads your models)")
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    _api.verify(args.path)  # never sign an artifact that does not match its own manifest
+    _signing.sign(args.path, args.key)
+    print(f"signed {args.path}: {args.path / 'manifest.sig'}")
+    return 0
+
+
+_COMMANDS = {"inspect": _inspect, "verify": _verify, "adapters": _adapters, "scan": _scan, "keygen": _keygen,
+             "sign": _sign}

@@ -45,8 +45,10 @@ class IntegrityError(PersistError):
     """A payload file differs from the size or digest in the manifest."""
 
     def __init__(self, path: str, expected: str, found: str) -> None:
-        super().__init__(f"{path}: manifest says {expected}, found {found}; re-save or re-fetch the artifact")
+        super().__init__(f"{path}: expected {expected}, found {found}; {self.hint}")
         self.path, self.expected, self.found = path, expected, found
+
+    hint = "re-save or re-fetch the artifact"
 
     def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
         return type(self), (self.path, self.expected, self.found)
@@ -54,6 +56,9 @@ class IntegrityError(PersistError):
 
 class SignatureError(IntegrityError):
     """The manifest signature is missing, invalid, or made by a key the caller did not trust."""
+
+    hint = ("have the author sign it (`mlpersist sign PATH --key KEY`) and load with their public key, "
+            "or fetch it again from them")
 
 
 class UntrustedContentError(PersistError):

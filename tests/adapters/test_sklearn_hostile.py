@@ -1,0 +1,521 @@
+"""Hostile pickle-based inputs (shared/reference/security_catalog.md, P01-P12, M02-M03): built here, refused.
+
+Every case asserts the typed error, that its message names the offending global, that the sentinel file
+the payload would create does not exist, that no process/socket/write event fired (audit hook), and that
+no new top-level module was imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copyreg
+import json
+import os
+import pickle
+import struct
+import sys
+from collections.abc import Iterator
+from hashlib import sha256
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mlp_testkit import require, run_cli, run_python
+from mlpersist import (
+    CorruptArtifactError,
+    IntegrityError,
+    PersistError,
+    SignatureError,
+    UntrustedContentError,
+    load_any,
+    save_any,
+)
+
+EVENTS: list[tuple[str, tuple[Any, ...]]] = []
+_RECORDING = [False]
+# Module imports fire "exec" too, so code execution is judged by these events, the sentinel file, and the
+# set of top-level modules (a refused global is never imported).
+_WATCHED = ("os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "subprocess.Popen", "socket.connect",
+            "socket.getaddrinfo", "ctypes.dlopen", "os.remove", "os.rmdir", "shutil.rmtree", "urllib.Request")
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+OPEN = f"{open.__module__}.{open.__qualname__}"  # builtins.open is io.open, and pickles under that name
+
+
+def _hook(event: str, args: tuple[Any, ...]) -> None:
+    if not _RECORDING[0]:
+        return
+    writes = event == "open" and len(args) >= 3 and isinstance(args[2], int) and bool(args[2] & _WRITE_FLAGS)
+    if event in _WATCHED or writes:
+        EVENTS.append((event, args))
+
+
+sys.addaudithook(_hook)
+
+
+class Reduce:
+    """Pickles as a call of `fn(*args)`: the shape of every gadget."""
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self) -> Any:
+        return self.fn, self.args
+
+
+def sstr(s: str) -> bytes:
+    """SHORT_BINUNICODE opcode."""
+    b = s.encode()
+    return b"\x8c" + bytes([len(b)]) + b
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Path:
+    return tmp_path / "PWNED"
+
+
+@pytest.fixture(autouse=True)
+def _warm() -> None:
+    """Import the adapter and its framework before any case, so the module check sees only the load's imports."""
+    require("sklearn.linear_model")
+    import mlpersist.adapters.sklearn  # noqa: F401
+
+
+@contextlib.contextmanager
+def watched() -> Iterator[None]:
+    before = {m.partition(".")[0] for m in sys.modules}
+    EVENTS.clear()
+    _RECORDING[0] = True
+    try:
+        yield
+    finally:
+        _RECORDING[0] = False
+    assert EVENTS == [], f"side effects during the load: {EVENTS}"
+    new = {m.partition(".")[0] for m in sys.modules} - before
+    assert new == set(), f"new top-level modules imported: {new}"
+
+
+def load_refused(path: Path, sentinel: Path, *names: str, **kwargs: Any) -> UntrustedContentError:
+    with watched(), pytest.raises(UntrustedContentError) as info:
+        load_any(path, **kwargs)
+    for name in names:
+        assert name in info.value.names, (name, info.value.names)
+        assert name in str(info.value)
+    assert not sentinel.exists()
+    return info.value
+
+
+def as_artifact(tmp_path: Path, payload: bytes, name: str = "art") -> Path:
+    """A real sklearn artifact whose model.joblib is replaced by `payload`, manifest rewritten to match (M02)."""
+    linear = require("sklearn.linear_model")
+    path = tmp_path / name
+    save_any(linear.LinearRegression().fit([[0.0], [1.0]], [0.0, 1.0]), path)
+    (path / "model.joblib").write_bytes(payload)
+    doc = json.loads((path / "manifest.json").read_text())
+    doc["files"]["model.joblib"] = {"size": len(payload), "digest": "sha256:" + sha256(payload).hexdigest()}
+    (path / "manifest.json").write_text(json.dumps(doc))
+    return path
+
+
+def bare(tmp_path: Path, payload: bytes) -> Path:
+    (tmp_path / "model.pkl").write_bytes(payload)
+    return tmp_path / "model.pkl"
+
+
+# --- P01: __reduce__ in every protocol and opcode form ---------------------------------------------
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_p01_reduce_to_open_is_refused_in_every_protocol(protocol: int, tmp_path: Path, sentinel: Path) -> None:
+    payload = pickle.dumps(Reduce(open, str(sentinel), "w"), protocol=protocol)
+    load_refused(bare(tmp_path, payload), sentinel, OPEN)
+
+
+def test_p01_inside_a_joblib_file_beside_a_real_estimator(tmp_path: Path, sentinel: Path) -> None:
+    joblib, linear = require("joblib"), require("sklearn.linear_model")
+    joblib.dump({"model": linear.LinearRegression(), "x": Reduce(open, str(sentinel), "w")}, tmp_path / "m.joblib")
+    load_refused(as_artifact(tmp_path, (tmp_path / "m.joblib").read_bytes()), sentinel, OPEN)
+
+
+@pytest.mark.parametrize("payload,name", [
+    (b"(S'print(1)'\ni__builtin__\nexec\n.", "builtins.exec"),                               # INST
+    (b"\x80\x04(" + sstr("smtplib") + sstr("SMTP") + b"\x93o0N.", "smtplib.SMTP"),            # OBJ + POP
+    (b"\x80\x04" + sstr("builtins") + sstr("eval") + b"\x93" + sstr("1+1") + b"\x85R.", "builtins.eval"),
+], ids=["INST-exec", "OBJ-smtplib", "STACK_GLOBAL-eval"])
+def test_p01_raw_opcode_variants(payload: bytes, name: str, tmp_path: Path, sentinel: Path) -> None:
+    load_refused(bare(tmp_path, payload), sentinel, name)
+
+
+# --- P02/P03: getattr/__import__ chains and dispatch gadgets ----------------------------------------
+
+def test_p02_getattr_import_chain_lists_every_global(tmp_path: Path, sentinel: Path) -> None:
+    payload = (b"\x80\x02cbuiltins\n__import__\nX\x02\x00\x00\x00os\x85Rq\x000"
+               b"cbuiltins\ngetattr\nh\x00X\x06\x00\x00\x00system\x86RX\x04\x00\x00\x00true\x85R.")
+    load_refused(bare(tmp_path, payload), sentinel, "builtins.__import__", "builtins.getattr")
+
+
+def _gadgets(sentinel: Path) -> dict[str, tuple[Any, str]]:
+    import functools
+    import io
+    import logging
+    import operator
+    import os
+    import pydoc
+    import shutil
+    import subprocess
+    import urllib.request
+
+    np = require("numpy")
+    return {
+        "P03-methodcaller": (Reduce(operator.methodcaller, "system", "true"), "operator.methodcaller"),
+        "P03-attrgetter": (Reduce(operator.attrgetter, "system"), "operator.attrgetter"),
+        "P03-partial": (functools.partial(os.system, "true"), "functools.partial"),
+        "P03-pydoc-locate": (Reduce(pydoc.locate, "os.system"), "pydoc.locate"),
+        "P07-nested-pickle": (Reduce(pickle.loads, pickle.dumps(Reduce(open, str(sentinel), "w"))),
+                              "_pickle.loads"),
+        "P10-memmap": (Reduce(np.memmap, str(sentinel), "uint8", "w+", 0, (1,)), "numpy.memmap"),
+        "P10-numpy-save": (Reduce(np.save, str(sentinel), np.zeros(1)), "numpy.save"),
+        "P10-fromfile": (Reduce(np.fromfile, "/etc/hostname"), "numpy.fromfile"),
+        "P10-io-open": (Reduce(io.open, str(sentinel), "w"), OPEN),
+        "P10-FileIO": (Reduce(io.FileIO, str(sentinel), "w"), "_io.FileIO"),
+        "P10-logging-FileHandler": (Reduce(logging.FileHandler, str(sentinel)), "logging.FileHandler"),
+        "P10-shutil": (Reduce(shutil.rmtree, str(sentinel)), "shutil.rmtree"),
+        "P10-urlopen": (Reduce(urllib.request.urlopen, "http://127.0.0.1:9/"), "urllib.request.urlopen"),
+        "P10-subprocess": (Reduce(subprocess.list2cmdline, ["true"]), "subprocess.list2cmdline"),
+        "P10-os": (Reduce(os.getcwd), f"{os.getcwd.__module__}.getcwd"),
+        "P10-fetch-openml": (Reduce(require("sklearn.datasets").fetch_openml, "x"),
+                             "sklearn.datasets._openml.fetch_openml"),
+        "P10-joblib-dump": (Reduce(require("joblib").dump, 1, str(sentinel)), "joblib.numpy_pickle.dump"),
+    }
+
+
+GADGETS = ["P03-methodcaller", "P03-attrgetter", "P03-partial", "P03-pydoc-locate", "P07-nested-pickle",
+           "P10-memmap", "P10-numpy-save", "P10-fromfile", "P10-io-open", "P10-FileIO", "P10-logging-FileHandler",
+           "P10-shutil", "P10-urlopen", "P10-subprocess", "P10-os", "P10-fetch-openml", "P10-joblib-dump"]
+
+
+@pytest.mark.parametrize("case", GADGETS)
+def test_gadgets_with_side_effects_are_refused(case: str, tmp_path: Path, sentinel: Path) -> None:
+    obj, name = _gadgets(sentinel)[case]
+    load_refused(bare(tmp_path, pickle.dumps(obj, protocol=4)), sentinel, name)
+
+
+@pytest.mark.parametrize("name", ["builtins.eval", "_operator.attrgetter", "posix.system", "builtins.getattr",
+                                  "numpy.memmap"])
+def test_allow_never_admits_a_deny_floor_name(name: str, tmp_path: Path, sentinel: Path) -> None:
+    module, _, attr = name.rpartition(".")
+    payload = b"\x80\x04" + sstr(module) + sstr(attr) + b"\x93" + sstr("1") + b"\x85R."
+    load_refused(bare(tmp_path, payload), sentinel, name, allow=[name])
+
+
+def test_allowing_function_transformer_does_not_allow_its_function(tmp_path: Path, sentinel: Path) -> None:
+    import os
+
+    preprocessing = require("sklearn.preprocessing")
+    payload = pickle.dumps(preprocessing.FunctionTransformer(os.getcwd))
+    load_refused(bare(tmp_path, payload), sentinel, "posix.getcwd",
+                 allow=["sklearn.preprocessing._function_transformer.FunctionTransformer"])
+
+
+def test_a_refusal_lists_every_offending_global_at_once(tmp_path: Path, sentinel: Path) -> None:
+    import os
+    import subprocess
+
+    payload = pickle.dumps([Reduce(os.getcwd), Reduce(subprocess.list2cmdline, ["x"]), Reduce(open, str(sentinel))])
+    err = load_refused(bare(tmp_path, payload), sentinel, "posix.getcwd", "subprocess.list2cmdline", OPEN)
+    assert "allow=[" in str(err)
+
+
+# --- P04/P05: STACK_GLOBAL from the memo, escapes, dotted names ------------------------------------
+
+@pytest.mark.parametrize("payload,name", [
+    (b"\x80\x04" + sstr("os") + b"q\x020" + sstr("system") + b"q\x030" + sstr("torch") + b"q\x040"
+     + b"h\x02h\x03\x93" + sstr("true") + b"\x85R.", "os.system"),
+    (b"Vo\\u0073\np0\n0Vsystem\np1\n0g0\ng1\n\x93Vtrue\n\x85R.", "os.system"),
+    (b"\x80\x04" + sstr("pathlib") + sstr("os.system") + b"\x93" + sstr("true") + b"\x85R.", "pathlib.os.system"),
+    (b"\x80\x04" + sstr("builtins") + sstr("object.__subclasses__") + b"\x93)R.", "builtins.object.__subclasses__"),
+    (b"\x80\x04" + sstr("sklearn.base") + sstr("np.ndarray") + b"\x93.", "sklearn.base.np.ndarray"),
+    (b"\x80\x04" + sstr("numpy") + sstr("prod.a") + b"\x93.", "numpy.prod.a"),
+], ids=["P04-memo", "P04-unicode-escape", "P05-pathlib-os", "P05-subclasses", "P05-sklearn-np", "P05-numpy-dotted"])
+def test_p04_p05_names_are_judged_as_resolved(payload: bytes, name: str, tmp_path: Path, sentinel: Path) -> None:
+    load_refused(bare(tmp_path, payload), sentinel, name)
+
+
+# --- P06: copyreg extension codes ---------------------------------------------------------------
+
+def test_p06_extension_codes_are_refused(tmp_path: Path, sentinel: Path) -> None:
+    copyreg.add_extension("builtins", "open", 0x7FF0)
+    try:
+        payload = b"\x80\x02\x83\xf0\x7f" + b"X" + struct.pack("<I", len(str(sentinel))) + str(sentinel).encode() \
+            + b"X\x01\x00\x00\x00w\x86R."
+        path = bare(tmp_path, payload)
+        with watched(), pytest.raises(UntrustedContentError, match="extension codes"):
+            load_any(path)
+        assert not sentinel.exists()
+    finally:
+        copyreg.remove_extension("builtins", "open", 0x7FF0)
+
+
+# --- P08/P09: joblib's inner streams and legacy side files -------------------------------------------
+
+def test_p08_object_arrays_inside_joblib_go_through_the_same_guard(tmp_path: Path, sentinel: Path) -> None:
+    np, joblib = require("numpy"), require("joblib")
+    joblib.dump({"a": np.array([Reduce(open, str(sentinel), "w")], dtype=object)}, tmp_path / "m.joblib")
+    load_refused(as_artifact(tmp_path, (tmp_path / "m.joblib").read_bytes()), sentinel, OPEN)
+
+
+def test_p09_legacy_joblib_wrappers_and_format_are_refused(tmp_path: Path, sentinel: Path) -> None:
+    payload = b"\x80\x04" + sstr("joblib.numpy_pickle_compat") + sstr("NDArrayWrapper") + b"\x93)\x81."
+    load_refused(bare(tmp_path, payload), sentinel, "joblib.numpy_pickle_compat.NDArrayWrapper")
+    (tmp_path / "old.joblib").write_bytes(b"ZF0x00000010" + b"\x78\x9c" + b"\x00" * 20)
+    with pytest.raises(PersistError):  # not recognised as a model file, or refused as the pre-0.10 format
+        load_any(tmp_path / "old.joblib")
+
+
+def test_p09_pre_010_prefix_inside_an_artifact_is_corrupt(tmp_path: Path) -> None:
+    with pytest.raises(CorruptArtifactError, match=r"pre-0\.10"):
+        load_any(as_artifact(tmp_path, b"ZF0x00000010" + b"\x00" * 20))
+
+
+# --- P11: BUILD, SETITEM, APPEND aimed where they do not belong ---------------------------------------
+
+def test_p11_build_on_a_global_class_is_refused_and_the_class_unchanged(tmp_path: Path, sentinel: Path) -> None:
+    linear = require("sklearn.linear_model")
+    fit = linear.LogisticRegression.fit
+    payload = (b"\x80\x04" + sstr("sklearn.linear_model._logistic") + sstr("LogisticRegression") + b"\x93"
+               + b"N}" + sstr("fit") + b"N" + b"s\x86b.")
+    path = bare(tmp_path, payload)
+    with watched(), pytest.raises(UntrustedContentError, match="BUILD"):
+        load_any(path)
+    assert linear.LogisticRegression.fit is fit
+
+
+def test_p11_setitem_on_something_not_a_dict_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    require("sklearn.linear_model")
+    payload = (b"\x80\x04" + sstr("sklearn.linear_model._logistic") + sstr("LogisticRegression") + b"\x93)R"
+               + sstr("C") + b"K\x01s.")
+    path = bare(tmp_path, payload)
+    with watched(), pytest.raises(UntrustedContentError, match="SETITEM"):
+        load_any(path)
+
+
+def test_p11_append_on_something_not_a_list_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    payload = b"\x80\x04" + sstr("builtins") + sstr("bytearray") + b"\x93)RK\x01a."
+    path = bare(tmp_path, payload)
+    with watched(), pytest.raises(UntrustedContentError, match="APPEND"):
+        load_any(path)
+
+
+# --- P12: compressed, broken, multi-pickle streams ---------------------------------------------------
+
+@pytest.mark.parametrize("compress", ["zlib", "gzip", "bz2", "lzma", "xz"])
+def test_p12_compressed_payloads_are_refused(compress: str, tmp_path: Path, sentinel: Path) -> None:
+    joblib = require("joblib")
+    joblib.dump(Reduce(open, str(sentinel), "w"), tmp_path / "m.joblib", compress=(compress, 3))
+    load_refused(tmp_path / "m.joblib", sentinel, OPEN)
+    load_refused(as_artifact(tmp_path, (tmp_path / "m.joblib").read_bytes()), sentinel, OPEN)
+
+
+def test_p12_a_payload_followed_by_garbage_is_refused_not_run(tmp_path: Path, sentinel: Path) -> None:
+    payload = b"\x80\x04cbuiltins\nexec\n(X\x0b\x00\x00\x00import os;0tRX\xff\xff\xff\xffgarbage"
+    load_refused(bare(tmp_path, payload), sentinel, "builtins.exec")
+
+
+def test_p12_a_payload_before_a_valid_pickle_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    payload = pickle.dumps(Reduce(open, str(sentinel), "w")) + pickle.dumps({"ok": 1})
+    load_refused(bare(tmp_path, payload), sentinel, OPEN)
+
+
+# --- allowed is not safe: crafted trees, checked in a subprocess (a miss could crash) ------------------
+
+CRAFT = """
+import sys, joblib, numpy as np
+from sklearn.datasets import make_classification
+from sklearn.ensemble import RandomForestClassifier, HistGradientBoostingClassifier
+from sklearn.tree._tree import Tree
+import mlpersist
+x, y = make_classification(100, 4, random_state=0)
+kind, path = sys.argv[1], sys.argv[2]
+if kind.startswith("forest"):
+    model = RandomForestClassifier(n_estimators=3, random_state=0).fit(x, y)
+    tree = model.estimators_[1].tree_
+    cls, args, state = tree.__reduce__()
+    nodes = state["nodes"].copy()
+    if kind == "forest-child":
+        nodes["left_child"][0] = 10**6
+    elif kind == "forest-loop":
+        nodes["right_child"][0] = 0
+    else:
+        nodes["feature"][0] = 99
+    state["nodes"] = nodes
+    crafted = cls(*args)
+    crafted.__setstate__(state)
+    model.estimators_[1].tree_ = crafted
+else:
+    model = HistGradientBoostingClassifier(max_iter=3).fit(x, y)
+    nodes = model._predictors[0][0].nodes
+    nodes["left"][0] = 10**6
+mlpersist.save_any(model, path)
+try:
+    mlpersist.load_any(path)
+except mlpersist.UntrustedContentError as exc:
+    print("REFUSED", exc)
+"""
+
+
+@pytest.mark.parametrize("kind", ["forest-child", "forest-loop", "forest-feature", "hist-gbm"])
+def test_crafted_tree_indices_are_refused_before_predict(kind: str, tmp_path: Path) -> None:
+    require("sklearn")
+    (tmp_path / "craft.py").write_text(CRAFT)
+    proc = run_python(f"import runpy, sys; sys.argv = ['x', {kind!r}, {str(tmp_path / 'm')!r}]; "
+                      f"runpy.run_path({str(tmp_path / 'craft.py')!r})")
+    assert proc.stdout.startswith("REFUSED") and "outside its arrays" in proc.stdout, proc.stdout + proc.stderr
+
+
+# --- M02/M03: digests are not a trust boundary; signatures and pins are ---------------------------------
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    require("cryptography")
+    from mlpersist import _signing
+
+    _signing.keygen(tmp_path / "author.key")
+    _signing.keygen(tmp_path / "other.key")
+    return tmp_path / "author.key", tmp_path / "other.key"
+
+
+def test_m02_a_consistently_rewritten_artifact_is_still_refused_by_the_allow_list(tmp_path: Path,
+                                                                                  sentinel: Path) -> None:
+    path = as_artifact(tmp_path, pickle.dumps(Reduce(open, str(sentinel), "w")))
+    load_refused(path, sentinel, OPEN)
+
+
+def test_m02_with_a_key_configured_a_rewritten_manifest_fails_its_signature(tmp_path: Path, sentinel: Path,
+                                                                           keys: tuple[Path, Path]) -> None:
+    from mlpersist import _signing
+
+    path = as_artifact(tmp_path, pickle.dumps({"benign": 1}))
+    _signing.sign(path, keys[0])
+    payload = pickle.dumps(Reduce(open, str(sentinel), "w"))
+    (path / "model.joblib").write_bytes(payload)
+    doc = json.loads((path / "manifest.json").read_text())
+    doc["files"]["model.joblib"] = {"size": len(payload), "digest": "sha256:" + sha256(payload).hexdigest()}
+    (path / "manifest.json").write_text(json.dumps(doc))
+    with watched(), pytest.raises(SignatureError, match="no valid signature"):
+        load_any(path, public_key=f"{keys[0]}.pub")
+    assert not sentinel.exists()
+
+
+def test_m03_signature_missing_reformatted_or_by_another_key(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    from mlpersist import _signing
+
+    path = as_artifact(tmp_path, pickle.dumps({"benign": 1}))
+    with pytest.raises(SignatureError, match=r"no manifest\.sig"):
+        load_any(path, public_key=f"{keys[0]}.pub")
+    _signing.sign(path, keys[1])
+    with pytest.raises(SignatureError):
+        load_any(path, public_key=f"{keys[0]}.pub")
+    _signing.sign(path, keys[0])
+    assert load_any(path, public_key=f"{keys[0]}.pub") == {"benign": 1}
+    doc = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps(doc, indent=4))  # same content, other bytes
+    with pytest.raises(SignatureError):
+        load_any(path, public_key=f"{keys[0]}.pub")
+
+
+def test_keys_come_from_the_environment_and_a_valid_signature_lifts_the_allow_list(
+        tmp_path: Path, keys: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlpersist import _signing
+
+    sklearn_custom = pytest.importorskip("sklearn_custom")
+    save_any(sklearn_custom.ClipTransformer().fit(require("numpy").zeros((2, 2))), tmp_path / "c")
+    with pytest.raises(UntrustedContentError):
+        load_any(tmp_path / "c")
+    _signing.sign(tmp_path / "c", keys[0])
+    monkeypatch.setenv(_signing.KEYS_ENV, f"{keys[0]}.pub")
+    assert type(load_any(tmp_path / "c")).__name__ == "ClipTransformer"
+    monkeypatch.setenv(_signing.KEYS_ENV, f"{keys[1]}.pub")
+    with pytest.raises(SignatureError):
+        load_any(tmp_path / "c")
+    with pytest.raises(SignatureError, match="bare file"):
+        load_any(bare(tmp_path, pickle.dumps(1)))
+
+
+def test_a_pinned_digest_must_match(tmp_path: Path) -> None:
+    from mlpersist import inspect
+
+    path = as_artifact(tmp_path, pickle.dumps({"benign": 1}))
+    assert load_any(path, digest=inspect(path).digest) == {"benign": 1}
+    with pytest.raises(IntegrityError, match="pinned digest"):
+        load_any(path, digest="sha256:" + "0" * 64)
+    f = bare(tmp_path, pickle.dumps(2))
+    assert load_any(f, digest="sha256:" + sha256(f.read_bytes()).hexdigest()) == 2
+    with pytest.raises(IntegrityError, match="pinned digest"):
+        load_any(f, digest="sha256:" + "1" * 64)
+
+
+# --- mlpersist scan ---------------------------------------------------------------------------------
+
+def test_scan_reports_every_global_without_running_any(tmp_path: Path, sentinel: Path) -> None:
+    import os
+
+    path = as_artifact(tmp_path, pickle.dumps([Reduce(open, str(sentinel), "w"), Reduce(os.getcwd)]))
+    out = run_cli("scan", str(path))
+    assert out.returncode == 1 and "REFUSED  io.open" in out.stdout and "REFUSED  posix.getcwd" in out.stdout
+    assert not sentinel.exists()
+    linear = require("sklearn.linear_model")
+    save_any(linear.LinearRegression().fit([[0.0], [1.0]], [0.0, 1.0]), tmp_path / "clean")
+    clean = run_cli("scan", str(tmp_path / "clean"))
+    assert clean.returncode == 0 and "allowed  sklearn.linear_model._base.LinearRegression" in clean.stdout
+
+
+# --- every estimator scikit-learn ships is on the default list ------------------------------------------
+
+def test_the_default_policy_allows_every_estimator_scikit_learn_ships() -> None:
+    utils = require("sklearn.utils")
+    from mlpersist._safepickle import TrustPolicy, resolve
+
+    estimators = utils.all_estimators()
+    assert len(estimators) > 150
+    refused = [f"{c.__module__}.{c.__qualname__}" for _, c in estimators
+               if resolve(c.__module__, c.__qualname__, TrustPolicy()) is not c]
+    assert refused == []
+
+
+# --- fuzzing: only PersistError escapes, nothing runs ---------------------------------------------------
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(head=st.sampled_from([b"\x80\x02", b"\x80\x04", b"\x80\x05", b"\x78\x9c", b"\x1f\x8b"]),
+       body=st.binary(max_size=200))
+def test_fuzzed_bare_files_raise_only_persist_errors(head: bytes, body: bytes, tmp_path: Path) -> None:
+    f = tmp_path / "fuzz.pkl"
+    f.write_bytes(head + body)
+    with watched(), contextlib.suppress(PersistError):
+        load_any(f)
+
+
+OPCODES = [b"(", b"t", b")", b"]", b"}", b"N", b"\x88", b"K\x01", b"\x8c\x01a", b"\x93", b"R", b"b", b"s", b"a",
+           b"e", b"u", b"0", b"2", b"q\x00", b"h\x00", b"\x94", b"\x81", b"\x85", b"\x86", b"\x87", b"o", b"\x82\x01",
+           sstr("builtins"), sstr("numpy"), sstr("dtype"), sstr("int"), sstr("os"), sstr("system"), sstr("f8")]
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.sampled_from(OPCODES), max_size=40))
+def test_fuzzed_opcode_streams_raise_only_persist_errors(ops: list[bytes], tmp_path: Path) -> None:
+    f = tmp_path / "fuzz.pkl"
+    f.write_bytes(b"\x80\x04" + b"".join(ops) + b".")
+    with watched():
+        try:
+            load_any(f)
+        except PersistError:
+            pass
+        except BaseException as exc:  # the assertion reports what escaped
+            raise AssertionError(f"{type(exc).__name__} escaped for {f.read_bytes()!r}") from exc
+
+
+
+def test_the_watch_catches_a_payload_that_runs_so_the_cases_above_can_fail(tmp_path: Path, sentinel: Path) -> None:
+    path = bare(tmp_path, pickle.dumps(Reduce(open, str(sentinel), "w")))
+    with pytest.raises(AssertionError, match="side effects"), watched():
+        load_any(path, trusted=True).close()  # trusted=True is exactly pickle.load: the payload runs
+    assert sentinel.exists()
