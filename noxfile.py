@@ -14,7 +14,7 @@ PYTHON = "3.11"
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 TEST = PYPROJECT["dependency-groups"]["test"]
 CONSTRAINTS = ("-c", "tests/constraints.txt")
-FRAMEWORKS = {"sklearn": ["pandas"]}  # framework -> extra test-only packages next to it
+FRAMEWORKS = {"sklearn": ["pandas"], "torch": ["numpy"]}  # framework -> extra test-only packages next to it
 EVERYTHING = ",".join([*FRAMEWORKS, "sign"])  # the extras of every adapter with a session, and signing
 
 

@@ -9,9 +9,10 @@ from typing import Any, ClassVar
 
 import joblib
 import numpy as np
+from sklearn.tree._tree import Tree
+
 from mlpersist import Payload
 from mlpersist.errors import PersistError, UntrustedContentError
-from sklearn.tree._tree import Tree
 
 _FILES = {"joblib": "model.joblib", "pickle": "model.pkl"}
 _MAX_CLASSES_RECORDED = 1000

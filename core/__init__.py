@@ -1,6 +1,7 @@
 """Save any trained model with one call, load it back safely with another."""
 
 from ._api import inspect, load_any, save_any, verify
+from ._capture import capture_init
 from ._manifest import FileEntry, Manifest
 from ._payload import Payload
 from ._registry import Adapter, AdapterInfo, list_adapters, register_adapter
@@ -35,6 +36,7 @@ __all__ = [
     "UntrustedContentError",
     "VersionMismatchError",
     "VersionMismatchWarning",
+    "capture_init",
     "inspect",
     "list_adapters",
     "load_any",

@@ -47,6 +47,18 @@ class Payload:
         """Return the whole content of `name`."""
         return self.open(name).read()
 
+    def local_path(self, name: str) -> Path:
+        """A path that opens the very file that was checked (for frameworks that only take paths).
+
+        On Linux this is `/proc/self/fd/N` of the checked handle, so a file swapped after the check
+        is never read; elsewhere it is the file's path in the artifact.
+        """
+        f = self.open(name)
+        proc = Path(f"/proc/self/fd/{f.fileno()}")
+        if proc.exists():
+            return proc
+        return self.root / name if self.root is not None else Path(f.name)
+
     def unpickle(self, name: str, *, joblib_format: bool = True) -> Any:
         """Unpickle `name` under the caller's trust policy (the one way pickles are read).
 

@@ -45,8 +45,8 @@ class AdapterSpec:
     extra: str                   # the mlpersist extra named in MissingFrameworkError ("" for none)
     package: str                 # the distribution whose version the manifest records
     formats: tuple[str, ...] = ()  # formats it writes; the first is the default
-    # bare files it reads: (magic prefix, format, the payload name its load expects)
-    sniff: tuple[tuple[bytes, str, str], ...] = ()
+    # bare files it reads: (magic prefix | "zip:<member suffix>" | "probe:<name>", format, payload name)
+    sniff: tuple[tuple[bytes | str, str, str], ...] = ()
     # bare files it reads by name when no magic prefix matched (pickle protocols 0 and 1 have none)
     suffixes: tuple[tuple[str, str, str], ...] = ()
 
@@ -59,6 +59,10 @@ _BUILTIN: dict[str, AdapterSpec] = {  # alphabetical; a test checks the order
         + tuple((m, "joblib", "model.joblib") for m in (b"\x78", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x5d\x00\x00",
                                                          b"\x04\x22\x4d\x18")),
         tuple((s, "joblib", "model.joblib") for s in (".pkl", ".pickle", ".joblib", ".sav"))),
+    "torch": AdapterSpec(
+        "mlpersist.adapters.torch:TorchAdapter", ("torch",), "torch", "torch", ("safetensors", "torchscript", "export"),
+        (("zip:/data.pkl", "state_dict", "weights.pt"), ("probe:safetensors", "safetensors", "weights.safetensors")),
+        ((".safetensors", "safetensors", "weights.safetensors"),)),
 }
 _specs: dict[str, AdapterSpec] = dict(_BUILTIN)
 specs = MappingProxyType(_specs)  # read-only view; only register_adapter writes _specs

@@ -5,11 +5,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import mlpersist
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
+
+import mlpersist
 
 rng = np.random.default_rng(42)
 df = pd.DataFrame({"hours_studied": rng.uniform(0, 10, 200), "hours_slept": rng.uniform(4, 9, 200)})

@@ -5,10 +5,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import mlpersist
 import numpy as np
 from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
+
+import mlpersist
 
 X, y = make_classification(n_samples=1000, n_features=20, n_informative=8, random_state=0)
 model = RandomForestClassifier(n_estimators=50, random_state=0).fit(X, y)

@@ -3,12 +3,13 @@
 import tempfile
 from pathlib import Path
 
-import mlpersist
 import numpy as np
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
+
+import mlpersist
 
 X, y = make_classification(n_samples=500, n_features=5, random_state=1)
 pipeline = Pipeline([("scaler", StandardScaler()), ("classifier", LogisticRegression())]).fit(X, y)

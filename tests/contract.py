@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from mlp_testkit import run_python
+
 from mlpersist import IntegrityError, inspect, load_any, save_any, verify
 
 
@@ -61,7 +62,7 @@ class AdapterContract:
             model = mlpersist.load_any({str(path)!r})
             out = t.{type(self).__name__}().outputs(model, np.load({str(tmp_path / 'x.npy')!r}))
             np.save({str(tmp_path / 'out.npy')!r}, out)
-        """, env={"PYTHONPATH": f"{Path(__file__).parent}:{Path(__file__).parent / 'adapters'}"})
+        """)
         np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), self.outputs(model, x))
 
     def test_a_tampered_payload_is_refused_before_the_framework_reads_it(self, saved: tuple[Any, Path]) -> None:

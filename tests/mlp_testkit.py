@@ -28,7 +28,7 @@ def require(module: str) -> ModuleType:
 def run_python(code: str, *, cwd: Path | None = None, timeout: float = 120, check: bool = True,
                env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `code` in a fresh interpreter (same venv) with tests/ importable."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT / 'tests' / 'adapters'}", **(env or {})}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env=full_env, check=False)
     if check and proc.returncode != 0:

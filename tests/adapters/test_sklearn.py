@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from contract import AdapterContract
 from mlp_testkit import require
+
 from mlpersist import (
     ArtifactExistsError,
     MissingFrameworkError,

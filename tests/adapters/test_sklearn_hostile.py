@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlp_testkit import require, run_cli, run_python
+
 from mlpersist import (
     CorruptArtifactError,
     IntegrityError,

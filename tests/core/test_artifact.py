@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from mlp_testkit import DummyModel, ExplodingModel
+
 from mlpersist import (
     ArtifactExistsError,
     ArtifactNotFoundError,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from mlp_testkit import DummyModel, run_cli
+
 from mlpersist import save_any
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from mlpersist import CorruptArtifactError, Manifest
 from mlpersist._manifest import FORMAT_VERSION, MAX_MANIFEST_BYTES
 

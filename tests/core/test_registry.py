@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import mlpersist
 import pytest
 from mlp_testkit import DummyModel, register_dummy
+
+import mlpersist
 from mlpersist import MissingFrameworkError, PersistError, UnsupportedModelError, _registry, load_any, save_any
 from mlpersist._dispatch import detect
 

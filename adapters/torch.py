@@ -1,0 +1,317 @@
+"""PyTorch: weights as safetensors plus the class and its constructor arguments; rebuilt without pickle."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import sys
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlpersist import Payload, PersistError
+from mlpersist._capture import INIT_ATTR
+from mlpersist._policy import denied
+from mlpersist.errors import CorruptArtifactError, UntrustedContentError
+
+WEIGHTS, OPTIMIZER = "weights.safetensors", "optimizer.safetensors"
+_FILES = {"torchscript": "model.torchscript.pt", "export": "model.pt2"}
+_warned: set[type] = set()
+
+
+class TorchAdapter:
+    """Any `torch.nn.Module`: safetensors weights, rebuilt on the meta device, no pickle on the default path."""
+
+    name: ClassVar[str] = "torch"
+    format_version: ClassVar[int] = 1
+    dependencies: ClassVar[tuple[str, ...]] = ("torch", "safetensors", "numpy")
+
+    def save(self, model: Any, dest: Path, *, format: str, init_kwargs: Mapping[str, Any] | None = None,
+             optimizer: Any = None, extra: Any = None, example: Any = None) -> Mapping[str, Any]:
+        """Write weights (and optimizer state) as safetensors, or a TorchScript / torch.export program."""
+        if format != "safetensors":
+            return _save_program(model, dest, format, example)
+        tensors, aliases = _unique(model.state_dict())
+        save_file(tensors, dest / WEIGHTS)
+        init, meta_ok = _init_spec(model, init_kwargs)
+        cls = type(model)
+        info: dict[str, Any] = {"class": f"{cls.__module__}:{cls.__qualname__}", "init": init, "meta_ok": meta_ok,
+                                "aliases": aliases,
+                                "frozen": [n for n, p in model.named_parameters() if not p.requires_grad]}
+        if optimizer is not None:
+            info["optimizer"] = _save_optimizer(optimizer, dest)
+        if extra is not None:
+            info["extra"] = extra
+        return info
+
+    def load(self, payload: Payload, info: Mapping[str, Any], *, format: str, model: Any = None,
+             device: Any = None, map_location: Any = None, training_state: bool = False,
+             strict: bool = True) -> Any:
+        """Rebuild the module (or fill `model`), place it on `device`, return it in eval mode."""
+        dev = torch.device(device or map_location or "cpu")
+        if format == "state_dict":
+            return _load_bare_pt(payload, model, dev, strict)
+        if format != "safetensors":
+            return _load_program(payload, format, dev)
+        try:
+            tensors = load_file(payload.local_path(WEIGHTS), device=str(dev))
+        except (RuntimeError, AssertionError) as exc:
+            raise PersistError(f"cannot place the weights on {dev}: {exc}") from exc
+        except Exception as exc:  # safetensors raises its own SafetensorError for malformed headers
+            raise CorruptArtifactError(f"{WEIGHTS} is not valid safetensors: {exc}") from exc
+        for alias, canonical in info.get("aliases", {}).items():
+            tensors[alias] = tensors[canonical]
+        if info.get("bare") and model is None:
+            return tensors  # a bare .safetensors file: its state dict
+        if model is None:
+            model = _rebuild(info, tensors, dev)
+        else:
+            model.load_state_dict(tensors, strict=strict)
+            model.to(dev)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in set(info.get("frozen", [])))
+        model.eval()
+        if training_state:
+            opt = _load_optimizer(payload, info["optimizer"], dev) if "optimizer" in info else None
+            return model, {"optimizer": opt, "extra": info.get("extra")}
+        return model
+
+
+def _unique(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Keep one copy of each tied tensor (recording the aliases); make the rest contiguous and unshared."""
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    storages: set[int] = set()
+    for name, value in state.items():
+        t = value.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        ptr = t.untyped_storage().data_ptr()
+        shared = not t.is_contiguous() or (t.numel() and ptr in storages)  # safetensors refuses shared storage
+        out[name] = t.contiguous().clone() if shared else t
+        storages.add(ptr)
+    return out, aliases
+
+
+def _init_spec(model: Any, explicit: Mapping[str, Any] | None) -> tuple[Any, bool]:
+    """Find the constructor arguments and prove they rebuild the same parameter names and shapes."""
+    cls = type(model)
+    try:
+        kwargs = dict(explicit) if explicit is not None else _found_kwargs(model)
+        encoded = _encode(kwargs)
+        for meta in (True, False):
+            try:
+                with torch.device("meta" if meta else "cpu"):
+                    rebuilt = cls(**_decode(encoded))
+            except Exception:
+                if meta:
+                    continue
+                raise
+            if _shapes(rebuilt) == _shapes(model):
+                return encoded, meta
+            break
+    except (TypeError, ValueError, LookupError):
+        pass
+    if cls not in _warned:
+        _warned.add(cls)
+        warnings.warn(f"mlpersist could not find constructor arguments that rebuild {cls.__qualname__} with the "
+                      "same parameters; loading it will need a template: load_any(path, model=YourNet(...)). "
+                      "Pass init_kwargs={...} to save_any, or decorate the class with @mlpersist.capture_init",
+                      UserWarning, stacklevel=4)
+    return None, False
+
+
+def _found_kwargs(model: Any) -> dict[str, Any]:
+    cls = type(model)
+    sig = inspect.signature(cls.__init__)
+    captured = model.__dict__.get(INIT_ATTR)
+    if captured is not None and captured[0] is cls:
+        bound = sig.bind(model, *captured[1], **captured[2])
+        args = dict(bound.arguments)
+        args.pop(next(iter(sig.parameters)))
+        for p in sig.parameters.values():  # **kwargs arrive as one dict: spread them again
+            if p.kind is p.VAR_KEYWORD and p.name in args:
+                args.update(args.pop(p.name))
+            elif p.kind is p.VAR_POSITIONAL and p.name in args:
+                raise TypeError("*args cannot be recorded by name")
+        return args
+    found = {}
+    for p in list(sig.parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.name in model.__dict__:  # plain attributes of an nn.Module live in its __dict__
+            found[p.name] = model.__dict__[p.name]
+        elif p.default is p.empty:
+            raise LookupError(p.name)
+    return found
+
+
+def _shapes(m: Any) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def _encode(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, list):
+        return [_encode(x) for x in v]
+    if isinstance(v, tuple):
+        return {"__tuple__": [_encode(x) for x in v]}
+    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+        return {k: _encode(x) for k, x in v.items()}
+    if isinstance(v, torch.dtype):
+        return {"__dtype__": str(v).removeprefix("torch.")}
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        cls = type(v)
+        return {"__dataclass__": f"{cls.__module__}:{cls.__qualname__}",
+                "fields": {f.name: _encode(getattr(v, f.name)) for f in dataclasses.fields(v)}}
+    raise TypeError(f"cannot record a {type(v).__name__} argument")
+
+
+def _decode(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_decode(x) for x in v]
+    if not isinstance(v, dict):
+        return v
+    if "__tuple__" in v:
+        return tuple(_decode(x) for x in v["__tuple__"])
+    if "__dtype__" in v:
+        dtype = getattr(torch, str(v["__dtype__"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise CorruptArtifactError(f"unknown torch dtype {v['__dtype__']!r}")
+        return dtype
+    if "__dataclass__" in v:
+        cls = _import_class(v["__dataclass__"], dataclasses.is_dataclass, "a dataclass")
+        return cls(**{k: _decode(x) for k, x in v["fields"].items()})
+    return {k: _decode(x) for k, x in v.items()}
+
+
+def _import_class(spec: Any, check: Any, kind: str) -> Any:
+    """Import `module:QualName` only from an installed, non-stdlib module, and return it only if `check` holds."""
+    module, _, qual = str(spec).partition(":")
+    root = module.partition(".")[0]
+    if not module or not qual or denied(module, qual.partition(".")[0]) or root in sys.stdlib_module_names:
+        raise UntrustedContentError(f"the artifact names {spec!r} as its class; refusing to import it", [str(spec)])
+    if module == "__main__":
+        obj: Any = sys.modules.get("__main__")
+    elif importlib.util.find_spec(root) is None:
+        raise PersistError(f"the model class {spec} is not importable here (no module {root!r}); install the code "
+                           f"that defines it, or pass a template: load_any(path, model={qual}(...))")
+    else:
+        obj = importlib.import_module(module)
+    for part in qual.split("."):
+        obj = getattr(obj, part, None)
+    if not (isinstance(obj, type) and check(obj)):
+        raise UntrustedContentError(f"{spec} is not {kind}; refusing to call it (nothing was constructed)",
+                                    [str(spec)])
+    return obj
+
+
+def _rebuild(info: Mapping[str, Any], tensors: dict[str, torch.Tensor], dev: torch.device) -> Any:
+    cls = _import_class(info.get("class"), lambda c: issubclass(c, torch.nn.Module), "a torch.nn.Module subclass")
+    if info.get("init") is None:
+        raise PersistError(f"{cls.__qualname__} was saved without constructor arguments that rebuild it; pass a "
+                           f"template: load_any(path, model={cls.__qualname__}(...))")
+    kwargs = _decode(info["init"])
+    if info.get("meta_ok"):
+        with torch.device("meta"):  # no random initialisation: the weights are assigned, not copied
+            model = cls(**kwargs)
+        model.load_state_dict(tensors, strict=True, assign=True)
+        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if not leftover:
+            _retie(model, info.get("aliases", {}))
+            return model
+    with torch.device(dev):  # a buffer outside the state dict: build for real, then copy
+        model = cls(**kwargs)
+    model.load_state_dict(tensors, strict=True)
+    return model
+
+
+def _retie(model: Any, aliases: Mapping[str, str]) -> None:
+    """assign=True gives each name its own Parameter: point aliases back at the one they were tied to."""
+    for alias, canonical in aliases.items():
+        owner_name, _, attr = alias.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        target = model.get_parameter(canonical) if attr in owner._parameters else model.get_buffer(canonical)
+        setattr(owner, attr, target)
+
+
+def _save_optimizer(optimizer: Any, dest: Path) -> dict[str, Any]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    save_file(tensors, dest / OPTIMIZER)
+    return {"class": f"{type(optimizer).__module__}:{type(optimizer).__qualname__}",
+            "param_groups": _encode(state["param_groups"]), "scalars": _encode(scalars)}
+
+
+def _load_optimizer(payload: Payload, info: Mapping[str, Any], dev: torch.device) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in _decode(info["scalars"]).items()}
+    for key, value in load_file(payload.local_path(OPTIMIZER), device=str(dev)).items():
+        pid, _, name = key.partition(".")
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": _decode(info["param_groups"])}
+
+
+def _load_bare_pt(payload: Payload, model: Any, dev: torch.device, strict: bool) -> Any:
+    """A bare torch.save file: read with weights_only=True (never full pickle), as a state dict or into `model`."""
+    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 10) and not payload.policy.trusted:
+        raise UntrustedContentError("torch < 2.10 has known weights_only bypasses (CVE-2025-32434, CVE-2026-24747); "
+                                    "upgrade torch, or pass trusted=True for a file you trust", ["torch.load"])
+    try:
+        state = torch.load(payload.open("weights.pt"), map_location=dev, weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError for anything outside torch's weights-only allow-list
+        raise UntrustedContentError(f"weights.pt holds more than tensors and containers ({exc}); torch's "
+                                    "weights_only loader refused it", ["torch.load"]) from exc
+    if model is None:
+        return state
+    model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state, strict=strict)
+    return model.to(dev).eval()
+
+
+def _save_program(model: Any, dest: Path, format: str, example: Any) -> dict[str, Any]:
+    args = example if isinstance(example, tuple) else (example,)
+    if format == "torchscript":
+        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; libtorch (C++) still reads it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                program = torch.jit.script(model)
+            except Exception:
+                if example is None:
+                    raise
+                program = torch.jit.trace(model, args)  # type: ignore[no-untyped-call]
+            torch.jit.save(program, str(dest / _FILES[format]))
+    else:
+        if example is None:
+            raise PersistError("format='export' needs example= (the inputs torch.export traces with)")
+        torch.export.save(torch.export.export(model, args), str(dest / _FILES[format]))
+    return {"program": True}
+
+
+def _load_program(payload: Payload, format: str, dev: torch.device) -> Any:
+    if not payload.policy.trusted:
+        raise UntrustedContentError(f"a {format} artifact is a program (it runs when called, and torch reads it "
+                                    "with its own unpickler); load it only with trusted=True, or from an artifact "
+                                    "signed by a key you configured", [format])
+    path = str(payload.local_path(_FILES[format]))
+    if format == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(path, map_location=dev).eval()  # type: ignore[no-untyped-call]
+    return torch.export.load(path).module().to(dev)

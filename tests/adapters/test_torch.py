@@ -1,0 +1,246 @@
+"""PyTorch adapter: rebuilt from the artifact alone, with ties, buffers, dtypes and training state intact."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+from contract import AdapterContract
+from mlp_testkit import require, run_python
+
+from mlpersist import PersistError, UntrustedContentError, inspect, load_any, save_any
+
+
+def tm() -> Any:
+    require("torch")
+    import torch_models
+
+    return torch_models
+
+
+class TestTorch(AdapterContract):
+    adapter = "torch"
+    framework_module = "torch"
+
+    def make_model(self) -> Any:
+        torch = require("torch")
+        torch.manual_seed(0)
+        model = tm().MLP(4, hidden=8)
+        model.train()
+        model(torch.randn(32, 4))  # moves BatchNorm running statistics away from their defaults
+        return model.eval()
+
+    def make_input(self) -> Any:
+        import numpy as np
+
+        return np.random.default_rng(1).normal(size=(5, 4)).astype("float32")
+
+    def outputs(self, model: Any, x: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+
+
+def same(a: Any, b: Any, x: Any) -> None:
+    torch = require("torch")
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+def test_the_module_is_built_on_the_meta_device_without_random_initialisation(tmp_path: Path) -> None:
+    torch = require("torch")
+    model = tm().MLP(4).eval()
+    save_any(model, tmp_path / "m")
+    tm().INIT_DEVICES.clear()
+    loaded = load_any(tmp_path / "m")
+    assert tm().INIT_DEVICES == ["meta"]
+    assert not loaded.training and all(not t.is_meta for t in loaded.state_dict().values())
+    same(loaded, model, torch.randn(3, 4))
+
+
+def test_positional_keyword_and_default_arguments_are_captured(tmp_path: Path) -> None:
+    torch = require("torch")
+    model = tm().Captured((4, 6, 2), "tanh", dropout=0.1).eval()
+    m = save_any(model, tmp_path / "m")
+    assert m.info["init"] == {"sizes": {"__tuple__": [4, 6, 2]}, "activation": "tanh", "dropout": 0.1}
+    same(load_any(tmp_path / "m"), model, torch.randn(3, 4))
+
+
+def test_a_dataclass_config_and_tied_embeddings_survive(tmp_path: Path) -> None:
+    torch = require("torch")
+    mods = tm()
+    model = mods.ConfigNet(mods.Config(vocab=11, dim=6, blocks=[1, 2, 3]), {"scale": 0.5}).eval()
+    m = save_any(model, tmp_path / "m")
+    assert m.info["aliases"] == {"head.weight": "embed.weight"}
+    loaded = load_any(tmp_path / "m")
+    assert loaded.head.weight is loaded.embed.weight  # one Parameter again, not two copies
+    assert loaded.config == model.config and torch.equal(loaded.transposed, model.transposed)
+    same(loaded, model, torch.tensor([[1, 2, 3], [4, 5, 10]]))
+
+
+def test_explicit_init_kwargs_are_used(tmp_path: Path) -> None:
+    torch = require("torch")
+    model = tm().WithCache(5).eval()
+    save_any(model, tmp_path / "m", init_kwargs={"n": 5})
+    loaded = load_any(tmp_path / "m")
+    assert torch.equal(loaded.cache, model.cache)  # the non-persistent buffer: rebuilt for real, not left on meta
+    same(loaded, model, torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_half_precision_and_other_dtypes_round_trip_bit_for_bit(dtype: str, tmp_path: Path) -> None:
+    torch = require("torch")
+    dt = getattr(torch, dtype)
+    model = tm().Captured((4, 3), dtype=dt).eval()
+    save_any(model, tmp_path / "m")
+    loaded = load_any(tmp_path / "m")
+    assert loaded.body[0].weight.dtype == dt
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    same(loaded, model, torch.randn(2, 4, dtype=dt))
+
+
+def test_requires_grad_is_kept_and_the_model_comes_back_in_eval_mode(tmp_path: Path) -> None:
+    model = tm().MLP(4)
+    model.l1.weight.requires_grad_(False)
+    save_any(model, tmp_path / "m")
+    loaded = load_any(tmp_path / "m")
+    assert not loaded.l1.weight.requires_grad and loaded.l2.weight.requires_grad and not loaded.training
+
+
+def test_loading_into_a_given_instance_and_onto_a_device(tmp_path: Path) -> None:
+    torch = require("torch")
+    model = tm().MLP(4).eval()
+    save_any(model, tmp_path / "m")
+    target = tm().MLP(4)
+    assert load_any(tmp_path / "m", model=target) is target
+    same(target, model, torch.randn(3, 4))
+    on_cpu = load_any(tmp_path / "m", device=torch.device("cpu"))
+    assert on_cpu.l1.weight.device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(PersistError, match="cannot place the weights on cuda:0"):
+            load_any(tmp_path / "m", device="cuda:0")
+
+
+def test_an_unrecordable_constructor_warns_once_and_loading_asks_for_a_template(tmp_path: Path) -> None:
+    torch = require("torch")
+    model = tm().Opaque(torch.nn.Linear(3, 2)).eval()
+    with pytest.warns(UserWarning, match="will need a template") as record:
+        save_any(model, tmp_path / "a")
+        save_any(model, tmp_path / "b")
+    assert len([w for w in record if "template" in str(w.message)]) == 1
+    with pytest.raises(PersistError, match=r"load_any\(path, model=Opaque\(\.\.\.\)\)"):
+        load_any(tmp_path / "a")
+    same(load_any(tmp_path / "a", model=tm().Opaque(torch.nn.Linear(3, 2))), model, torch.randn(2, 3))
+
+
+def test_a_class_not_importable_at_load_time_says_how_to_give_a_template(tmp_path: Path) -> None:
+    save_any(tm().MLP(4), tmp_path / "m")
+    proc = run_python(f"""
+        import mlpersist
+        try:
+            mlpersist.load_any({str(tmp_path / 'm')!r})
+        except mlpersist.PersistError as exc:
+            print(type(exc).__name__, exc)
+    """, env={"PYTHONPATH": str(Path(__file__).parents[1])})  # tests/, without tests/adapters/torch_models.py
+    assert "not importable here" in proc.stdout and "model=MLP(...)" in proc.stdout
+
+
+@pytest.mark.parametrize("cls", ["torch_models:NotAModule", "os:system", "builtins:eval", "collections:OrderedDict",
+                                 "antigravity:X", "torch_models:Config"])
+def test_a_class_that_is_not_a_module_is_refused_before_anything_is_built(cls: str, tmp_path: Path) -> None:
+    save_any(tm().MLP(4), tmp_path / "m")
+    doc = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    doc["info"]["class"] = cls
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(UntrustedContentError, match="refusing"):
+        load_any(tmp_path / "m")
+    assert tm().NotAModule.built == []
+
+
+def test_optimizer_state_and_extra_resume_training_identically(tmp_path: Path) -> None:
+    torch = require("torch")
+    torch.manual_seed(0)
+    model = tm().Captured((4, 8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.8, 0.95))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    save_any(model, tmp_path / "ckpt", optimizer=opt, extra={"epoch": 3})
+    loaded, state = load_any(tmp_path / "ckpt", training_state=True)
+    assert state["extra"] == {"epoch": 3}
+    opt2 = torch.optim.Adam(loaded.parameters(), lr=0.5)
+    opt2.load_state_dict(state["optimizer"])
+    assert opt2.param_groups[0]["betas"] == (0.8, 0.95) and opt2.param_groups[0]["lr"] == 0.01
+    for m, o in ((model, opt), (loaded, opt2)):
+        m.train()
+        o.zero_grad()
+        torch.nn.functional.mse_loss(m(x), y).backward()
+        o.step()
+    for a, b in zip(model.parameters(), loaded.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_bare_state_dict_file_loads_safely_as_dict_or_into_a_model(tmp_path: Path) -> None:
+    torch = require("torch")
+    model = tm().MLP(4).eval()
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    state = load_any(tmp_path / "weights.pth")
+    assert state.keys() == model.state_dict().keys()
+    same(load_any(tmp_path / "weights.pth", model=tm().MLP(4)), model, torch.randn(2, 4))
+    assert inspect(tmp_path / "weights.pth").adapter == "torch"
+
+
+def test_a_bare_safetensors_file_loads_by_content(tmp_path: Path) -> None:
+    torch = require("torch")
+    from safetensors.torch import save_file
+
+    model = tm().MLP(4).eval()
+    save_file(model.state_dict(), tmp_path / "weights.bin")  # the suffix says nothing: the header does
+    assert load_any(tmp_path / "weights.bin").keys() == model.state_dict().keys()
+    same(load_any(tmp_path / "weights.bin", model=tm().MLP(4)), model, torch.randn(2, 4))
+
+
+class _Gadget:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return open, (self.path, "w")
+
+
+def test_a_bare_torch_file_with_a_pickle_gadget_is_refused(tmp_path: Path) -> None:
+    torch = require("torch")
+    sentinel = tmp_path / "PWNED"
+    torch.save({"w": torch.zeros(2), "x": _Gadget(str(sentinel))}, tmp_path / "evil.pt")
+    with pytest.raises(UntrustedContentError, match="weights_only"):
+        load_any(tmp_path / "evil.pt")
+    assert not sentinel.exists()
+    assert pickle  # the gadget pickles through torch.save's own pickler
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "export"])
+def test_program_formats_need_trust_and_load_without_the_source(fmt: str, tmp_path: Path) -> None:
+    torch = require("torch")
+    model = tm().MLP(4).eval()
+    x = torch.randn(3, 4)
+    save_any(model, tmp_path / "m", format=fmt, example=(x,))
+    with pytest.raises(UntrustedContentError, match="is a program"):
+        load_any(tmp_path / "m")
+    same(load_any(tmp_path / "m", trusted=True), model, x)
+    torch.save(x, tmp_path / "x.pt")
+    proc = run_python(f"""
+        import torch, mlpersist, sys
+        assert "torch_models" not in sys.modules
+        m = mlpersist.load_any({str(tmp_path / 'm')!r}, trusted=True)
+        x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
+        print(m(x).sum().item())
+    """, env={"PYTHONPATH": str(Path(__file__).parents[1])})
+    with torch.no_grad():
+        assert float(proc.stdout) == pytest.approx(model(x).sum().item(), rel=1e-6)

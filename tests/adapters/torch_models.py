@@ -1,0 +1,100 @@
+"""Model classes for the torch tests (imported only after torch is known to be installed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+import mlpersist
+
+INIT_DEVICES: list[str] = []
+
+
+class MLP(nn.Module):
+    """Arguments recovered from attributes of the same name."""
+
+    def __init__(self, n_in: int, hidden: int = 16, n_out: int = 3) -> None:
+        super().__init__()
+        self.n_in, self.hidden, self.n_out = n_in, hidden, n_out
+        self.l1, self.bn, self.l2 = nn.Linear(n_in, hidden), nn.BatchNorm1d(hidden), nn.Linear(hidden, n_out)
+        INIT_DEVICES.append(self.l1.weight.device.type)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.relu(self.bn(self.l1(x))))
+
+
+@mlpersist.capture_init
+class Captured(nn.Module):
+    """Arguments recorded by capture_init, positional and keyword, none kept as attributes."""
+
+    def __init__(self, sizes: tuple[int, ...], activation: str = "relu", *, dropout: float = 0.0,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for a, b in itertools.pairwise(sizes):
+            layers += [nn.Linear(a, b, dtype=dtype), nn.ReLU() if activation == "relu" else nn.Tanh()]
+        self.body = nn.Sequential(*layers, nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@dataclasses.dataclass
+class Config:
+    vocab: int
+    dim: int
+    blocks: list[int] = dataclasses.field(default_factory=lambda: [8, 8])
+
+
+class ConfigNet(nn.Module):
+    """A nested-config argument (a dataclass) plus a dict of options; tied input/output embeddings."""
+
+    def __init__(self, config: Config, options: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.config, self.options = config, options or {}
+        self.embed = nn.Embedding(config.vocab, config.dim)
+        self.mid = nn.Sequential(*[nn.Linear(config.dim, config.dim) for _ in config.blocks])
+        self.head = nn.Linear(config.dim, config.vocab, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        self.register_buffer("scale", torch.tensor(float(self.options.get("scale", 1.0))))
+        self.register_buffer("transposed", torch.arange(6.0).reshape(2, 3).t())  # non-contiguous
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mid(self.embed(tokens)) * self.scale)
+
+
+class Opaque(nn.Module):
+    """Built from an object mlpersist cannot record: loading it needs a template."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class WithCache(nn.Module):
+    """A non-persistent buffer: not in the state dict, so a meta build cannot fill it."""
+
+    def __init__(self, n: int = 4) -> None:
+        super().__init__()
+        self.n = n
+        self.lin = nn.Linear(n, n)
+        self.register_buffer("cache", torch.ones(n) * 2, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.cache
+
+
+class NotAModule:
+    """Constructing it would leave a trace: the tests check it never is."""
+
+    built: ClassVar[list[int]] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        NotAModule.built.append(1)
