@@ -58,6 +58,13 @@ def demo(session: nox.Session) -> None:
         session.run("python", script)
 
 
+@nox.session(python=PYTHON, default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmarks against native calls (minutes; not part of plain `nox`): writes benchmarks/RESULTS.md."""
+    session.install(*CONSTRAINTS, "-e", ".[sklearn,torch]", "numpy")
+    session.run("python", "benchmarks/bench.py", *session.posargs)
+
+
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff: style, imports, and the rule that the core imports no framework at module level."""

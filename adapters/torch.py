@@ -8,6 +8,7 @@ import importlib.util
 import inspect
 import sys
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -104,15 +105,21 @@ def _unique(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
 
 
 def _init_spec(model: Any, explicit: Mapping[str, Any] | None) -> tuple[Any, bool]:
-    """Find the constructor arguments and prove they rebuild the same parameter names and shapes."""
+    """Find how to rebuild the module and prove it gives the same parameter names and shapes.
+
+    Returns `{"init": kwargs}` (the class called with recorded arguments) or `{"arch": tree}` (torch's
+    containers, rebuilt child by child), and whether the rebuild works on the meta device.
+    """
     cls = type(model)
     try:
-        kwargs = dict(explicit) if explicit is not None else _found_kwargs(model)
-        encoded = _encode(kwargs)
+        if explicit is None and type(model) in _CONTAINERS:
+            encoded: Any = {"arch": _arch(model)}
+        else:
+            encoded = {"init": _encode(dict(explicit) if explicit is not None else _found_kwargs(model))}
         for meta in (True, False):
             try:
                 with torch.device("meta" if meta else "cpu"):
-                    rebuilt = cls(**_decode(encoded))
+                    rebuilt = _construct(cls, encoded)
             except Exception:
                 if meta:
                     continue
@@ -151,9 +158,41 @@ def _found_kwargs(model: Any) -> dict[str, Any]:
             continue
         if p.name in model.__dict__:  # plain attributes of an nn.Module live in its __dict__
             found[p.name] = model.__dict__[p.name]
+        elif p.name in model._parameters and isinstance(p.default, bool):  # bias=True/False flags
+            found[p.name] = model._parameters[p.name] is not None
         elif p.default is p.empty:
             raise LookupError(p.name)
     return found
+
+
+_CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
+
+
+def _arch(m: Any) -> dict[str, Any]:
+    """Describe torch's containers child by child; any other module by its recorded arguments."""
+    cls = type(m)
+    node: dict[str, Any] = {"class": f"{cls.__module__}:{cls.__qualname__}"}
+    if cls in _CONTAINERS:
+        node["children"] = {name: _arch(child) for name, child in m.named_children()}
+    else:
+        node["init"] = _encode(_found_kwargs(m))
+    return node
+
+
+def _construct(cls: Any, spec: Mapping[str, Any]) -> Any:
+    if "arch" in spec:
+        return _build(spec["arch"])
+    return cls(**_decode(spec["init"]))
+
+
+def _build(node: Mapping[str, Any]) -> Any:
+    cls = _import_class(node.get("class"), lambda c: issubclass(c, torch.nn.Module), "a torch.nn.Module subclass")
+    if "children" not in node:
+        return cls(**_decode(node.get("init", {})))
+    children = {name: _build(child) for name, child in node["children"].items()}
+    if cls is torch.nn.ModuleList:
+        return cls(list(children.values()))
+    return cls(children) if cls is torch.nn.ModuleDict else cls(OrderedDict(children))
 
 
 def _shapes(m: Any) -> dict[str, tuple[int, ...]]:
@@ -219,20 +258,20 @@ def _import_class(spec: Any, check: Any, kind: str) -> Any:
 
 def _rebuild(info: Mapping[str, Any], tensors: dict[str, torch.Tensor], dev: torch.device) -> Any:
     cls = _import_class(info.get("class"), lambda c: issubclass(c, torch.nn.Module), "a torch.nn.Module subclass")
-    if info.get("init") is None:
+    spec = info.get("init")
+    if not isinstance(spec, dict) or not ({"init", "arch"} & set(spec)):
         raise PersistError(f"{cls.__qualname__} was saved without constructor arguments that rebuild it; pass a "
                            f"template: load_any(path, model={cls.__qualname__}(...))")
-    kwargs = _decode(info["init"])
     if info.get("meta_ok"):
         with torch.device("meta"):  # no random initialisation: the weights are assigned, not copied
-            model = cls(**kwargs)
+            model = _construct(cls, spec)
         model.load_state_dict(tensors, strict=True, assign=True)
         leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if not leftover:
             _retie(model, info.get("aliases", {}))
             return model
     with torch.device(dev):  # a buffer outside the state dict: build for real, then copy
-        model = cls(**kwargs)
+        model = _construct(cls, spec)
     model.load_state_dict(tensors, strict=True)
     return model
 

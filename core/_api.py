@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import os
-import platform
 import stat
 import sys
 import warnings
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from . import _registry, _signing, _storage
+from . import _registry, _storage
 from ._dispatch import detect, sniff
 from ._manifest import FORMAT_VERSION, FileEntry, Manifest, check_json_value
 from ._payload import Payload
-from ._safepickle import TrustPolicy
-from ._signing import KeySource
+from ._policy import TrustPolicy
 from .errors import (
     CorruptArtifactError,
     IntegrityError,
@@ -28,6 +24,9 @@ from .errors import (
     VersionMismatchError,
     VersionMismatchWarning,
 )
+
+if TYPE_CHECKING:
+    from ._signing import KeySource
 
 _ENV_CACHE: dict[str, dict[str, Any]] = {}
 
@@ -116,6 +115,8 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
         mlpersist.errors.VersionMismatchError: with `strict=True`, the framework versions differ.
 
     """
+    from . import _signing  # only loads need it: keeps `import mlpersist` light
+
     root = _local(path)
     keys = _signing.load_public_keys(public_key)
     policy = TrustPolicy.of(trusted, allow)
@@ -163,6 +164,8 @@ def verify(path: str | os.PathLike[str], *, digest: str | None = None,
         mlpersist.errors.ArtifactNotFoundError, mlpersist.errors.CorruptArtifactError: as for `inspect`.
 
     """
+    from . import _signing
+
     check = _signing.checker(digest, _signing.load_public_keys(public_key))
     _storage.open_artifact(_local(path), verify=True, check_manifest=check).close()
 
@@ -242,6 +245,8 @@ def _local(path: str | os.PathLike[str]) -> Path:
 
 def _environment(name: str, adapter: Any) -> Mapping[str, Any]:
     if name not in _ENV_CACHE:
+        import platform
+
         deps = getattr(adapter, "dependencies", ())
         _ENV_CACHE[name] = {
             "python": platform.python_version(),
@@ -254,6 +259,8 @@ def _environment(name: str, adapter: Any) -> Mapping[str, Any]:
 
 
 def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version(dist)
     except PackageNotFoundError:
@@ -261,5 +268,7 @@ def _version(dist: str) -> str | None:
 
 
 def _now() -> str:
+    from datetime import datetime, timezone
+
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 

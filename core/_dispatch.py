@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import struct
-import zipfile
 from pathlib import Path
 
 from . import _registry
@@ -61,6 +58,8 @@ def sniff(path: Path) -> tuple[str, str, str]:
 
 
 def _zip_members(path: Path) -> list[str]:
+    import zipfile
+
     try:
         with zipfile.ZipFile(path) as zf:
             return zf.namelist()[:10_000]
@@ -72,6 +71,9 @@ def _is_safetensors(path: Path, head: bytes) -> bool:
     """An 8-byte little-endian header length, then that many bytes of JSON object inside the file."""
     if len(head) < 10 or head[8:9] != b"{":
         return False
+    import json
+    import struct
+
     (n,) = struct.unpack("<Q", head[:8])
     if n > min(os.path.getsize(path) - 8, 100 * 1024 * 1024):
         return False

@@ -6,8 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import _safepickle
-from ._safepickle import TrustPolicy
+from ._policy import TrustPolicy
 from .errors import CorruptArtifactError
 
 
@@ -67,4 +66,6 @@ class Payload:
             mlpersist.errors.CorruptArtifactError: it is not a readable pickle.
 
         """
+        from . import _safepickle  # imported with the first pickle, not with mlpersist
+
         return _safepickle.load(self.open(name), self.policy, what=name, joblib_format=joblib_format)

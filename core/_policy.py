@@ -9,11 +9,28 @@ deny-floor that no `allow=` lifts (only `trusted=True` does).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from types import FunctionType
 from typing import Any
 
 from .errors import UntrustedContentError
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """What a load may import: the default list, plus `allow`, or everything if `trusted`."""
+
+    trusted: bool = False
+    allow: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def of(cls, trusted: bool = False, allow: Iterable[str] = ()) -> TrustPolicy:
+        """Build a policy from the `trusted=` and `allow=` arguments of `load_any`."""
+        if isinstance(allow, str):
+            allow = [allow]
+        return cls(bool(trusted), frozenset(allow))
+
 
 # Refused even when `allow=` names them (the floor torch keeps for os/sys/posix/nt): modules that
 # run code, open files or sockets, import modules, dispatch calls, or hold nested deserialisers.

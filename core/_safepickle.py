@@ -9,27 +9,11 @@ import os
 import pickle
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from types import BuiltinFunctionType, FunctionType, ModuleType
 from typing import Any, BinaryIO
 
-from ._policy import EXACT, RULE_ROOTS, denied, rule_allows, wrap
+from ._policy import EXACT, RULE_ROOTS, TrustPolicy, denied, rule_allows, wrap
 from .errors import CorruptArtifactError, UntrustedContentError
-
-
-@dataclass(frozen=True)
-class TrustPolicy:
-    """What a load may import: the default list, plus `allow`, or everything if `trusted`."""
-
-    trusted: bool = False
-    allow: frozenset[str] = field(default_factory=frozenset)
-
-    @classmethod
-    def of(cls, trusted: bool = False, allow: Iterable[str] = ()) -> TrustPolicy:
-        """Build a policy from the `trusted=` and `allow=` arguments of `load_any`."""
-        if isinstance(allow, str):
-            allow = [allow]
-        return cls(bool(trusted), frozenset(allow))
 
 
 def load(fileobj: BinaryIO, policy: TrustPolicy, *, what: str, joblib_format: bool = True) -> Any:

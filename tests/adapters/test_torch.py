@@ -66,7 +66,7 @@ def test_positional_keyword_and_default_arguments_are_captured(tmp_path: Path) -
     torch = require("torch")
     model = tm().Captured((4, 6, 2), "tanh", dropout=0.1).eval()
     m = save_any(model, tmp_path / "m")
-    assert m.info["init"] == {"sizes": {"__tuple__": [4, 6, 2]}, "activation": "tanh", "dropout": 0.1}
+    assert m.info["init"] == {"init": {"sizes": {"__tuple__": [4, 6, 2]}, "activation": "tanh", "dropout": 0.1}}
     same(load_any(tmp_path / "m"), model, torch.randn(3, 4))
 
 
@@ -80,6 +80,23 @@ def test_a_dataclass_config_and_tied_embeddings_survive(tmp_path: Path) -> None:
     assert loaded.head.weight is loaded.embed.weight  # one Parameter again, not two copies
     assert loaded.config == model.config and torch.equal(loaded.transposed, model.transposed)
     same(loaded, model, torch.tensor([[1, 2, 3], [4, 5, 10]]))
+
+
+def test_torch_containers_of_standard_layers_rebuild_without_any_help(tmp_path: Path) -> None:
+    torch = require("torch")
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3, bias=False)).eval()
+    save_any(model, tmp_path / "m")
+    loaded = load_any(tmp_path / "m")
+    assert loaded[3].bias is None and isinstance(loaded[1], nn.LayerNorm)
+    same(loaded, model, torch.randn(2, 4))
+    nested = nn.Sequential(nn.ModuleDict({"enc": nn.Linear(3, 3)}), nn.ModuleList([nn.Conv1d(1, 2, 3)]))
+    save_any(nested, tmp_path / "n")
+    back = load_any(tmp_path / "n")
+    assert isinstance(back[0]["enc"], nn.Linear) and isinstance(back[1][0], nn.Conv1d)
+    for a, b in zip(nested.state_dict().values(), back.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_explicit_init_kwargs_are_used(tmp_path: Path) -> None:

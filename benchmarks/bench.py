@@ -1,0 +1,242 @@
+"""Cost of mlpersist over each framework's native calls, measured in one run (`nox -s bench`).
+
+Times are medians of repeated runs after a warm-up, in this process; peak memory is measured for each
+operation in a fresh process (ru_maxrss minus the RSS before the operation). Writes benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+# --- cases: each builds a model and knows its native save/load -----------------------------------
+
+def case_tiny_logreg(build: bool = True) -> dict[str, Any]:
+    import joblib
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = make_classification(200, 5, random_state=0)
+    model = LogisticRegression().fit(x, y) if build else None
+    return {"model": model, "native_save": lambda m, p: joblib.dump(m, p / "model.joblib"),
+            "native_load": lambda p: joblib.load(p / "model.joblib"), "repeat": 50}
+
+
+def case_forest_100(build: bool = True) -> dict[str, Any]:
+    import joblib
+    from sklearn.datasets import make_classification
+    from sklearn.ensemble import RandomForestClassifier
+
+    x, y = make_classification(2000, 20, random_state=0)
+    model = RandomForestClassifier(n_estimators=100, random_state=0, n_jobs=1).fit(x, y) if build else None
+    return {"model": model, "native_save": lambda m, p: joblib.dump(m, p / "model.joblib"),
+            "native_load": lambda p: joblib.load(p / "model.joblib"), "repeat": 7}
+
+
+def _torch_net() -> Any:
+    import torch
+
+    return torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(16)])  # 268M params, ~1.07 GB
+
+
+def case_torch_1gb(build: bool = True) -> dict[str, Any]:
+    import torch
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = _torch_net() if build else None
+
+    def native_load(p: Path) -> Any:  # the usual recipe: build the module, then load the state dict
+        net = _torch_net()
+        net.load_state_dict(torch.load(p / "weights.pt", weights_only=True))
+        return net
+
+    return {"model": model, "native_save": lambda m, p: torch.save(m.state_dict(), p / "weights.pt"),
+            "native_load": native_load, "repeat": 3}
+
+
+CASES: dict[str, Callable[..., dict[str, Any]]] = {
+    "tiny-logreg": case_tiny_logreg, "forest-100": case_forest_100, "torch-1gb": case_torch_1gb,
+}
+
+
+# --- measurement ---------------------------------------------------------------------------------
+
+def median_time(fn: Callable[[], Any], repeat: int, before: Callable[[], Any] = lambda: None) -> float:
+    before()
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        before()
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_case(name: str, c: dict[str, Any], work: Path) -> dict[str, float]:
+    import mlpersist
+
+    model, repeat = c["model"], c["repeat"]
+    native_dir, ours = work / f"{name}-native", work / f"{name}-mlpersist"
+
+    def fresh(p: Path) -> Callable[[], None]:
+        def reset() -> None:
+            shutil.rmtree(p, ignore_errors=True)
+            if p == native_dir:
+                p.mkdir()
+        return reset
+
+    out = {
+        "native_save": median_time(lambda: c["native_save"](model, native_dir), repeat, fresh(native_dir)),
+        "save_any": median_time(lambda: mlpersist.save_any(model, ours), repeat, fresh(ours)),
+    }
+    out["native_load"] = median_time(lambda: c["native_load"](native_dir), repeat)
+    out["load_any"] = median_time(lambda: mlpersist.load_any(ours), repeat)
+    return out
+
+
+def peak_rss(name: str, op: str, work: Path) -> float:
+    """Peak RSS growth (bytes) of one operation, in a fresh process.
+
+    The peak is reset just before the operation (`/proc/self/clear_refs` = 5) and read as VmHWM after
+    it, so neither the interpreter start, nor the imports, nor building the model to save is counted.
+    """
+    code = f"""
+import json, pathlib, sys
+sys.path.insert(0, {str(HERE.parent)!r})
+import benchmarks.bench as b
+import mlpersist
+name, op, work = {name!r}, {op!r}, pathlib.Path({str(work)!r})
+c = b.CASES[name](build=op in ("native_save", "save_any"))
+if name.startswith("torch"):  # imports are not the operation: load them before measuring
+    import safetensors.torch, torch, mlpersist.adapters.torch
+else:
+    import joblib, mlpersist.adapters.sklearn
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+import gc, threading, time
+gc.collect()
+open("/proc/self/clear_refs", "w").write("5")
+base = status("VmRSS")
+peak, running = [base], [True]
+def sample():  # VmHWM is updated lazily by the kernel: sample the RSS as well
+    while running[0]:
+        peak[0] = max(peak[0], status("VmRSS"))
+        time.sleep(0.002)
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
+if op == "native_save":
+    c["native_save"](c["model"], work / (name + "-native"))
+elif op == "save_any":
+    mlpersist.save_any(c["model"], work / (name + "-peak"), overwrite=True)
+elif op == "native_load":
+    model = c["native_load"](work / (name + "-native"))
+else:
+    model = mlpersist.load_any(work / (name + "-mlpersist"))
+if name.startswith("torch") and op in ("native_load", "load_any"):  # touch every weight: lazily mapped pages count too
+    total = sum(float(t.float().sum()) for t in model.state_dict().values())
+running[0] = False
+sampler.join()
+print(json.dumps({{"growth": max(peak[0], status("VmHWM"), status("VmRSS")) - base}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"peak_rss({name}, {op}) failed:\n{proc.stderr}")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["growth"])
+
+
+def import_time() -> float:
+    """Median extra wall time of `import mlpersist` over a bare interpreter start (20 runs each)."""
+    def run(code: str) -> float:
+        ts = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+    return run("import mlpersist") - run("pass")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--no-memory", action="store_true")
+    args = parser.parse_args()
+    names = [n for n in args.cases.split(",") if n]
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("MLPERSIST_BENCH_DIR")) as tmp:
+        work = Path(tmp)
+        for name in names:
+            c = CASES[name]()
+            t = time_case(name, c, work)
+            del c
+            gc.collect()
+            mem = {} if args.no_memory else {op: peak_rss(name, op, work) for op in
+                                             ("native_save", "save_any", "native_load", "load_any")}
+            size = sum(f.stat().st_size for f in (work / f"{name}-mlpersist").rglob("*") if f.is_file())
+            rows.append({"case": name, "size": size, **t, **{f"rss_{k}": v for k, v in mem.items()}})
+            print(json.dumps(rows[-1]), flush=True)
+    imp = import_time()
+    write(args.out, rows, imp)
+    print(args.out.read_text())
+
+
+def write(out: Path, rows: list[dict[str, Any]], imp: float) -> None:
+    lines = [
+        "# Benchmark results", "",
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Produced by `nox -s bench` (benchmarks/bench.py).",
+        "", "Times: median of repeated runs after a warm-up. save_any includes sha256 of every file and fsync; "
+        "load_any includes verifying every digest. Ratios are to the framework's native call in the same run.", "",
+        "| case | artifact | native save | save_any | ratio | native load | load_any | ratio | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['size'] / 1e6:.1f} MB | {r['native_save'] * 1e3:.1f} ms"
+            f" | {r['save_any'] * 1e3:.1f} ms"
+            f" | {r['save_any'] / r['native_save']:.2f}x | {r['native_load'] * 1e3:.1f} ms"
+            f" | {r['load_any'] * 1e3:.1f} ms"
+            f" | {r['load_any'] / r['native_load']:.2f}x | {r['native_load'] / r['load_any']:.1f}x |")
+    lines += ["", "Added milliseconds (tiny model = the fixed cost of the layer):", ""]
+    for r in rows:
+        lines.append(f"- {r['case']}: save +{(r['save_any'] - r['native_save']) * 1e3:.2f} ms, "
+                     f"load +{(r['load_any'] - r['native_load']) * 1e3:.2f} ms")
+    if rows and "rss_load_any" in rows[0]:
+        lines += ["", "Peak memory growth of one operation in a fresh process (the highest of VmHWM and a "
+                  "2 ms RSS sampler, minus VmRSS before it; "
+                  "torch loads then read every weight, so lazily mapped pages are counted):", "",
+                  "| case | native save | save_any | ratio | native load | load_any | ratio | load_any / artifact |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(
+                f"| {r['case']} | {r['rss_native_save'] / 1e6:.0f} MB | {r['rss_save_any'] / 1e6:.0f} MB"
+                f" | {r['rss_save_any'] / max(r['rss_native_save'], 1):.2f}x | {r['rss_native_load'] / 1e6:.0f} MB"
+                f" | {r['rss_load_any'] / 1e6:.0f} MB | {r['rss_load_any'] / max(r['rss_native_load'], 1):.2f}x"
+                f" | {r['rss_load_any'] / r['size']:.2f}x |")
+    lines += ["", f"`import mlpersist`: +{imp * 1e3:.1f} ms over a bare interpreter start (median of 20).", ""]
+    out.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
