@@ -14,8 +14,14 @@ PYTHON = "3.11"
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 TEST = PYPROJECT["dependency-groups"]["test"]
 CONSTRAINTS = ("-c", "tests/constraints.txt")
-FRAMEWORKS = {"sklearn": ["pandas"], "torch": ["numpy"]}  # framework -> extra test-only packages next to it
-EVERYTHING = ",".join([*FRAMEWORKS, "sign"])  # the extras of every adapter with a session, and signing
+# framework -> (mlpersist extras, other packages) its session installs next to the test tools
+FRAMEWORKS: dict[str, tuple[str, list[str]]] = {
+    "sklearn": ("sklearn,sign", ["pandas"]),
+    "torch": ("torch,sign", ["numpy"]),
+    # xgboost-cpu: the same xgboost module without the 350 MB CUDA NCCL wheel `xgboost` pulls on Linux
+    "xgboost": ("sign", ["xgboost-cpu", "scikit-learn", "pandas"]),
+}
+EVERYTHING = (".[sklearn,torch,sign]", "xgboost-cpu", "pandas")  # every framework that has a session
 
 
 @nox.session(python=PYTHON)
@@ -25,12 +31,12 @@ def core(session: nox.Session) -> None:
     session.run("pytest", "tests/core", *session.posargs)
 
 
-def _adapter_session(framework: str, extra: list[str]) -> None:
+def _adapter_session(framework: str, extras: str, packages: list[str]) -> None:
     """Register `nox -s <framework>`: one adapter's tests, next to the framework-free core."""
 
     @nox.session(name=framework, python=PYTHON)
     def run(session: nox.Session) -> None:
-        session.install(*CONSTRAINTS, "-e", f".[{framework},sign]", *TEST, *extra)
+        session.install(*CONSTRAINTS, "-e", f".[{extras}]", *TEST, *packages)
         session.run("pytest", "tests/core", "tests/contract.py", *_adapter_tests(framework), *session.posargs,
                     env={"MLPERSIST_REQUIRE": framework})
 
@@ -39,14 +45,14 @@ def _adapter_tests(framework: str) -> list[str]:
     return sorted(glob.glob(f"tests/adapters/test_{framework}*.py"))
 
 
-for _fw, _extra in FRAMEWORKS.items():
-    _adapter_session(_fw, _extra)
+for _fw, (_extras, _packages) in FRAMEWORKS.items():
+    _adapter_session(_fw, _extras, _packages)
 
 
 @nox.session(python=PYTHON)
 def isolation(session: nox.Session) -> None:
     """Fresh interpreters prove `import mlpersist` and each load pull in no other framework."""
-    session.install(*CONSTRAINTS, "-e", f".[{EVERYTHING}]", *TEST)
+    session.install(*CONSTRAINTS, "-e", *EVERYTHING, *TEST)
     session.run("pytest", "tests/test_isolation.py", *session.posargs, env={"MLPERSIST_REQUIRE": "sklearn"})
 
 
@@ -75,5 +81,5 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the installed package (core/ is importable only as `mlpersist`)."""
-    session.install(*CONSTRAINTS, f".[{EVERYTHING}]", *PYPROJECT["dependency-groups"]["typecheck"])
+    session.install(*CONSTRAINTS, *EVERYTHING, *PYPROJECT["dependency-groups"]["typecheck"])
     session.run("mypy", "-p", "mlpersist", "--config-file", "pyproject.toml")

@@ -11,7 +11,7 @@ import joblib
 import numpy as np
 from sklearn.tree._tree import Tree
 
-from mlpersist import Payload
+from mlpersist import Payload, _registry
 from mlpersist.errors import PersistError, UntrustedContentError
 
 _FILES = {"joblib": "model.joblib", "pickle": "model.pkl"}
@@ -83,6 +83,10 @@ def validate(model: Any) -> None:
         if isinstance(obj, Tree):
             _check_tree(obj, n_features, where)
             continue
+        owner = _other_adapter(obj)
+        if owner is not None:  # e.g. an XGBClassifier step: its own adapter knows its structure
+            owner.check(obj, where)
+            continue
         nodes = getattr(obj, "nodes", None)
         if isinstance(nodes, np.ndarray) and nodes.dtype.names and "left" in nodes.dtype.names:
             _check_predictor_nodes(nodes, n_features, where)
@@ -92,6 +96,15 @@ def validate(model: Any) -> None:
             getattr(obj, "__dict__", {}).values())
         for i, child in enumerate(children):
             stack.append((child, n, f"{where}[{i}]"))
+
+
+def _other_adapter(obj: Any) -> Any:
+    """The adapter (reached through the registry, never imported directly) that checks `obj`, if any."""
+    name = _registry.claims().get(type(obj).__module__.partition(".")[0])
+    if name is None or name == "sklearn":
+        return None
+    adapter = _registry.get_adapter(name)
+    return adapter if hasattr(adapter, "check") else None
 
 
 def _check_tree(tree: Tree, n_features: int | None, where: str) -> None:

@@ -75,8 +75,8 @@ def save_any(model: Any, path: str | os.PathLike[str], *, overwrite: bool = Fals
         cls = type(model)
         manifest = Manifest(
             format_version=FORMAT_VERSION, adapter=name, format=fmt, model_class=f"{cls.__module__}:{cls.__qualname__}",
-            framework=spec.package, framework_version=_version(spec.package) or "unknown",
-            files=staging.seal(), environment=_environment(name, adapter), created_at=_now(),
+            framework=spec.package, framework_version=_framework_version(spec) or "unknown",
+            files=staging.seal(), environment=_environment(name, adapter, spec), created_at=_now(),
             mlpersist_version=_version("mlpersist") or "unknown", metadata=metadata, info=info)
         raw = manifest.to_json()
         staging.commit(raw)
@@ -178,7 +178,7 @@ def _adapter_for(manifest: Manifest, *, strict: bool) -> _registry.Adapter:
             f"{manifest.framework_version}), which is not registered here; install the package that provides it")
     if not _registry.installed(spec):
         raise _registry.missing_framework(spec, manifest.framework_version)
-    here = _version(spec.package)
+    here = _framework_version(spec)
     if here is not None and manifest.framework_version not in (here, "unknown"):
         message = (f"the artifact was saved with {spec.package} {manifest.framework_version} and is loaded with "
                    f"{here}; results may differ. To match: pip install '{spec.package}=="
@@ -243,19 +243,30 @@ def _local(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(text))
 
 
-def _environment(name: str, adapter: Any) -> Mapping[str, Any]:
+def _environment(name: str, adapter: Any, spec: _registry.AdapterSpec) -> Mapping[str, Any]:
     if name not in _ENV_CACHE:
         import platform
 
         deps = getattr(adapter, "dependencies", ())
+        packages = {d: v for d in deps if (v := _version(d)) is not None}
+        if (framework := _framework_version(spec)) is not None:
+            packages[spec.package] = framework
         _ENV_CACHE[name] = {
             "python": platform.python_version(),
             "implementation": sys.implementation.name,
             "platform": platform.platform(),
             "machine": platform.machine(),
-            "packages": {d: v for d in deps if (v := _version(d)) is not None},
+            "packages": packages,
         }
     return _ENV_CACHE[name]
+
+
+def _framework_version(spec: _registry.AdapterSpec) -> str | None:
+    """The installed version of the adapter's framework, under any of its distribution names."""
+    for dist in (spec.package, *spec.alt_packages):
+        if (v := _version(dist)) is not None:
+            return v
+    return None
 
 
 def _version(dist: str) -> str | None:

@@ -49,6 +49,7 @@ class AdapterSpec:
     sniff: tuple[tuple[bytes | str, str, str], ...] = ()
     # bare files it reads by name when no magic prefix matched (pickle protocols 0 and 1 have none)
     suffixes: tuple[tuple[str, str, str], ...] = ()
+    alt_packages: tuple[str, ...] = ()  # other distributions of the same framework (xgboost-cpu)
 
 
 _BUILTIN: dict[str, AdapterSpec] = {  # alphabetical; a test checks the order
@@ -63,6 +64,12 @@ _BUILTIN: dict[str, AdapterSpec] = {  # alphabetical; a test checks the order
         "mlpersist.adapters.torch:TorchAdapter", ("torch",), "torch", "torch", ("safetensors", "torchscript", "export"),
         (("zip:/data.pkl", "state_dict", "weights.pt"), ("probe:safetensors", "safetensors", "weights.safetensors")),
         ((".safetensors", "safetensors", "weights.safetensors"),)),
+    "xgboost": AdapterSpec(
+        "mlpersist.adapters.xgboost:XGBoostAdapter", ("xgboost",), "xgboost", "xgboost", ("ubj", "json"),
+        # UBJSON: '{', the key length (XGBoost writes it as int64 'L'), then "learner"; or JSON
+        ((b"{L" + bytes(7) + b"\x07learner", "ubj", "model.ubj"), (b"{U\x07learner", "ubj", "model.ubj"),
+         (b"{i\x07learner", "ubj", "model.ubj"), (b'{"learner"', "json", "model.json")),
+        ((".ubj", "ubj", "model.ubj"),), ("xgboost-cpu",)),
 }
 _specs: dict[str, AdapterSpec] = dict(_BUILTIN)
 specs = MappingProxyType(_specs)  # read-only view; only register_adapter writes _specs
@@ -121,7 +128,8 @@ def register_adapter(name: str, target: str, *, claims: tuple[str, ...] | list[s
 
 def replace_claims(spec: AdapterSpec, new: tuple[str, ...]) -> AdapterSpec:
     """Return `spec` claiming only `new`."""
-    return AdapterSpec(spec.target, new, spec.extra, spec.package, spec.formats, spec.sniff, spec.suffixes)
+    return AdapterSpec(spec.target, new, spec.extra, spec.package, spec.formats, spec.sniff, spec.suffixes,
+                       spec.alt_packages)
 
 
 def claims() -> dict[str, str]:

@@ -18,6 +18,7 @@ def loads(data: bytes | bytearray | memoryview, what: str) -> Any:
 
     Raises:
         mlpersist.errors.CorruptArtifactError: truncated, malformed, too deep, or trailing bytes.
+
     """
     reader = _Reader(memoryview(data).cast("B"), what)
     value = reader.value(reader.marker(), 0)

@@ -89,8 +89,11 @@ class AdapterContract:
         _, path = saved
         others = sorted({"sklearn", "torch", "tensorflow", "keras", "xgboost", "lightgbm"} - {self.framework_module})
         proc = run_python(f"""
-            import sys, mlpersist
+            import importlib, sys
+            importlib.import_module({self.framework_module!r})  # what the framework pulls in itself is its own
+            before = {{m for m in {others!r} if m in sys.modules}}
+            import mlpersist
             mlpersist.load_any({str(path)!r})
-            print([m for m in {others!r} if m in sys.modules])
+            print(sorted({{m for m in {others!r} if m in sys.modules}} - before))
         """)
         assert proc.stdout.strip() == "[]"

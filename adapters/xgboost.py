@@ -1,0 +1,126 @@
+"""XGBoost: `save_model` as UBJSON (or JSON), vetted by mlpersist before XGBoost's native parser reads it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import xgboost
+
+from mlpersist import Payload, PersistError
+from mlpersist._ubjson import loads as ubjson_loads
+from mlpersist.errors import CorruptArtifactError, UntrustedContentError
+
+_FILES = {"ubj": "model.ubj", "json": "model.json"}
+# A fixed table: the class to rebuild is never taken from the file.
+_WRAPPERS: dict[str, type] = {c.__name__: c for c in (
+    xgboost.Booster, xgboost.XGBClassifier, xgboost.XGBRegressor, xgboost.XGBRanker,
+    xgboost.XGBRFClassifier, xgboost.XGBRFRegressor, xgboost.XGBModel)}
+
+
+class XGBoostAdapter:
+    """Booster and the scikit-learn wrappers, through XGBoost's own data-only model format."""
+
+    name: ClassVar[str] = "xgboost"
+    format_version: ClassVar[int] = 1
+    dependencies: ClassVar[tuple[str, ...]] = ("xgboost", "numpy", "scipy")
+
+    def save(self, model: Any, dest: Path, *, format: str, **options: Any) -> Mapping[str, Any]:
+        """Write model.ubj (or model.json) with `save_model`; record the wrapper class to rebuild."""
+        if options:
+            raise PersistError(f"the xgboost adapter takes no save options, not {', '.join(sorted(options))}")
+        wrapper = type(model).__name__
+        if type(model) not in _WRAPPERS.values():
+            raise PersistError(f"{type(model).__qualname__} is not one of the XGBoost classes mlpersist rebuilds "
+                               f"({', '.join(sorted(_WRAPPERS))}); save it with format=... of its base, or pickle it")
+        model.save_model(str(dest / _FILES[format]))
+        booster = model if isinstance(model, xgboost.Booster) else model.get_booster()
+        info: dict[str, Any] = {"wrapper": wrapper, "n_features_in": int(booster.num_features())}
+        classes = getattr(model, "classes_", None)
+        if isinstance(classes, np.ndarray) and classes.ndim == 1 and len(classes) <= 1000:
+            info["classes"] = classes.tolist()
+        return info
+
+    def load(self, payload: Payload, info: Mapping[str, Any], *, format: str, **options: Any) -> Any:
+        """Parse and check the trees, then let XGBoost load the very bytes that were checked."""
+        if options:
+            raise PersistError(f"the xgboost adapter takes no load options, not {', '.join(sorted(options))}")
+        name = _FILES.get(format)
+        if name is None:
+            raise CorruptArtifactError(f"unknown xgboost format {format!r}")
+        raw = payload.read_bytes(name)
+        validate(parse(raw, format, name), name)
+        cls = _WRAPPERS.get(str(info.get("wrapper", "Booster")))
+        if cls is None:
+            raise CorruptArtifactError(f"unknown XGBoost wrapper {info.get('wrapper')!r}")
+        model = cls()
+        try:
+            model.load_model(bytearray(raw))
+        except xgboost.core.XGBoostError as exc:
+            raise CorruptArtifactError(f"XGBoost could not read {name}: {str(exc).splitlines()[0][:200]}") from exc
+        return model
+
+
+    def check(self, obj: Any, where: str) -> None:
+        """Validate an XGBoost model met inside another artifact (an sklearn Pipeline step)."""
+        booster = obj if isinstance(obj, xgboost.Booster) else obj.get_booster()
+        validate(parse(bytes(booster.save_raw("ubj")), "ubj", where), where)
+
+
+def parse(raw: bytes, format: str, what: str) -> Any:
+    """Read the model document ourselves: bounded, no native code."""
+    if format == "ubj":
+        return ubjson_loads(raw, what)
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise CorruptArtifactError(f"{what} is not valid JSON: {str(exc)[:120]}") from None
+
+
+def validate(doc: Any, what: str) -> None:
+    """Refuse trees whose child, feature or category indices point outside their arrays (xgboost #7903).
+
+    Raises:
+        mlpersist.errors.UntrustedContentError: naming the first bad tree.
+
+    """
+    try:
+        learner = doc["learner"]
+        n_features = int(learner["learner_model_param"]["num_feature"])
+        booster = learner["gradient_booster"]
+        if booster["name"] == "gblinear":
+            return  # a weight vector: no indices to follow
+        model = (booster["gbtree"] if booster["name"] == "dart" else booster)["model"]
+        trees = model["trees"]
+        if len(model["tree_info"]) != len(trees) or int(model["gbtree_model_param"]["num_trees"]) != len(trees):
+            raise ValueError("tree_info and num_trees disagree with the number of trees")
+        for i, tree in enumerate(trees):
+            _check_tree(tree, n_features, i)
+    except UntrustedContentError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise UntrustedContentError(f"{what}: the booster's structure is malformed or out of range ({exc}); "
+                                    "refusing to hand it to XGBoost", ["xgboost.Booster"]) from None
+
+
+def _check_tree(tree: Mapping[str, Any], n_features: int, i: int) -> None:
+    n = int(tree["tree_param"]["num_nodes"])
+    left, right = np.asarray(tree["left_children"]), np.asarray(tree["right_children"])
+    split = np.asarray(tree["split_indices"])
+    idx = np.arange(n)
+    leaf = left == -1
+    arrays = ("left_children", "right_children", "parents", "split_indices", "split_conditions", "default_left")
+    ok = (n >= 1 and all(len(tree[k]) == n for k in arrays)
+          and bool(np.all(leaf == (right == -1)))
+          and bool(np.all(leaf | ((left > idx) & (left < n) & (right == left + 1))))  # predict assumes adjacency
+          and bool(np.all(leaf | ((split >= 0) & (split < n_features)))))
+    segments, sizes = np.asarray(tree.get("categories_segments", [])), np.asarray(tree.get("categories_sizes", []))
+    if ok and len(segments):
+        ok = len(segments) == len(sizes) and bool(np.all((segments >= 0) & (sizes >= 0)
+                                                         & (segments + sizes <= len(tree.get("categories", [])))))
+    if not ok:
+        raise UntrustedContentError(f"tree {i}: child, feature or category indices point outside its arrays; "
+                                    "the model is crafted or damaged, refusing it", ["xgboost.Booster"])
