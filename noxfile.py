@@ -20,8 +20,10 @@ FRAMEWORKS: dict[str, tuple[str, list[str]]] = {
     "torch": ("torch,sign", ["numpy"]),
     # xgboost-cpu: the same xgboost module without the 350 MB CUDA NCCL wheel `xgboost` pulls on Linux
     "xgboost": ("sign", ["xgboost-cpu", "scikit-learn", "pandas"]),
+    # TensorFlow backend; torch too, for the tensorflow -> torch cross-backend test
+    "keras": ("keras,torch,sign", ["tensorflow-cpu", "numpy"]),
 }
-EVERYTHING = (".[sklearn,torch,sign]", "xgboost-cpu", "pandas")  # every framework that has a session
+EVERYTHING = (".[sklearn,torch,keras,sign]", "tensorflow-cpu", "xgboost-cpu", "pandas")  # every framework
 
 
 @nox.session(python=PYTHON)
@@ -47,6 +49,14 @@ def _adapter_tests(framework: str) -> list[str]:
 
 for _fw, (_extras, _packages) in FRAMEWORKS.items():
     _adapter_session(_fw, _extras, _packages)
+
+
+@nox.session(name="keras-torch", python=PYTHON)
+def keras_torch(session: nox.Session) -> None:
+    """The backend-independent Keras tests again on KERAS_BACKEND=torch (no TensorFlow installed)."""
+    session.install(*CONSTRAINTS, "-e", ".[keras,torch]", *TEST, "numpy")
+    session.run("pytest", "tests/contract.py", "tests/adapters/test_keras.py", *session.posargs,
+                env={"MLPERSIST_REQUIRE": "keras", "KERAS_BACKEND": "torch"})
 
 
 @nox.session(python=PYTHON)

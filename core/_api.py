@@ -16,6 +16,7 @@ from ._manifest import FORMAT_VERSION, FileEntry, Manifest, check_json_value
 from ._payload import Payload
 from ._policy import TrustPolicy
 from .errors import (
+    ArtifactNotFoundError,
     CorruptArtifactError,
     IntegrityError,
     PersistError,
@@ -122,6 +123,11 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
     policy = TrustPolicy.of(trusted, allow)
     if root.is_file():
         return _load_bare(root, policy, digest=digest, signed_required=bool(keys), **options)
+    if (root / "saved_model.pb").is_file() and not (root / "manifest.json").exists():
+        raise ArtifactNotFoundError(
+            f"{root} is a TensorFlow SavedModel, not a Keras model file: Keras 3 cannot load it as a model. Load it "
+            "for inference with keras.layers.TFSMLayer(path, call_endpoint='serving_default') (it runs the graph in "
+            "the directory: only for files you trust), or re-save the original model with save_any")
     opened = _storage.open_artifact(root, verify=verify, check_manifest=_signing.checker(digest, keys))
     try:
         manifest = opened.manifest

@@ -53,6 +53,9 @@ class AdapterSpec:
 
 
 _BUILTIN: dict[str, AdapterSpec] = {  # alphabetical; a test checks the order
+    "keras": AdapterSpec(
+        "mlpersist.adapters.keras:KerasAdapter", ("keras",), "keras", "keras", ("keras", "export"),
+        (("zip:config.json", "keras", "model.keras"), (b"\x89HDF\r\n\x1a\n", "h5", "model.h5"))),
     "sklearn": AdapterSpec(
         "mlpersist.adapters.sklearn:SklearnAdapter", ("sklearn",), "sklearn", "scikit-learn", ("joblib", "pickle"),
         # pickle protocols 2-5, then joblib's compressed containers (zlib, gzip, bz2, xz, lzma, lz4)

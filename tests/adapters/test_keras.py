@@ -1,0 +1,261 @@
+"""Keras adapter: .keras round trips on every backend, and a config/archive vetting that does not trust safe_mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from contract import AdapterContract
+from mlp_testkit import require, run_python
+
+from mlpersist import (
+    ArtifactNotFoundError,
+    CorruptArtifactError,
+    PersistError,
+    UntrustedContentError,
+    load_any,
+    save_any,
+)
+
+
+def keras() -> Any:
+    return require("keras")
+
+
+def x_input(n: int = 16, seed: int = 0) -> Any:
+    return require("numpy").random.default_rng(seed).normal(size=(n, 4)).astype("float32")
+
+
+def sequential() -> Any:
+    k = keras()
+    k.utils.set_random_seed(0)
+    model = k.Sequential([k.Input((4,)), k.layers.Dense(8, activation="relu"), k.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x_input(32), require("numpy").arange(32) % 2, epochs=1, verbose=0)
+    return model
+
+
+class TestKeras(AdapterContract):
+    adapter = "keras"
+    framework_module = "keras"
+
+    def make_model(self) -> Any:
+        return sequential()
+
+    def make_input(self) -> Any:
+        return x_input(8, seed=1)
+
+    def outputs(self, model: Any, x: Any) -> Any:
+        return model.predict(x, verbose=0)
+
+
+def same(a: Any, b: Any) -> None:
+    x = x_input(8, seed=3)
+    require("numpy").testing.assert_array_equal(a.predict(x, verbose=0), b.predict(x, verbose=0))
+
+
+def test_functional_with_a_registered_custom_layer_loads_with_no_arguments(tmp_path: Path) -> None:
+    k = keras()
+    from keras_models import Scale
+
+    inp = k.Input((4,))
+    model = k.Model(inp, k.layers.Dense(2)(Scale(3.0)(k.layers.Dense(8, activation="relu")(inp))))
+    save_any(model, tmp_path / "m")
+    same(load_any(tmp_path / "m"), model)
+
+
+def test_a_subclassed_model_round_trips(tmp_path: Path) -> None:
+    from keras_models import TwoTower
+
+    model = TwoTower(units=5)
+    model(x_input(2))
+    save_any(model, tmp_path / "m")
+    loaded = load_any(tmp_path / "m")
+    assert type(loaded) is TwoTower and loaded.units == 5
+    same(loaded, model)
+
+
+def test_compile_and_optimizer_state_survive_and_training_continues(tmp_path: Path) -> None:
+    np = require("numpy")
+    model = sequential()
+    save_any(model, tmp_path / "m")
+    loaded = load_any(tmp_path / "m")
+    assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) > 0
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    loaded.fit(x_input(32), np.arange(32) % 2, epochs=1, verbose=0)
+    assert int(loaded.optimizer.iterations) > int(model.optimizer.iterations)
+    assert not load_any(tmp_path / "m", compile=False).compiled
+
+
+def test_an_unregistered_custom_layer_needs_custom_objects_and_the_error_says_how(tmp_path: Path) -> None:
+    k = keras()
+    from keras_models import Unregistered
+
+    inp = k.Input((4,))
+    model = k.Model(inp, Unregistered()(k.layers.Dense(3)(inp)))
+    save_any(model, tmp_path / "m")
+    with pytest.raises(UntrustedContentError, match=r"Unregistered.*register_keras_serializable.*custom_objects"):
+        load_any(tmp_path / "m")
+    same(load_any(tmp_path / "m", custom_objects={"Unregistered": Unregistered}), model)
+
+
+def test_a_lambda_layer_is_refused_unless_trusted(tmp_path: Path) -> None:
+    k = keras()
+    inp = k.Input((4,))
+    model = k.Model(inp, k.layers.Lambda(lambda t: t * 2.0)(inp))
+    save_any(model, tmp_path / "m")
+    with pytest.raises(UntrustedContentError, match="Lambda"):
+        load_any(tmp_path / "m")
+    same(load_any(tmp_path / "m", trusted=True), model)
+
+
+def rewrite(archive: Path, edit: Any = None, extra: dict[str, bytes] | None = None) -> None:
+    """Rewrite a .keras zip with config.json edited and extra members (the manifest is rewritten by the caller)."""
+    with zipfile.ZipFile(archive) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    if edit is not None:
+        config = json.loads(members["config.json"])
+        edit(config)
+        members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, data in {**members, **(extra or {})}.items():
+            zf.writestr(name, data)
+
+
+def bare_keras(tmp_path: Path, edit: Any = None, extra: dict[str, bytes] | None = None) -> Path:
+    path = tmp_path / "model.keras"
+    sequential().save(str(path))
+    rewrite(path, edit, extra)
+    return path
+
+
+def first_dense(config: dict[str, Any]) -> dict[str, Any]:
+    return next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Dense")
+
+
+SENTINEL = "/tmp/mlpersist-keras-PWNED"
+
+
+@pytest.mark.parametrize("edit,name", [
+    (lambda c: first_dense(c).update(module="os", class_name="system"), "os.system"),                    # K01
+    (lambda c: first_dense(c)["config"].update(activation={"module": "keras.utils", "class_name": "function",
+                                                           "config": "get_file", "registered_name": None}),
+     "keras.utils.function"),                                                                             # K02
+    (lambda c: first_dense(c)["config"].update(activation={"module": "builtins", "class_name": "function",
+                                                           "config": "exec", "registered_name": None}),
+     "builtins.function"),
+    (lambda c: first_dense(c).update(class_name="TFSMLayer"), "keras.layers.TFSMLayer"),                  # K03
+    (lambda c: first_dense(c).update(module="keras.src.saving.serialization_lib", class_name="set_global_attribute"),
+     "keras.src.saving.serialization_lib.set_global_attribute"),
+    (lambda c: first_dense(c).update(module=None), "Dense"),                                              # legacy
+    (lambda c: first_dense(c)["config"].update(vocabulary=SENTINEL), SENTINEL),                           # path
+    (lambda c: first_dense(c)["config"].update(vocabulary="https://127.0.0.1:9/v.txt"), "https://127.0.0.1:9/v.txt"),
+    (lambda c: first_dense(c).update(registered_name="evil>Dense", module="evil_pkg.layers"), "evil>Dense"),
+], ids=["module-os", "get_file", "builtins-exec", "TFSMLayer", "set_global_attribute", "no-module", "abs-path",
+        "url", "unregistered-shadow"])
+def test_crafted_configs_are_refused_before_keras_reads_them(edit: Any, name: str, tmp_path: Path) -> None:
+    path = bare_keras(tmp_path, edit)
+    with pytest.raises(UntrustedContentError) as info:
+        load_any(path)
+    assert name in info.value.names
+    assert not os.path.exists(SENTINEL)
+
+
+@pytest.mark.parametrize("extra,error", [
+    ({"../evil.py": b"print(1)"}, UntrustedContentError),
+    ({"model.weights.npz": b"PK"}, UntrustedContentError),
+    ({"config.json": b"{}"}, CorruptArtifactError),  # a second config.json: readers disagree on which wins
+], ids=["traversal", "npz-weights", "duplicate"])
+def test_archive_tricks_are_refused(extra: dict[str, bytes], error: type, tmp_path: Path) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile warns about the duplicate name
+        path = bare_keras(tmp_path, extra=extra)
+    with pytest.raises(error):
+        load_any(path)
+
+
+def test_a_decompression_bomb_member_is_refused(tmp_path: Path) -> None:
+    path = bare_keras(tmp_path)
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("assets/bomb.txt", b"\0" * (64 << 20))
+    with pytest.raises(CorruptArtifactError, match="decompression bomb"):
+        load_any(path)
+
+
+def test_hdf5_weights_reaching_outside_the_file_are_refused(tmp_path: Path) -> None:
+    h5py = require("h5py")
+    path = tmp_path / "model.keras"
+    sequential().save(str(path))
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    (tmp_path / "w.h5").write_bytes(members["model.weights.h5"])
+    with h5py.File(tmp_path / "w.h5", "a") as h5:
+        h5["leak"] = h5py.ExternalLink("/etc/passwd", "/")
+    members["model.weights.h5"] = (tmp_path / "w.h5").read_bytes()
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    with pytest.raises(UntrustedContentError, match="ExternalLink"):
+        load_any(path)
+
+
+def test_a_bare_keras_file_and_a_legacy_h5_file_load_under_the_same_rules(tmp_path: Path) -> None:
+    model = sequential()
+    model.save(str(tmp_path / "model.keras"))
+    same(load_any(tmp_path / "model.keras"), model)
+    model.save(str(tmp_path / "legacy.h5"))
+    same(load_any(tmp_path / "legacy.h5"), model)
+
+
+def test_a_legacy_h5_with_a_lambda_is_refused(tmp_path: Path) -> None:
+    k = keras()
+    inp = k.Input((4,))
+    k.Model(inp, k.layers.Lambda(lambda t: t + 1.0)(inp)).save(str(tmp_path / "legacy.h5"))
+    with pytest.raises(UntrustedContentError, match="Lambda"):
+        load_any(tmp_path / "legacy.h5")
+
+
+def test_a_savedmodel_directory_gets_a_clear_message(tmp_path: Path) -> None:
+    (tmp_path / "sm").mkdir()
+    (tmp_path / "sm" / "saved_model.pb").write_bytes(b"\x08\x01")
+    with pytest.raises(ArtifactNotFoundError, match="TFSMLayer"):
+        load_any(tmp_path / "sm")
+
+
+def test_export_is_one_way(tmp_path: Path) -> None:
+    require("tensorflow")
+    if keras().backend.backend() != "tensorflow":
+        pytest.skip("export writes a TensorFlow SavedModel")
+    save_any(sequential(), tmp_path / "e", format="export")
+    assert (tmp_path / "e" / "export" / "saved_model.pb").is_file()
+    with pytest.raises(PersistError, match="one-way export"):
+        load_any(tmp_path / "e")
+
+
+def test_the_backend_is_recorded_and_a_tensorflow_model_loads_on_torch(tmp_path: Path) -> None:
+    require("tensorflow")
+    require("torch")
+    np = require("numpy")
+    if keras().backend.backend() != "tensorflow":
+        pytest.skip("saves on the tensorflow backend")
+    model = sequential()
+    m = save_any(model, tmp_path / "m")
+    assert m.info["backend"] == "tensorflow"
+    np.save(tmp_path / "x.npy", x_input(8, seed=3))
+    run_python(f"""
+        import numpy as np, mlpersist, keras
+        from mlpersist._dispatch import detect
+        assert keras.backend.backend() == "torch"
+        model = mlpersist.load_any({str(tmp_path / 'm')!r})
+        assert detect(model) == "keras"  # also a torch.nn.Module: the most specific class wins
+        np.save({str(tmp_path / 'y.npy')!r}, model.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0))
+    """, env={"KERAS_BACKEND": "torch"})
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.predict(x_input(8, seed=3), verbose=0),
+                               rtol=1e-5, atol=1e-6)
