@@ -75,10 +75,18 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON, default=False)
+def faults(session: nox.Session) -> None:
+    """Long fault injection (minutes): 200 SIGKILL trials over every installed framework, a one-minute race."""
+    session.install(*CONSTRAINTS, "-e", *EVERYTHING, *TEST)
+    session.run("pytest", "tests/core/test_faults.py", "-m", "slow", "-s", *session.posargs,
+                env={"MLPERSIST_FAULT_TRIALS": "200", "MLPERSIST_RACE_SECONDS": "60"})
+
+
+@nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
     """Benchmarks against native calls (minutes; not part of plain `nox`): writes benchmarks/RESULTS.md."""
-    session.install(*CONSTRAINTS, "-e", ".[sklearn,torch]", "numpy")
-    session.run("python", "benchmarks/bench.py", *session.posargs)
+    session.install(*CONSTRAINTS, "-e", ".[sklearn,torch,keras]", "numpy", "tensorflow-cpu")
+    session.run("python", "benchmarks/bench.py", *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
 
 
 @nox.session(python=PYTHON)

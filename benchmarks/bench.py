@@ -70,8 +70,21 @@ def case_torch_1gb(build: bool = True) -> dict[str, Any]:
             "native_load": native_load, "repeat": 3}
 
 
+def case_keras_200mb(build: bool = True) -> dict[str, Any]:
+    import keras
+
+    model = None
+    if build:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4096,))] + [keras.layers.Dense(4096) for _ in range(3)])  # 50M params
+        model.compile(optimizer="adam", loss="mse")
+    return {"model": model, "native_save": lambda m, p: m.save(str(p / "model.keras")),
+            "native_load": lambda p: keras.models.load_model(str(p / "model.keras")), "repeat": 5}
+
+
 CASES: dict[str, Callable[..., dict[str, Any]]] = {
     "tiny-logreg": case_tiny_logreg, "forest-100": case_forest_100, "torch-1gb": case_torch_1gb,
+    "keras-200mb": case_keras_200mb,
 }
 
 
@@ -127,6 +140,8 @@ name, op, work = {name!r}, {op!r}, pathlib.Path({str(work)!r})
 c = b.CASES[name](build=op in ("native_save", "save_any"))
 if name.startswith("torch"):  # imports are not the operation: load them before measuring
     import safetensors.torch, torch, mlpersist.adapters.torch
+elif name.startswith("keras"):
+    import keras, mlpersist.adapters.keras
 else:
     import joblib, mlpersist.adapters.sklearn
 def status(key):

@@ -26,6 +26,7 @@ _HASH_CHUNK = 4 << 20
 # The I/O seam: fault-injection tests patch these names, never the frameworks.
 fsync = os.fsync
 rename = os.rename
+write = os.write
 
 
 def hash_fd(fd: int, size: int) -> str:
@@ -96,7 +97,7 @@ class Staging:
         try:
             view = memoryview(manifest)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[write(fd, view):]
             fsync(fd)
         finally:
             os.close(fd)
