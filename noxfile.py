@@ -22,6 +22,10 @@ FRAMEWORKS: dict[str, tuple[str, list[str]]] = {
     "xgboost": ("sign", ["xgboost-cpu", "scikit-learn", "pandas"]),
     # TensorFlow backend; torch too, for the tensorflow -> torch cross-backend test
     "keras": ("keras,torch,sign", ["tensorflow-cpu", "numpy"]),
+    # third-party adapters written against the public API only (examples/adapters/): one by entry point,
+    # one by register_adapter()
+    "lightgbm": ("sign", ["-e", "examples/adapters/lightgbm", "lightgbm", "scikit-learn", "pandas"]),
+    "catboost": ("sign", ["-e", "examples/adapters/catboost", "catboost", "scikit-learn"]),
 }
 EVERYTHING = (".[sklearn,torch,keras,sign]", "tensorflow-cpu", "xgboost-cpu", "pandas")  # every framework
 

@@ -17,6 +17,7 @@ class AdapterContract:
 
     adapter: str
     framework_module: str  # imported by loading; nothing heavier may be
+    setup_code = ""  # run first in fresh processes (an adapter registered in code, not by entry point)
 
     def make_model(self) -> Any:
         raise NotImplementedError
@@ -58,6 +59,7 @@ class AdapterContract:
         np.save(tmp_path / "x.npy", x)
         run_python(f"""
             import numpy as np, sys, mlpersist
+            {self.setup_code}
             import test_{self.adapter} as t
             model = mlpersist.load_any({str(path)!r})
             out = t.{type(self).__name__}().outputs(model, np.load({str(tmp_path / 'x.npy')!r}))
@@ -93,6 +95,7 @@ class AdapterContract:
             importlib.import_module({self.framework_module!r})  # what the framework pulls in itself is its own
             before = {{m for m in {others!r} if m in sys.modules}}
             import mlpersist
+            {self.setup_code}
             mlpersist.load_any({str(path)!r})
             print(sorted({{m for m in {others!r} if m in sys.modules}} - before))
         """)
