@@ -89,7 +89,7 @@ def faults(session: nox.Session) -> None:
 @nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
     """Benchmarks against native calls (minutes; not part of plain `nox`): writes benchmarks/RESULTS.md."""
-    session.install(*CONSTRAINTS, "-e", ".[sklearn,torch,keras]", "numpy", "tensorflow-cpu")
+    session.install(*CONSTRAINTS, "-e", ".[sklearn,torch,keras]", "numpy", "tensorflow-cpu", "xgboost-cpu")
     session.run("python", "benchmarks/bench.py", *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
 
 

@@ -70,6 +70,24 @@ def case_torch_1gb(build: bool = True) -> dict[str, Any]:
             "native_load": native_load, "repeat": 3}
 
 
+def case_xgboost_500(build: bool = True) -> dict[str, Any]:
+    import xgboost
+    from sklearn.datasets import make_classification
+
+    model = None
+    if build:
+        x, y = make_classification(20000, 20, n_informative=10, random_state=0)
+        model = xgboost.XGBClassifier(n_estimators=500, max_depth=8, tree_method="hist", n_jobs=2).fit(x, y)
+
+    def native_load(p: Path) -> Any:
+        m = xgboost.XGBClassifier()
+        m.load_model(str(p / "model.ubj"))
+        return m
+
+    return {"model": model, "native_save": lambda m, p: m.save_model(str(p / "model.ubj")),
+            "native_load": native_load, "repeat": 7}
+
+
 def case_keras_200mb(build: bool = True) -> dict[str, Any]:
     import keras
 
@@ -84,7 +102,7 @@ def case_keras_200mb(build: bool = True) -> dict[str, Any]:
 
 CASES: dict[str, Callable[..., dict[str, Any]]] = {
     "tiny-logreg": case_tiny_logreg, "forest-100": case_forest_100, "torch-1gb": case_torch_1gb,
-    "keras-200mb": case_keras_200mb,
+    "xgboost-500": case_xgboost_500, "keras-200mb": case_keras_200mb,
 }
 
 
@@ -142,6 +160,8 @@ if name.startswith("torch"):  # imports are not the operation: load them before 
     import safetensors.torch, torch, mlpersist.adapters.torch
 elif name.startswith("keras"):
     import keras, mlpersist.adapters.keras
+elif name.startswith("xgboost"):
+    import xgboost, mlpersist.adapters.xgboost
 else:
     import joblib, mlpersist.adapters.sklearn
 def status(key):
