@@ -16,6 +16,7 @@ from mlpersist.errors import PersistError, UntrustedContentError
 
 _FILES = {"joblib": "model.joblib", "pickle": "model.pkl"}
 _MAX_CLASSES_RECORDED = 1000
+_NATIVE_STATE = {"xgboost", "lightgbm"}  # allowed in pickles, but their trees must be checked by their adapter
 
 
 class SklearnAdapter:
@@ -87,6 +88,11 @@ def validate(model: Any) -> None:
         if owner is not None:  # e.g. an XGBClassifier step: its own adapter knows its structure
             owner.check(obj, where)
             continue
+        if type(obj).__module__.partition(".")[0] in _NATIVE_STATE:
+            raise UntrustedContentError(
+                f"{where}: a {type(obj).__qualname__} carries a native model whose structure only its adapter can "
+                f"check, and none is installed that does; install it (mlpersist[xgboost], or mlpersist-lightgbm "
+                "from examples/adapters) or pass trusted=True", [f"{type(obj).__module__}.{type(obj).__qualname__}"])
         nodes = getattr(obj, "nodes", None)
         if isinstance(nodes, np.ndarray) and nodes.dtype.names and "left" in nodes.dtype.names:
             _check_predictor_nodes(nodes, n_features, where)
@@ -101,9 +107,12 @@ def validate(model: Any) -> None:
 def _other_adapter(obj: Any) -> Any:
     """The adapter (reached through the registry, never imported directly) that checks `obj`, if any."""
     name = _registry.claims().get(type(obj).__module__.partition(".")[0])
-    if name is None or name == "sklearn":
+    if name is None or name == "sklearn" or _registry.get_spec(name) is None:
         return None
-    adapter = _registry.get_adapter(name)
+    try:
+        adapter = _registry.get_adapter(name)
+    except ImportError:  # MissingFrameworkError: the object exists, so this cannot happen; be safe anyway
+        return None
     return adapter if hasattr(adapter, "check") else None
 
 

@@ -137,4 +137,17 @@ def test_a_pickled_lightgbm_step_in_a_pipeline_is_allowed_and_checked(tmp_path: 
     m = save_any(pipe, tmp_path / "p")
     assert m.adapter == "sklearn"
     np.testing.assert_array_equal(load_any(tmp_path / "p").predict_proba(x), pipe.predict_proba(x))
-    assert UntrustedContentError  # a crafted booster inside is refused by the adapter's check (see above)
+
+
+def test_without_an_adapter_that_checks_it_a_pickled_lightgbm_step_is_refused(tmp_path: Path) -> None:
+    from sklearn.pipeline import make_pipeline
+
+    from mlpersist import _registry
+
+    x, y = data()
+    save_any(make_pipeline(require("lightgbm").LGBMClassifier(n_estimators=3, verbose=-1)).fit(x, y), tmp_path / "p")
+    _registry.claims()
+    del _registry._specs["lightgbm"]  # as if mlpersist-lightgbm were not installed (conftest restores it)
+    with pytest.raises(UntrustedContentError, match="only its adapter can check"):
+        load_any(tmp_path / "p")
+    assert load_any(tmp_path / "p", trusted=True).predict(x) is not None
