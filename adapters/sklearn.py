@@ -75,6 +75,7 @@ def validate(model: Any) -> None:
 
     """
     seen: set[int] = set()
+    claims = _registry.claims()  # once per load, not once per object of the graph
     stack: list[tuple[Any, int | None, str]] = [(model, None, type(model).__name__)]
     while stack:
         obj, n_features, where = stack.pop()
@@ -84,7 +85,7 @@ def validate(model: Any) -> None:
         if isinstance(obj, Tree):
             _check_tree(obj, n_features, where)
             continue
-        owner = _other_adapter(obj)
+        owner = _other_adapter(obj, claims)
         if owner is not None:  # e.g. an XGBClassifier step: its own adapter knows its structure
             owner.check(obj, where)
             continue
@@ -104,9 +105,9 @@ def validate(model: Any) -> None:
             stack.append((child, n, f"{where}[{i}]"))
 
 
-def _other_adapter(obj: Any) -> Any:
+def _other_adapter(obj: Any, claims: Mapping[str, str]) -> Any:
     """The adapter (reached through the registry, never imported directly) that checks `obj`, if any."""
-    name = _registry.claims().get(type(obj).__module__.partition(".")[0])
+    name = claims.get(type(obj).__module__.partition(".")[0])
     if name is None or name == "sklearn" or _registry.get_spec(name) is None:
         return None
     try:

@@ -75,8 +75,9 @@ class TorchAdapter:
         else:
             model.load_state_dict(tensors, strict=strict)
             model.to(dev)
+        frozen = set(info.get("frozen", []))
         for name, p in model.named_parameters():
-            p.requires_grad_(name not in set(info.get("frozen", [])))
+            p.requires_grad_(name not in frozen)
         model.eval()
         if training_state:
             opt = _load_optimizer(payload, info["optimizer"], dev) if "optimizer" in info else None

@@ -123,12 +123,16 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
     policy = TrustPolicy.of(trusted, allow)
     if root.is_file():
         return _load_bare(root, policy, digest=digest, signed_required=bool(keys), **options)
-    if (root / "saved_model.pb").is_file() and not (root / "manifest.json").exists():
-        raise ArtifactNotFoundError(
-            f"{root} is a TensorFlow SavedModel, not a Keras model file: Keras 3 cannot load it as a model. Load it "
-            "for inference with keras.layers.TFSMLayer(path, call_endpoint='serving_default') (it runs the graph in "
-            "the directory: only for files you trust), or re-save the original model with save_any")
-    opened = _storage.open_artifact(root, verify=verify, check_manifest=_signing.checker(digest, keys))
+    try:
+        opened = _storage.open_artifact(root, verify=verify, check_manifest=_signing.checker(digest, keys))
+    except ArtifactNotFoundError:
+        if (root / "saved_model.pb").is_file():  # looked at only when there is no manifest
+            raise ArtifactNotFoundError(
+                f"{root} is a TensorFlow SavedModel, not a Keras model file: Keras 3 cannot load it as a model. Load "
+                "it for inference with keras.layers.TFSMLayer(path, call_endpoint='serving_default') (it runs the "
+                "graph in the directory: only for files you trust), or re-save the original model with save_any"
+            ) from None
+        raise
     try:
         manifest = opened.manifest
         adapter = _adapter_for(manifest, strict=strict)
