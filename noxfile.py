@@ -71,9 +71,18 @@ def isolation(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def interop(session: nox.Session) -> None:
+    """Every framework together: bundles across frameworks, dispatch precedence, bare files of every kind."""
+    session.install(*CONSTRAINTS, "-e", *EVERYTHING, "-e", "examples/adapters/lightgbm", "lightgbm", "packaging",
+                    *TEST)
+    session.run("pytest", "tests/test_interop.py", *session.posargs,
+                env={"MLPERSIST_REQUIRE": "numpy,torch,xgboost,lightgbm,keras,pandas,sklearn,tensorflow"})
+
+
+@nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     """Run every script in examples/ end to end."""
-    session.install(*CONSTRAINTS, "-e", ".[sklearn]", "pandas")
+    session.install(*CONSTRAINTS, "-e", ".[sklearn,torch]", "pandas")
     for script in sorted(glob.glob("examples/*.py")):
         session.run("python", script)
 

@@ -47,12 +47,15 @@ class KerasAdapter:
         model.save(str(dest / _FILES["keras"]))
         return info
 
+    def example_outputs(self, model: Any, args: list[Any]) -> Mapping[str, Any]:
+        """The model called in inference mode (`model(x, training=False)`), on any backend."""
+        return {"call": keras.ops.convert_to_numpy(model(*args, training=False))}
+
     def load(self, payload: Payload, info: Mapping[str, Any], *, format: str, custom_objects: Any = None,
-             compile: bool = True) -> Any:
+             compile: bool = True, call_endpoint: str = "serving_default") -> Any:
         """Vet the archive and its config, then `keras.models.load_model(..., safe_mode=True)`."""
         if format == "export":
-            raise PersistError("this artifact is a one-way export for serving (TF SavedModel); load it with "
-                               "tensorflow.saved_model.load or keras.layers.TFSMLayer, not load_any")
+            return _load_saved_model(payload, call_endpoint)
         name = _FILES.get(format, _FILES["keras"])
         trusted = payload.policy.trusted
         config = _h5_config(payload.open(name)) if format == "h5" else _vet_zip(payload.open(name))
@@ -64,6 +67,21 @@ class KerasAdapter:
                                                safe_mode=not trusted)
             except (ValueError, TypeError) as exc:
                 raise CorruptArtifactError(f"Keras could not rebuild the model from {name}: {exc}") from exc
+
+
+def _load_saved_model(payload: Payload, call_endpoint: str) -> Any:
+    """A TensorFlow SavedModel, as an inference-only `keras.layers.TFSMLayer`: trusted content only."""
+    if not payload.policy.trusted:
+        raise UntrustedContentError(
+            "this is a TensorFlow SavedModel: a TensorFlow graph whose operations can read and write files, so it "
+            "is loaded only with trusted=True (only for files whose author you trust). It loads as an "
+            "inference-only keras.layers.TFSMLayer; to get a trainable model, re-save the original with save_any",
+            ["tensorflow SavedModel"])
+    try:
+        return keras.layers.TFSMLayer(str(payload.directory("export")), call_endpoint=call_endpoint)
+    except (ValueError, OSError, ImportError, RuntimeError) as exc:
+        raise CorruptArtifactError(f"the SavedModel could not be loaded as a TFSMLayer (it needs the TensorFlow "
+                                   f"backend): {type(exc).__name__}: {str(exc)[:300]}") from exc
 
 
 def _vet_zip(f: Any) -> Any:

@@ -51,6 +51,20 @@ class TorchAdapter:
             info["extra"] = extra
         return info
 
+    def example_outputs(self, model: Any, args: list[Any]) -> Mapping[str, Any] | None:
+        """`forward` in eval mode without gradients, on the model's device (for example= and check=)."""
+        if not isinstance(model, torch.nn.Module):
+            return None
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        tensors = [torch.as_tensor(a).to(device) for a in args]
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return {"forward": model(*tensors)}
+        finally:
+            model.train(training)
+
     def load(self, payload: Payload, info: Mapping[str, Any], *, format: str, model: Any = None,
              device: Any = None, map_location: Any = None, training_state: bool = False,
              strict: bool = True) -> Any:

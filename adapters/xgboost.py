@@ -64,6 +64,12 @@ class XGBoostAdapter:
         return model
 
 
+    def example_outputs(self, model: Any, args: list[Any]) -> Mapping[str, Any] | None:
+        """A Booster predicts on a DMatrix; the scikit-learn wrappers answer predict/predict_proba as usual."""
+        if isinstance(model, xgboost.Booster):
+            return {"predict": model.predict(xgboost.DMatrix(args[0]))}
+        return None
+
     def check(self, obj: Any, where: str) -> None:
         """Validate an XGBoost model met inside another artifact (an sklearn Pipeline step)."""
         booster = obj if isinstance(obj, xgboost.Booster) else obj.get_booster()

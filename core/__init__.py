@@ -8,6 +8,7 @@ from ._registry import Adapter, AdapterInfo, list_adapters, register_adapter
 from .errors import (
     ArtifactExistsError,
     ArtifactNotFoundError,
+    CheckFailedError,
     CorruptArtifactError,
     IntegrityError,
     MissingFrameworkError,
@@ -24,6 +25,7 @@ __all__ = [
     "AdapterInfo",
     "ArtifactExistsError",
     "ArtifactNotFoundError",
+    "CheckFailedError",
     "CorruptArtifactError",
     "FileEntry",
     "IntegrityError",

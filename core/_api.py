@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
-import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from . import _registry, _storage
+from . import _example, _parts, _registry, _storage
 from ._dispatch import detect, sniff
-from ._manifest import FORMAT_VERSION, FileEntry, Manifest, check_json_value
+from ._manifest import FORMAT_VERSION, MANIFEST_NAME, FileEntry, Manifest, Part, check_json_value
 from ._payload import Payload
 from ._policy import TrustPolicy
 from .errors import (
@@ -21,28 +19,27 @@ from .errors import (
     IntegrityError,
     PersistError,
     SignatureError,
-    UnsupportedModelError,
-    VersionMismatchError,
-    VersionMismatchWarning,
 )
 
 if TYPE_CHECKING:
     from ._signing import KeySource
 
-_ENV_CACHE: dict[str, dict[str, Any]] = {}
-
-
 def save_any(model: Any, path: str | os.PathLike[str], *, overwrite: bool = False, metadata: Any = None,
-             format: str | None = None, **options: Any) -> Manifest:
+             format: str | None = None, example: Any = None, **options: Any) -> Manifest:
     """Save `model` as an artifact directory at `path`, atomically.
 
     Args:
-        model: a fitted model of any framework an adapter claims.
+        model: a fitted model of any framework an adapter claims, or a bundle: a dict whose values are
+            models, plain JSON values or nested dicts (each model saved by its own adapter).
         path: the artifact directory to create.
         overwrite: replace an existing artifact (readers see the old or the new one, never a mix).
         metadata: JSON-able data stored in the manifest as is.
         format: one of the adapter's formats (`mlpersist adapters` lists them); default its first.
-        **options: passed to the adapter (e.g. `compress=3` for joblib).
+        example: a small input (array, DataFrame, tensor; a tuple for several arguments) stored with the
+            model's outputs on it, for `load_any(check=True)` and `mlpersist check`; for a bundle, a dict
+            from part key to that part's example.
+        **options: passed to the adapter (e.g. `compress=3` for joblib); for a bundle,
+            `parts={key: {option: value}}`.
 
     Returns:
         The manifest written.
@@ -55,30 +52,17 @@ def save_any(model: Any, path: str | os.PathLike[str], *, overwrite: bool = Fals
     """
     root = _local(path)
     check_json_value(metadata, "metadata")
-    name = detect(model)
-    spec = _registry.get_spec(name)
-    assert spec is not None  # detect only returns registered names
-    fmt = format or (spec.formats[0] if spec.formats else "default")
-    if spec.formats and fmt not in spec.formats:
-        raise PersistError(f"format {fmt!r} is not one the {name} adapter writes ({', '.join(spec.formats)})")
-    adapter = _registry.get_adapter(name)
+    if type(model) is not dict:
+        detect(model)  # refuse an unsupported model before touching the disk
     staging = _storage.Staging(root, overwrite=overwrite)
     try:
-        try:
-            info = dict(adapter.save(model, staging.dir, format=fmt, **options))
-        except (PersistError, OSError):
-            raise
-        except Exception as exc:
-            raise UnsupportedModelError(f"the {name} adapter could not save {type(model).__qualname__} as "
-                                        f"{fmt}: {type(exc).__name__}: {exc}") from exc
-        info["adapter_format_version"] = adapter.format_version
-        check_json_value(info, f"what the {name} adapter returned")
-        cls = type(model)
+        part = _parts.save_part(model, staging.dir, fmt=format, options=dict(options), example=example)
         manifest = Manifest(
-            format_version=FORMAT_VERSION, adapter=name, format=fmt, model_class=f"{cls.__module__}:{cls.__qualname__}",
-            framework=spec.package, framework_version=_framework_version(spec) or "unknown",
-            files=staging.seal(), environment=_environment(name, adapter, spec), created_at=_now(),
-            mlpersist_version=_version("mlpersist") or "unknown", metadata=metadata, info=info)
+            format_version=FORMAT_VERSION, adapter=part.adapter, format=part.format, model_class=part.model_class,
+            framework=part.framework, framework_version=part.framework_version, files=staging.seal(),
+            environment=_parts.environment(_parts.adapters_in(part)), created_at=_now(),
+            mlpersist_version=_parts.mlpersist_version(), metadata=metadata, info=part.info, example=part.example,
+            parts=part.parts)
         raw = manifest.to_json()
         staging.commit(raw)
     except BaseException:
@@ -89,8 +73,9 @@ def save_any(model: Any, path: str | os.PathLike[str], *, overwrite: bool = Fals
 
 def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iterable[str] = (),
              verify: bool = True, strict: bool = False, digest: str | None = None,
-             public_key: KeySource | Iterable[KeySource] | None = None, **options: Any) -> Any:
-    """Load the model saved at `path` (an artifact directory, or a bare joblib/pickle file).
+             public_key: KeySource | Iterable[KeySource] | None = None, check: bool | float = False,
+             **options: Any) -> Any:
+    """Load the model saved at `path` (an artifact directory, or a model file saved without mlpersist).
 
     Args:
         path: the artifact directory, or a model file saved without mlpersist.
@@ -101,10 +86,12 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
         digest: the manifest digest you expect (`mlpersist inspect` prints it); for a bare file, its sha256.
         public_key: Ed25519 public key(s) (PEM path or bytes) of which one must have signed the manifest;
             default: the keys named by $MLPERSIST_PUBLIC_KEYS. A valid signature lifts the allow-list.
-        **options: passed to the adapter.
+        check: rerun the example stored at save (`example=`) and compare the outputs: True for the default
+            tolerance (1e-5, relative to max(1, |stored value|)), or a float tolerance (0.0: bit for bit).
+        **options: passed to the adapter; for a bundle, `parts={key: {option: value}}`.
 
     Returns:
-        The model.
+        The model (for a bundle, a dict with the same keys).
 
     Raises:
         mlpersist.errors.ArtifactNotFoundError: nothing loadable at `path`.
@@ -114,33 +101,57 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
         mlpersist.errors.UntrustedContentError: the payload would run code the policy does not allow.
         mlpersist.errors.MissingFrameworkError: the framework that wrote it is not installed.
         mlpersist.errors.VersionMismatchError: with `strict=True`, the framework versions differ.
+        mlpersist.errors.CheckFailedError: with `check`, an output differs beyond the tolerance.
 
     """
+    model, report, tolerance = load_with_report(path, trusted=trusted, allow=allow, verify=verify, strict=strict,
+                                                digest=digest, public_key=public_key, check=check, **options)
+    if tolerance is not None:
+        if not report:
+            raise PersistError(f"{path}: check=True, but it was saved without example= (nothing to rerun); "
+                               "re-save it with save_any(model, path, example=X_small)")
+        _example.raise_on_failure(report, tolerance, os.fspath(path))
+    return model
+
+
+def load_with_report(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iterable[str] = (),
+                     verify: bool = True, strict: bool = False, digest: str | None = None,
+                     public_key: KeySource | Iterable[KeySource] | None = None, check: bool | float = False,
+                     **options: Any) -> tuple[Any, list[_example.Diff], float | None]:
+    """`load_any`, returning also the comparison of each stored example output and the tolerance used."""
     from . import _signing  # only loads need it: keeps `import mlpersist` light
 
+    tolerance = _tolerance(check)
     root = _local(path)
     keys = _signing.load_public_keys(public_key)
     policy = TrustPolicy.of(trusted, allow)
     if root.is_file():
-        return _load_bare(root, policy, digest=digest, signed_required=bool(keys), **options)
+        model = _load_bare(root, policy, digest=digest, signed_required=bool(keys), **options)
+        return model, [], tolerance
     try:
         opened = _storage.open_artifact(root, verify=verify, check_manifest=_signing.checker(digest, keys))
     except ArtifactNotFoundError:
-        if (root / "saved_model.pb").is_file():  # looked at only when there is no manifest
-            raise ArtifactNotFoundError(
-                f"{root} is a TensorFlow SavedModel, not a Keras model file: Keras 3 cannot load it as a model. Load "
-                "it for inference with keras.layers.TFSMLayer(path, call_endpoint='serving_default') (it runs the "
-                "graph in the directory: only for files you trust), or re-save the original model with save_any"
-            ) from None
-        raise
+        if not root.is_dir() or (root / MANIFEST_NAME).exists():
+            raise
+        return _load_bare_dir(root, policy, signed_required=bool(keys), **options), [], tolerance
     try:
-        manifest = opened.manifest
-        adapter = _adapter_for(manifest, strict=strict)
         if opened.signed:  # signed by a key the caller configured: the caller trusts its author
             policy = TrustPolicy(True, policy.allow)
-        return adapter.load(Payload(opened.handles, policy, root), manifest.info, format=manifest.format, **options)
+        ctx = _parts.LoadContext(root, policy, strict, tolerance)
+        model = _parts.load_part(_parts.part_of(opened.manifest), opened.handles, ctx, dict(options))
+        return model, ctx.report, tolerance
     finally:
         opened.close()
+
+
+def _tolerance(check: bool | float) -> float | None:
+    if check is False or check is None:
+        return None
+    if check is True:
+        return _example.DEFAULT_TOLERANCE
+    if isinstance(check, (int, float)) and check >= 0:
+        return float(check)
+    raise PersistError(f"check= takes True, False or a tolerance >= 0, not {check!r}")
 
 
 def inspect(path: str | os.PathLike[str]) -> Manifest:
@@ -180,30 +191,6 @@ def verify(path: str | os.PathLike[str], *, digest: str | None = None,
     _storage.open_artifact(_local(path), verify=True, check_manifest=check).close()
 
 
-def _adapter_for(manifest: Manifest, *, strict: bool) -> _registry.Adapter:
-    spec = _registry.get_spec(manifest.adapter)
-    if spec is None:
-        raise CorruptArtifactError(
-            f"the artifact was written by the adapter {manifest.adapter!r} ({manifest.framework} "
-            f"{manifest.framework_version}), which is not registered here; install the package that provides it")
-    if not _registry.installed(spec):
-        raise _registry.missing_framework(spec, manifest.framework_version)
-    here = _framework_version(spec)
-    if here is not None and manifest.framework_version not in (here, "unknown"):
-        message = (f"the artifact was saved with {spec.package} {manifest.framework_version} and is loaded with "
-                   f"{here}; results may differ. To match: pip install '{spec.package}=="
-                   f"{manifest.framework_version}'")
-        if strict:
-            raise VersionMismatchError(message)
-        warnings.warn(message, VersionMismatchWarning, stacklevel=3)
-    adapter = _registry.get_adapter(manifest.adapter)
-    written = manifest.info.get("adapter_format_version", 1)
-    if type(written) is not int or written > adapter.format_version:
-        raise CorruptArtifactError(f"the {manifest.adapter} payload has format version {written!r}, newer than "
-                                   f"this mlpersist reads ({adapter.format_version}); upgrade mlpersist")
-    return adapter
-
-
 def _bare_manifest(path: Path) -> tuple[Manifest, BinaryIO]:
     """Describe a bare model file as an artifact of one payload file, opened once."""
     name, fmt, payload_name = sniff(path)
@@ -216,7 +203,7 @@ def _bare_manifest(path: Path) -> tuple[Manifest, BinaryIO]:
             raise CorruptArtifactError(f"{path} is not a regular file")
         entry = FileEntry(st.st_size, _storage.hash_fd(f.fileno(), st.st_size))
         manifest = Manifest(FORMAT_VERSION, name, fmt, "unknown:unknown", spec.package, "unknown",
-                            {payload_name: entry}, {}, _now(), _version("mlpersist") or "unknown",
+                            {payload_name: entry}, {}, _now(), _parts.mlpersist_version(),
                             {"source": str(path)}, {"bare": True})
     except BaseException:
         f.close()
@@ -234,10 +221,22 @@ def _load_bare(path: Path, policy: TrustPolicy, *, digest: str | None, signed_re
         (payload_name,) = manifest.files
         if digest is not None and manifest.files[payload_name].digest != digest:
             raise IntegrityError(str(path), f"pinned digest {digest}", manifest.files[payload_name].digest)
-        adapter = _adapter_for(manifest, strict=False)
+        adapter = _parts.adapter_for(_parts.part_of(manifest), strict=False)
         return adapter.load(Payload({payload_name: f}, policy), manifest.info, format=manifest.format, **options)
     finally:
         f.close()
+
+
+def _load_bare_dir(root: Path, policy: TrustPolicy, *, signed_required: bool, **options: Any) -> Any:
+    """A model directory saved without mlpersist (a TensorFlow SavedModel): recognised, then trust rules."""
+    name, fmt, payload_name = sniff(root)
+    if signed_required:
+        raise SignatureError(str(root), "an artifact signed by a configured key",
+                             "a bare directory, which carries no signature (wrap it with mlpersist convert and sign)")
+    spec = _registry.get_spec(name)
+    assert spec is not None
+    adapter = _parts.adapter_for(Part(name, "", fmt, "unknown:unknown", spec.package, "unknown"), strict=False)
+    return adapter.load(Payload({}, policy, dirs={payload_name: root}), {"bare": True}, format=fmt, **options)
 
 
 def _local(path: str | os.PathLike[str]) -> Path:
@@ -251,41 +250,6 @@ def _local(path: str | os.PathLike[str]) -> Path:
     if not text:
         raise PersistError("path is empty")
     return Path(os.path.abspath(text))
-
-
-def _environment(name: str, adapter: Any, spec: _registry.AdapterSpec) -> Mapping[str, Any]:
-    if name not in _ENV_CACHE:
-        import platform
-
-        deps = getattr(adapter, "dependencies", ())
-        packages = {d: v for d in deps if (v := _version(d)) is not None}
-        if (framework := _framework_version(spec)) is not None:
-            packages[spec.package] = framework
-        _ENV_CACHE[name] = {
-            "python": platform.python_version(),
-            "implementation": sys.implementation.name,
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "packages": packages,
-        }
-    return _ENV_CACHE[name]
-
-
-def _framework_version(spec: _registry.AdapterSpec) -> str | None:
-    """The installed version of the adapter's framework, under any of its distribution names."""
-    for dist in (spec.package, *spec.alt_packages):
-        if (v := _version(dist)) is not None:
-            return v
-    return None
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 def _now() -> str:

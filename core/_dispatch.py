@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from . import _registry
-from .errors import ArtifactNotFoundError, UnsupportedModelError
+from .errors import ArtifactNotFoundError, PersistError, UnsupportedModelError
 
 
 def detect(model: object) -> str:
@@ -27,34 +27,70 @@ def detect(model: object) -> str:
 
 
 def sniff(path: Path) -> tuple[str, str, str]:
-    """Recognise a bare model file by content: return (adapter, format, payload name).
+    """Recognise a bare model file (or SavedModel directory) by content: return (adapter, format, payload name).
+
+    Built-in adapters are asked first, importing nothing; then adapters registered without sniff
+    rules (entry points, `register_adapter`) whose framework is installed, through the `sniff`
+    and `suffixes` attributes of their class.
 
     Raises:
         mlpersist.errors.ArtifactNotFoundError: no adapter recognises the file.
 
     """
+    if path.is_dir():
+        for name, spec in sorted(_registry.specs.items()):
+            for magic, fmt, payload_name in spec.sniff:
+                if isinstance(magic, str) and magic.startswith("dir:") and (path / magic[4:]).is_file():
+                    return name, fmt, payload_name
+        raise ArtifactNotFoundError(f"{path} is a directory with no manifest.json and no model no adapter "
+                                    "recognises: not an mlpersist artifact, or its save did not finish")
     with open(path, "rb") as f:
-        head = f.read(16)
+        head = f.read(64)
     _registry.claims()  # reads entry points once
     specs = sorted(_registry.specs.items())
+    if (hit := _match(path, head, specs)) is not None:
+        return hit
+    late = [(name, _declared(name)) for name, spec in specs if not spec.sniff and _registry.installed(spec)]
+    if (hit := _match(path, head, late)) is not None:
+        return hit
+    raise ArtifactNotFoundError(
+        f"{path} is a file that no adapter recognises (first bytes {head[:8]!r}) and not an mlpersist "
+        "artifact directory; pass the artifact's directory, or a model file of a known framework")
+
+
+def _declared(name: str) -> _registry.AdapterSpec:
+    """An adapter's spec completed with the sniff rules its class declares (imports the adapter)."""
+    spec = _registry.specs[name]
+    try:
+        cls = type(_registry.get_adapter(name))
+    except PersistError:
+        return spec
+    return _registry.AdapterSpec(spec.target, spec.claims, spec.extra, spec.package, spec.formats,
+                                 tuple(getattr(cls, "sniff", ())), tuple(getattr(cls, "suffixes", ())))
+
+
+def _match(path: Path, head: bytes, specs: list[tuple[str, _registry.AdapterSpec]]) -> tuple[str, str, str] | None:
     members = _zip_members(path) if head.startswith(b"PK\x03\x04") else []
-    for name, spec in specs:
-        for magic, fmt, payload_name in spec.sniff:
-            if isinstance(magic, bytes):
-                hit = head.startswith(magic)
-            elif magic.startswith("zip:"):
-                hit = any(m.endswith(magic[4:]) or m == magic[4:].lstrip("/") for m in members)
-            else:
-                hit = _PROBES[magic.partition(":")[2]](path, head)
-            if hit:
-                return name, fmt, payload_name
+    rules = [(name, rule) for name, spec in specs for rule in spec.sniff]
+    # strong rules first (probes, archives, long magics), then 1-2 byte magics that also start other formats
+    # (a safetensors header length may begin with 0x78, zlib's first byte)
+    rules.sort(key=lambda r: isinstance(r[1][0], bytes) and len(r[1][0]) < 3)
+    for name, (magic, fmt, payload_name) in rules:
+        if isinstance(magic, bytes):
+            hit = head.startswith(magic)
+        elif magic.startswith("zip:"):
+            hit = any(m.endswith(magic[4:]) or m == magic[4:].lstrip("/") for m in members)
+        elif magic.startswith("probe:"):
+            hit = _PROBES[magic.partition(":")[2]](path, head)
+        else:
+            hit = False
+        if hit:
+            return name, fmt, payload_name
     for name, spec in specs:
         for suffix, fmt, payload_name in spec.suffixes:
             if path.name.lower().endswith(suffix) and head:
                 return name, fmt, payload_name
-    raise ArtifactNotFoundError(
-        f"{path} is a file that no adapter recognises (first bytes {head[:8]!r}) and not an mlpersist "
-        "artifact directory; pass the artifact's directory, or a joblib/pickle file")
+    return None
 
 
 def _zip_members(path: Path) -> list[str]:

@@ -52,6 +52,8 @@ class Manifest:
     metadata: Any = None
     info: Mapping[str, Any] = field(default_factory=dict)
     raw: bytes = field(default=b"", repr=False, compare=False)
+    example: Mapping[str, Any] | None = None  # the stored example input and outputs (save_any(example=...))
+    parts: Mapping[str, Part] = field(default_factory=dict)  # a bundle's entries (adapter "bundle")
 
     @property
     def digest(self) -> str:
@@ -72,6 +74,8 @@ class Manifest:
             "mlpersist_version": self.mlpersist_version,
             "metadata": self.metadata,
             "info": dict(self.info),
+            **({"example": self.example} if self.example is not None else {}),
+            **({"parts": {k: p.to_dict() for k, p in self.parts.items()}} if self.adapter == BUNDLE else {}),
         }
 
     def to_json(self) -> bytes:
@@ -117,12 +121,116 @@ def _from_v1(doc: dict[str, Any], raw: bytes) -> Manifest:
     for key in ("environment", "info"):
         if not isinstance(doc.get(key, {}), dict):
             raise _bad(key, "a JSON object", type(doc[key]).__name__)
+    files = parse_files(doc["files"])
+    part = _part(doc, "", files, "")
     return Manifest(
         format_version=doc["format_version"], adapter=doc["adapter"], format=doc["format"],
         model_class=doc["class"], framework=fw["name"], framework_version=fw["version"],
-        files=parse_files(doc["files"]), environment=MappingProxyType(doc["environment"]),
+        files=files, environment=MappingProxyType(doc["environment"]),
         created_at=doc["created_at"], mlpersist_version=doc["mlpersist_version"],
-        metadata=doc.get("metadata"), info=MappingProxyType(doc.get("info", {})), raw=raw)
+        metadata=doc.get("metadata"), info=part.info, raw=raw, example=part.example, parts=part.parts)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One entry of a bundle: a model its adapter saved under `dir`, a nested bundle, or a JSON value.
+
+    `adapter` is "bundle" for a nested bundle and "json" for a value kept in the manifest itself.
+    """
+
+    adapter: str
+    dir: str = ""
+    format: str = ""
+    model_class: str = ""
+    framework: str = ""
+    framework_version: str = ""
+    info: Mapping[str, Any] = field(default_factory=dict)
+    example: Mapping[str, Any] | None = None
+    parts: Mapping[str, Part] = field(default_factory=dict)
+    value: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON object this part is written as."""
+        if self.adapter == JSON_PART:
+            return {"value": self.value}
+        out: dict[str, Any] = {"dir": self.dir, "adapter": self.adapter, "format": self.format,
+                               "class": self.model_class, "info": dict(self.info),
+                               "framework": {"name": self.framework, "version": self.framework_version}}
+        if self.example is not None:
+            out["example"] = self.example
+        if self.adapter == BUNDLE:
+            out["parts"] = {k: p.to_dict() for k, p in self.parts.items()}
+        return out
+
+
+BUNDLE = "bundle"  # the core's own adapter name for a mapping of parts
+JSON_PART = "json"
+MAX_PARTS = 1_000
+MAX_DEPTH = 16
+
+
+def _part(doc: dict[str, Any], where: str, files: Mapping[str, FileEntry], prefix: str, depth: int = 0) -> Part:
+    """Validate what a manifest (or one bundle part) says beyond the top-level fields."""
+    info = doc.get("info", {})
+    if not isinstance(info, dict):
+        raise _bad(f"{where}info", "a JSON object", type(info).__name__)
+    example = doc.get("example")
+    if example is not None:
+        _check_example(example, f"{where}example", files, prefix)
+    parts: dict[str, Part] = {}
+    if doc["adapter"] == BUNDLE:
+        raw_parts = doc.get("parts")
+        if not isinstance(raw_parts, dict) or len(raw_parts) > MAX_PARTS or depth >= MAX_DEPTH:
+            raise _bad(f"{where}parts", f"a JSON object of at most {MAX_PARTS} parts, nested at most "
+                       f"{MAX_DEPTH} deep", repr(raw_parts)[:80])
+        for key, sub in raw_parts.items():
+            parts[key] = _sub_part(sub, f"{where}parts[{key!r}].", files, prefix, depth)
+        dirs = [p.dir for p in parts.values() if p.dir]
+        if len(set(dirs)) != len(dirs):
+            raise _bad(f"{where}parts", "parts in distinct directories", "two parts sharing one")
+        stray = [n for n in files if n.startswith(prefix) and not any(n.startswith(d + "/") for d in dirs)]
+        if stray:
+            raise _bad(f"{where}parts", "every file inside one part's directory", f"{stray[0]!r} in none")
+    return Part(doc["adapter"], info=MappingProxyType(info), example=example, parts=MappingProxyType(parts))
+
+
+def _sub_part(sub: Any, where: str, files: Mapping[str, FileEntry], prefix: str, depth: int) -> Part:
+    if isinstance(sub, dict) and set(sub) == {"value"}:
+        return Part(JSON_PART, value=sub["value"])
+    keys = {"dir", "adapter", "format", "class", "framework", "info"}
+    if not isinstance(sub, dict) or not keys <= set(sub):
+        raise _bad(where.rstrip("."), f"{{'value': ...}} or an object with {', '.join(sorted(keys))}",
+                   repr(sub)[:80])
+    for key in ("dir", "adapter", "format", "class"):
+        if not isinstance(sub[key], str) or not sub[key]:
+            raise _bad(f"{where}{key}", "a non-empty string", repr(sub[key])[:80])
+    if not _is_identifier(sub["adapter"]):
+        raise _bad(f"{where}adapter", "an adapter name", repr(sub["adapter"])[:80])
+    fw = sub["framework"]
+    if not isinstance(fw, dict) or not isinstance(fw.get("name"), str) or not isinstance(fw.get("version"), str):
+        raise _bad(f"{where}framework", '{"name": str, "version": str}', repr(fw)[:80])
+    check_name(sub["dir"])
+    if not sub["dir"].startswith(prefix) or "/" in sub["dir"][len(prefix):]:
+        raise _bad(f"{where}dir", f"one directory directly under {prefix or 'the artifact'}", repr(sub["dir"]))
+    inner = _part(sub, where, files, sub["dir"] + "/", depth + 1)
+    return Part(sub["adapter"], sub["dir"], sub["format"], sub["class"], fw["name"], fw["version"], inner.info,
+                inner.example, inner.parts)
+
+
+def _check_example(example: Any, where: str, files: Mapping[str, FileEntry], prefix: str) -> None:
+    """An example names its stored input files and one output file per method, all listed in `files`."""
+    ok = isinstance(example, dict) and isinstance(example.get("inputs"), list) \
+        and isinstance(example.get("outputs"), dict) and example["outputs"]
+    if not ok:
+        raise _bad(where, '{"inputs": [...], "outputs": {name: file}}', repr(example)[:80])
+    named = [c.get("file") for i in example["inputs"] if isinstance(i, dict)
+             for c in ([i] if "file" in i else i.get("columns", []) if isinstance(i.get("columns"), list) else [])
+             if isinstance(c, dict)]
+    if len(named) < len(example["inputs"]):
+        raise _bad(f"{where}.inputs", "objects naming their files", repr(example["inputs"])[:80])
+    for name in [*named, *example["outputs"].values()]:
+        if not isinstance(name, str) or prefix + name not in files:
+            raise _bad(where, "files listed in the manifest", repr(name)[:80])
 
 
 def parse_json(raw: bytes, what: str) -> Any:

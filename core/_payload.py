@@ -18,8 +18,9 @@ class Payload:
     policy the caller gave `load_any`.
     """
 
-    def __init__(self, handles: Mapping[str, BinaryIO], policy: TrustPolicy, root: Path | None = None) -> None:
-        self._handles, self.policy, self.root = dict(handles), policy, root
+    def __init__(self, handles: Mapping[str, BinaryIO], policy: TrustPolicy, root: Path | None = None,
+                 dirs: Mapping[str, Path] | None = None) -> None:
+        self._handles, self.policy, self.root, self._dirs = dict(handles), policy, root, dict(dirs or {})
 
     @property
     def names(self) -> list[str]:
@@ -57,6 +58,21 @@ class Payload:
         if proc.exists():
             return proc
         return self.root / name if self.root is not None else Path(f.name)
+
+    def directory(self, name: str) -> Path:
+        """The path of a payload directory, for formats a framework reads only as a tree (a SavedModel).
+
+        Its files were checked like any other, but the framework then reads them by path: use it only
+        for content loaded with trusted=True.
+
+        Raises:
+            mlpersist.errors.CorruptArtifactError: there is no such directory.
+
+        """
+        path = self._dirs.get(name) or (self.root / name if self.root is not None else None)
+        if path is None or not path.is_dir():
+            raise CorruptArtifactError(f"the artifact has no payload directory {name!r}")
+        return path
 
     def unpickle(self, name: str, *, joblib_format: bool = True) -> Any:
         """Unpickle `name` under the caller's trust policy (the one way pickles are read).

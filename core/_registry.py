@@ -45,7 +45,8 @@ class AdapterSpec:
     extra: str                   # the mlpersist extra named in MissingFrameworkError ("" for none)
     package: str                 # the distribution whose version the manifest records
     formats: tuple[str, ...] = ()  # formats it writes; the first is the default
-    # bare files it reads: (magic prefix | "zip:<member suffix>" | "probe:<name>", format, payload name)
+    # bare files it reads: (magic prefix | "zip:<member suffix>" | "probe:<name>" | "dir:<file in a directory>",
+    # format, payload name)
     sniff: tuple[tuple[bytes | str, str, str], ...] = ()
     # bare files it reads by name when no magic prefix matched (pickle protocols 0 and 1 have none)
     suffixes: tuple[tuple[str, str, str], ...] = ()
@@ -55,7 +56,8 @@ class AdapterSpec:
 _BUILTIN: dict[str, AdapterSpec] = {  # alphabetical; a test checks the order
     "keras": AdapterSpec(
         "mlpersist.adapters.keras:KerasAdapter", ("keras",), "keras", "keras", ("keras", "export"),
-        (("zip:config.json", "keras", "model.keras"), (b"\x89HDF\r\n\x1a\n", "h5", "model.h5"))),
+        (("zip:config.json", "keras", "model.keras"), (b"\x89HDF\r\n\x1a\n", "h5", "model.h5"),
+         ("dir:saved_model.pb", "export", "export"))),
     "sklearn": AdapterSpec(
         "mlpersist.adapters.sklearn:SklearnAdapter", ("sklearn",), "sklearn", "scikit-learn", ("joblib", "pickle"),
         # pickle protocols 2-5, then joblib's compressed containers (zlib, gzip, bz2, xz, lzma, lz4)

@@ -8,7 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import _api, _dispatch, _registry, _safepickle, _signing
+from . import _api, _convert, _dispatch, _parts, _registry, _safepickle, _signing
+from ._manifest import JSON_PART, Part
 from .errors import IntegrityError, PersistError
 
 
@@ -30,6 +31,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("sign", help="sign an artifact's manifest (writes manifest.sig)")
     p.add_argument("path", type=Path)
     p.add_argument("--key", required=True, type=Path, help="the private key made by `mlpersist keygen`")
+    p = sub.add_parser("check", help="load the model and rerun the example stored at save (save_any(example=...)); "
+                                     "exit 1 if an output differs beyond the tolerance")
+    p.add_argument("path")
+    p.add_argument("--tolerance", type=float, default=None, help="largest difference allowed, relative to "
+                   "max(1, |stored value|) (default 1e-5; 0 for bit for bit)")
+    _trust_options(p)
+    p = sub.add_parser("requirements", help="print pinned requirement lines (pip install -r) for the environment "
+                                            "that saved the model")
+    p.add_argument("path")
+    p = sub.add_parser("convert", help="wrap a model file saved without mlpersist (joblib, pickle, .keras, .h5, "
+                                       "SavedModel, .pt, safetensors, XGBoost, ...) into an artifact, after loading "
+                                       "it once under the trust rules")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--overwrite", action="store_true", help="replace an artifact at DST")
+    _trust_options(p)
     args = parser.parse_args(argv)
     try:
         return int(_COMMANDS[args.command](args))
@@ -39,6 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PersistError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _trust_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow", action="append", default=[], metavar="MODULE.NAME",
+                   help="a global a pickle may import beyond the allow-list (repeatable)")
+    p.add_argument("--trusted", action="store_true", help="lift the allow-list: only for files you trust")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -63,7 +86,53 @@ def _inspect(args: argparse.Namespace) -> int:
         lines.append(f"info.{key:<9} {text if len(text) < 100 else text[:97] + '...'}")
     if m.metadata is not None:
         lines.append(f"metadata      {json.dumps(m.metadata)[:200]}")
+    if m.example is not None:
+        lines.append(f"example       outputs {', '.join(m.example['outputs'])}: `mlpersist check` reruns them")
+    if m.parts:
+        lines.append("parts")
+        lines += _part_lines(_parts.part_of(m), "  ")
     print("\n".join(lines))
+    return 0
+
+
+def _part_lines(part: Part, indent: str) -> list[str]:
+    lines = []
+    for key, sub in part.parts.items():
+        if sub.adapter == JSON_PART:
+            text = json.dumps(sub.value)
+            lines.append(f"{indent}{key}: JSON {text if len(text) < 80 else text[:77] + '...'}")
+            continue
+        example = f", example: {', '.join(sub.example['outputs'])}" if sub.example is not None else ""
+        lines.append(f"{indent}{key}: {sub.model_class} ({sub.adapter} {sub.format}, {sub.framework} "
+                     f"{sub.framework_version}) in {sub.dir}/{example}")
+        lines += _part_lines(sub, indent + "  ")
+    return lines
+
+
+def _check(args: argparse.Namespace) -> int:
+    _, report, tolerance = _api.load_with_report(args.path, trusted=args.trusted, allow=args.allow,
+                                                 check=True if args.tolerance is None else args.tolerance)
+    if not report:
+        print(f"error: {args.path} was saved without example= (nothing to rerun); re-save it with "
+              "save_any(model, path, example=X_small)", file=sys.stderr)
+        return 2
+    for diff in report:
+        print(diff)
+    bad = sum(not d.ok for d in report)
+    print(f"{len(report) - bad} of {len(report)} output(s) within tolerance {tolerance:g}"
+          + ("" if not bad else ": this environment answers differently; `mlpersist requirements PATH` prints "
+             "the one that saved it"))
+    return 1 if bad else 0
+
+
+def _requirements(args: argparse.Namespace) -> int:
+    print(_convert.requirements(_api.inspect(args.path), args.path), end="")
+    return 0
+
+
+def _convert_cmd(args: argparse.Namespace) -> int:
+    m = _convert.convert(args.src, args.dst, trusted=args.trusted, allow=args.allow, overwrite=args.overwrite)
+    print(f"converted {args.src} -> {args.dst}: {m.model_class} ({m.adapter} {m.format}), manifest {m.digest}")
     return 0
 
 
@@ -117,4 +186,4 @@ def _sign(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"inspect": _inspect, "verify": _verify, "adapters": _adapters, "scan": _scan, "keygen": _keygen,
-             "sign": _sign}
+             "sign": _sign, "check": _check, "requirements": _requirements, "convert": _convert_cmd}

@@ -11,6 +11,7 @@ The tree::
     │   └── SignatureError                       signature missing, bad, or by an unknown key
     ├── UntrustedContentError                    loading would run code the caller did not allow
     ├── MissingFrameworkError (+ ImportError)    the adapter's framework is not installed
+    ├── CheckFailedError                         the loaded model's answers on the stored example differ
     └── VersionMismatchError                     strict=True and the versions differ
 
     VersionMismatchWarning (UserWarning)         the versions differ (not strict)
@@ -76,6 +77,17 @@ class MissingFrameworkError(PersistError, ImportError):
     """The framework an adapter needs is not installed."""
 
 
+class CheckFailedError(PersistError):
+    """`check=True`: the loaded model's outputs on the stored example differ beyond the tolerance."""
+
+    def __init__(self, message: str, report: Sequence[object] = ()) -> None:
+        super().__init__(message)
+        self.report = tuple(report)
+
+    def __reduce__(self) -> tuple[type, tuple[str, tuple[object, ...]]]:
+        return type(self), (str(self), self.report)
+
+
 class VersionMismatchError(PersistError):
     """With `strict=True`: the artifact was written by another version of the framework."""
 
@@ -87,6 +99,7 @@ class VersionMismatchWarning(UserWarning):
 __all__ = [
     "ArtifactExistsError",
     "ArtifactNotFoundError",
+    "CheckFailedError",
     "CorruptArtifactError",
     "IntegrityError",
     "MissingFrameworkError",

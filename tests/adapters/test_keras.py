@@ -13,9 +13,7 @@ from contract import AdapterContract
 from mlp_testkit import require, run_python
 
 from mlpersist import (
-    ArtifactNotFoundError,
     CorruptArtifactError,
-    PersistError,
     UntrustedContentError,
     load_any,
     save_any,
@@ -222,21 +220,41 @@ def test_a_legacy_h5_with_a_lambda_is_refused(tmp_path: Path) -> None:
         load_any(tmp_path / "legacy.h5")
 
 
-def test_a_savedmodel_directory_gets_a_clear_message(tmp_path: Path) -> None:
+def test_a_savedmodel_directory_is_recognised_and_loads_only_when_trusted(tmp_path: Path) -> None:
     (tmp_path / "sm").mkdir()
     (tmp_path / "sm" / "saved_model.pb").write_bytes(b"\x08\x01")
-    with pytest.raises(ArtifactNotFoundError, match="TFSMLayer"):
+    with pytest.raises(UntrustedContentError, match=r"SavedModel.*trusted=True"):
         load_any(tmp_path / "sm")
 
 
-def test_export_is_one_way(tmp_path: Path) -> None:
+def _tensorflow_backend() -> None:
     require("tensorflow")
     if keras().backend.backend() != "tensorflow":
         pytest.skip("export writes a TensorFlow SavedModel")
-    save_any(sequential(), tmp_path / "e", format="export")
+
+
+def test_an_export_loads_as_an_inference_layer_only_when_trusted(tmp_path: Path) -> None:
+    _tensorflow_backend()
+    np = require("numpy")
+    model = sequential()
+    save_any(model, tmp_path / "e", format="export")
     assert (tmp_path / "e" / "export" / "saved_model.pb").is_file()
-    with pytest.raises(PersistError, match="one-way export"):
+    with pytest.raises(UntrustedContentError, match="SavedModel"):
         load_any(tmp_path / "e")
+    layer = load_any(tmp_path / "e", trusted=True)
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    (out,) = layer(x).values()
+    assert np.array_equal(np.asarray(out), np.asarray(model(x)))
+
+
+def test_a_bare_savedmodel_directory_loads_when_trusted(tmp_path: Path) -> None:
+    _tensorflow_backend()
+    np = require("numpy")
+    model = sequential()
+    model.export(str(tmp_path / "sm"))
+    x = np.random.default_rng(1).normal(size=(3, 4)).astype("float32")
+    (out,) = load_any(tmp_path / "sm", trusted=True)(x).values()
+    assert np.array_equal(np.asarray(out), np.asarray(model(x)))
 
 
 def test_the_backend_is_recorded_and_a_tensorflow_model_loads_on_torch(tmp_path: Path) -> None:

@@ -27,6 +27,8 @@ class LightGBMAdapter:
     name: ClassVar[str] = "lightgbm"
     format_version: ClassVar[int] = 1
     dependencies: ClassVar[tuple[str, ...]] = ("lightgbm", "numpy", "scipy")
+    # How mlpersist recognises a LightGBM text model saved without it: (first bytes, format, payload name)
+    sniff: ClassVar[tuple[tuple[bytes, str, str], ...]] = ((b"tree\nversion=v", "default", MODEL),)
 
     def save(self, model: Any, dest: Path, *, format: str, **options: Any) -> Mapping[str, Any]:
         """Write model.txt; record the wrapper, its parameters and classes."""
