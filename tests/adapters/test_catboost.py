@@ -29,7 +29,7 @@ class TestCatBoost(AdapterContract):
 
     def make_model(self) -> Any:
         x, y = data()
-        return require("catboost").CatBoostClassifier(iterations=20, verbose=False).fit(x, y)
+        return require("catboost").CatBoostClassifier(iterations=20, verbose=False, allow_writing_files=False).fit(x, y)
 
     def make_input(self) -> Any:
         return data(30, seed=1)[0]
@@ -41,7 +41,7 @@ class TestCatBoost(AdapterContract):
 def test_a_regressor_round_trips(tmp_path: Path) -> None:
     np = require("numpy")
     x, y = data()
-    model = require("catboost").CatBoostRegressor(iterations=10, verbose=False).fit(x, y)
+    model = require("catboost").CatBoostRegressor(iterations=10, verbose=False, allow_writing_files=False).fit(x, y)
     save_any(model, tmp_path / "m")
     loaded = load_any(tmp_path / "m")
     assert type(loaded) is type(model)
