@@ -204,7 +204,7 @@ def adapter_for(part: Part, *, strict: bool) -> _registry.Adapter:
                    f"{part.framework_version}' (mlpersist requirements PATH lists the whole environment)")
         if strict:
             raise VersionMismatchError(message)
-        warnings.warn(message, VersionMismatchWarning, stacklevel=4)
+        warnings.warn(message, VersionMismatchWarning, stacklevel=5)  # the caller of load_any
     adapter = _registry.get_adapter(part.adapter)
     written = part.info.get("adapter_format_version", 1)
     if type(written) is not int or written > adapter.format_version:
