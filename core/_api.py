@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -54,9 +54,18 @@ def save_any(model: Any, path: str | os.PathLike[str], *, overwrite: bool = Fals
     check_json_value(metadata, "metadata")
     if type(model) is not dict:
         detect(model)  # refuse an unsupported model before touching the disk
+    return write_artifact(root, overwrite=overwrite, metadata=metadata, fill=lambda dest: _parts.save_part(
+        model, dest, fmt=format, options=dict(options), example=example))
+
+
+def write_artifact(root: Path, *, overwrite: bool, metadata: Any, fill: Callable[[Path], Part]) -> Manifest:
+    """Stage an artifact beside `root`, let `fill` write its payload and describe it, seal and commit it.
+
+    On any failure (or interruption) the staging directory is removed and `root` is untouched.
+    """
     staging = _storage.Staging(root, overwrite=overwrite)
     try:
-        part = _parts.save_part(model, staging.dir, fmt=format, options=dict(options), example=example)
+        part = fill(staging.dir)
         manifest = Manifest(
             format_version=FORMAT_VERSION, adapter=part.adapter, format=part.format, model_class=part.model_class,
             framework=part.framework, framework_version=part.framework_version, files=staging.seal(),

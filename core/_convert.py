@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
-from . import _parts, _registry, _storage
-from ._api import _local, _now
+from . import _parts, _registry
+from ._api import _local, write_artifact
 from ._dispatch import sniff
-from ._manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, Part
+from ._manifest import MANIFEST_NAME, Manifest, Part
 from ._payload import Payload
 from ._policy import TrustPolicy
 from .errors import PersistError
@@ -38,9 +39,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, trusted
     part = Part(name, "", fmt, "unknown:unknown", spec.package, "unknown")
     adapter = _parts.adapter_for(part, strict=False)
     policy = TrustPolicy.of(trusted, allow)
-    staging = _storage.Staging(root, overwrite=overwrite)
-    try:
-        copy = staging.dir / payload_name
+
+    def fill(dest: Path) -> Part:
+        copy = dest / payload_name
         if source.is_dir():
             shutil.copytree(source, copy, symlinks=True)  # a symlink in it is refused when sealed
             model = adapter.load(Payload({}, policy, dirs={payload_name: copy}), {"bare": True}, format=fmt)
@@ -50,15 +51,10 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, trusted
                 model = adapter.load(Payload({payload_name: f}, policy), {"bare": True}, format=fmt)
         cls = type(model)
         info = {"adapter_format_version": adapter.format_version, "bare": True, "converted_from": source.name}
-        manifest = Manifest(FORMAT_VERSION, name, fmt, f"{cls.__module__}:{cls.__qualname__}", spec.package,
-                            _parts.framework_version(spec) or "unknown", staging.seal(), _parts.environment([name]),
-                            _now(), _parts.mlpersist_version(), metadata, info)
-        raw = manifest.to_json()
-        staging.commit(raw)
-    except BaseException:
-        staging.abort()
-        raise
-    return Manifest.from_json(raw)
+        return Part(name, "", fmt, f"{cls.__module__}:{cls.__qualname__}", spec.package,
+                    _parts.framework_version(spec) or "unknown", info)
+
+    return write_artifact(root, overwrite=overwrite, metadata=metadata, fill=fill)
 
 
 def requirements(manifest: Manifest, path: str) -> str:
@@ -69,7 +65,7 @@ def requirements(manifest: Manifest, path: str) -> str:
              f"# python {env.get('python', 'unknown')} ({env.get('implementation', '?')}) on "
              f"{env.get('platform', 'unknown')}"]
     # a bare file records no environment: name its framework, unpinned
-    names = set() if packages else {p.framework for p in _walk(_parts.part_of(manifest))} - {"mlpersist", ""}
+    names = set() if packages else {p.framework for p in _parts.walk(_parts.part_of(manifest))} - {"mlpersist", ""}
     for dist in sorted(names, key=str.lower):
         lines.append(f"{dist}  # version unknown: saved without mlpersist")
     for dist, version in sorted(packages.items(), key=lambda kv: kv[0].lower()):
@@ -79,12 +75,6 @@ def requirements(manifest: Manifest, path: str) -> str:
     if manifest.mlpersist_version != "unknown" and _is_plain(manifest.mlpersist_version):
         lines.append(f"mlpersist>={manifest.mlpersist_version}")
     return "\n".join(lines) + "\n"
-
-
-def _walk(part: Part) -> Iterable[Part]:
-    yield part
-    for sub in part.parts.values():
-        yield from _walk(sub)
 
 
 def _is_plain(text: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -65,8 +66,8 @@ def _declared(name: str) -> _registry.AdapterSpec:
         cls = type(_registry.get_adapter(name))
     except PersistError:
         return spec
-    return _registry.AdapterSpec(spec.target, spec.claims, spec.extra, spec.package, spec.formats,
-                                 tuple(getattr(cls, "sniff", ())), tuple(getattr(cls, "suffixes", ())))
+    return dataclasses.replace(spec, sniff=tuple(getattr(cls, "sniff", ())),
+                               suffixes=tuple(getattr(cls, "suffixes", ())))
 
 
 def _match(path: Path, head: bytes, specs: list[tuple[str, _registry.AdapterSpec]]) -> tuple[str, str, str] | None:

@@ -11,7 +11,7 @@ import dataclasses
 import re
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -137,11 +137,16 @@ def part_of(manifest: Manifest) -> Part:
                 manifest.framework_version, manifest.info, manifest.example, manifest.parts)
 
 
+def walk(part: Part) -> Iterator[Part]:
+    """The part, then every sub-part of a bundle, depth first."""
+    yield part
+    for sub in part.parts.values():
+        yield from walk(sub)
+
+
 def adapters_in(part: Part) -> list[str]:
     """Every adapter a part and its sub-parts use, in order."""
-    if part.adapter == BUNDLE:
-        return [a for p in part.parts.values() for a in adapters_in(p)]
-    return [] if part.adapter == JSON_PART else [part.adapter]
+    return [p.adapter for p in walk(part) if p.adapter not in (BUNDLE, JSON_PART)]
 
 
 @dataclasses.dataclass
