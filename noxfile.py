@@ -80,6 +80,15 @@ def interop(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def remote(session: nox.Session) -> None:
+    """Artifacts in S3: a real S3 endpoint (moto's standalone server, started and stopped by the tests' fixture
+    on a free loopback port) reached through s3fs, with a model of every framework."""
+    session.install(*CONSTRAINTS, "-e", *EVERYTHING, "-e", ".[s3]", "moto[server]", "boto3", *TEST)
+    session.run("pytest", "tests/remote", *session.posargs,
+                env={"MLPERSIST_REQUIRE": "numpy,torch,xgboost,keras,sklearn,moto,boto3,s3fs"})
+
+
+@nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     """Run every script in examples/ end to end."""
     session.install(*CONSTRAINTS, "-e", ".[sklearn,torch]", "pandas")
@@ -112,5 +121,5 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the installed package (core/ is importable only as `mlpersist`)."""
-    session.install(*CONSTRAINTS, *EVERYTHING, *PYPROJECT["dependency-groups"]["typecheck"])
+    session.install(*CONSTRAINTS, *EVERYTHING, "fsspec", *PYPROJECT["dependency-groups"]["typecheck"])
     session.run("mypy", "-p", "mlpersist", "--config-file", "pyproject.toml")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -22,22 +22,27 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from ._remote import Store
     from ._signing import KeySource
 
 def save_any(model: Any, path: str | os.PathLike[str], *, overwrite: bool = False, metadata: Any = None,
-             format: str | None = None, example: Any = None, **options: Any) -> Manifest:
-    """Save `model` as an artifact directory at `path`, atomically.
+             format: str | None = None, example: Any = None, storage_options: Mapping[str, Any] | None = None,
+             progress: bool | None = None, **options: Any) -> Manifest:
+    """Save `model` as an artifact directory at `path` (local, or any fsspec URL), atomically.
 
     Args:
         model: a fitted model of any framework an adapter claims, or a bundle: a dict whose values are
             models, plain JSON values or nested dicts (each model saved by its own adapter).
-        path: the artifact directory to create.
+        path: the artifact directory to create, or an fsspec URL (`s3://bucket/churn/v3`, `memory://x`).
         overwrite: replace an existing artifact (readers see the old or the new one, never a mix).
         metadata: JSON-able data stored in the manifest as is.
         format: one of the adapter's formats (`mlpersist adapters` lists them); default its first.
         example: a small input (array, DataFrame, tensor; a tuple for several arguments) stored with the
             model's outputs on it, for `load_any(check=True)` and `mlpersist check`; for a bundle, a dict
             from part key to that part's example.
+        storage_options: for a URL, passed to fsspec (credentials, `endpoint_url`, ...); default: the
+            protocol's own environment variables and config.
+        progress: a progress bar on stderr for an upload; default: on a terminal, above 16 MiB.
         **options: passed to the adapter (e.g. `compress=3` for joblib); for a bundle,
             `parts={key: {option: value}}`.
 
@@ -47,15 +52,25 @@ def save_any(model: Any, path: str | os.PathLike[str], *, overwrite: bool = Fals
     Raises:
         mlpersist.errors.UnsupportedModelError: no adapter claims the model, or it cannot save it.
         mlpersist.errors.ArtifactExistsError: `path` exists and `overwrite` is false (it is left untouched).
-        mlpersist.errors.MissingFrameworkError: the adapter's framework is not installed.
+        mlpersist.errors.MissingFrameworkError: the adapter's framework (or fsspec, for a URL) is not installed.
+        mlpersist.errors.StorageError: a remote store refused or failed (credentials, missing bucket, network).
 
     """
-    root = _local(path)
+    where = _where(path, storage_options)
     check_json_value(metadata, "metadata")
     if type(model) is not dict:
-        detect(model)  # refuse an unsupported model before touching the disk
-    return write_artifact(root, overwrite=overwrite, metadata=metadata, fill=lambda dest: _parts.save_part(
-        model, dest, fmt=format, options=dict(options), example=example))
+        detect(model)  # refuse an unsupported model before touching the disk or the network
+
+    def write(root: Path, overwrite: bool = overwrite) -> Manifest:
+        return write_artifact(root, overwrite=overwrite, metadata=metadata, fill=lambda dest: _parts.save_part(
+            model, dest, fmt=format, options=dict(options), example=example))
+
+    if not isinstance(where, Path):
+        from . import _remote  # with the first URL only: keeps `import mlpersist` light
+
+        return _remote.save(where, overwrite=overwrite, write_local=lambda root: write(root, False),
+                            progress=progress)
+    return write(where)
 
 
 def write_artifact(root: Path, *, overwrite: bool, metadata: Any, fill: Callable[[Path], Part]) -> Manifest:
@@ -83,11 +98,11 @@ def write_artifact(root: Path, *, overwrite: bool, metadata: Any, fill: Callable
 def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iterable[str] = (),
              verify: bool = True, strict: bool = False, digest: str | None = None,
              public_key: KeySource | Iterable[KeySource] | None = None, check: bool | float = False,
-             **options: Any) -> Any:
+             storage_options: Mapping[str, Any] | None = None, progress: bool | None = None, **options: Any) -> Any:
     """Load the model saved at `path` (an artifact directory, or a model file saved without mlpersist).
 
     Args:
-        path: the artifact directory, or a model file saved without mlpersist.
+        path: the artifact directory (local, or any fsspec URL), or a model file saved without mlpersist.
         trusted: lift the allow-list for pickle-based content (only for files you trust).
         allow: extra `"module.Name"` globals a pickle may import, for this call only.
         verify: check every file's digest before it is opened (sizes are always checked).
@@ -97,6 +112,8 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
             default: the keys named by $MLPERSIST_PUBLIC_KEYS. A valid signature lifts the allow-list.
         check: rerun the example stored at save (`example=`) and compare the outputs: True for the default
             tolerance (1e-5, relative to max(1, |stored value|)), or a float tolerance (0.0: bit for bit).
+        storage_options: for a URL, passed to fsspec (credentials, `endpoint_url`, ...).
+        progress: a progress bar on stderr for a download; default: on a terminal, above 16 MiB.
         **options: passed to the adapter; for a bundle, `parts={key: {option: value}}`.
 
     Returns:
@@ -111,10 +128,12 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
         mlpersist.errors.MissingFrameworkError: the framework that wrote it is not installed.
         mlpersist.errors.VersionMismatchError: with `strict=True`, the framework versions differ.
         mlpersist.errors.CheckFailedError: with `check`, an output differs beyond the tolerance.
+        mlpersist.errors.StorageError: a remote store refused or failed (credentials, network).
 
     """
     model, report, tolerance = load_with_report(path, trusted=trusted, allow=allow, verify=verify, strict=strict,
-                                                digest=digest, public_key=public_key, check=check, **options)
+                                                digest=digest, public_key=public_key, check=check,
+                                                storage_options=storage_options, progress=progress, **options)
     if tolerance is not None:
         if not report:
             raise PersistError(f"{path}: check=True, but it was saved without example= (nothing to rerun); "
@@ -126,14 +145,22 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
 def load_with_report(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iterable[str] = (),
                      verify: bool = True, strict: bool = False, digest: str | None = None,
                      public_key: KeySource | Iterable[KeySource] | None = None, check: bool | float = False,
+                     storage_options: Mapping[str, Any] | None = None, progress: bool | None = None,
                      **options: Any) -> tuple[Any, list[_example.Diff], float | None]:
     """`load_any`, returning also the comparison of each stored example output and the tolerance used."""
     from . import _signing  # only loads need it: keeps `import mlpersist` light
 
     tolerance = _tolerance(check)
-    root = _local(path)
+    where = _where(path, storage_options)
     keys = _signing.load_public_keys(public_key)
     policy = TrustPolicy.of(trusted, allow)
+    if not isinstance(where, Path):
+        from . import _remote
+
+        opened = _remote.open_remote(where, verify=verify, check_manifest=_signing.checker(digest, keys),
+                                     progress=progress)
+        return _load_opened(opened, policy, strict, tolerance, options)
+    root = where
     if root.is_file():
         model = _load_bare(root, policy, digest=digest, signed_required=bool(keys), **options)
         return model, [], tolerance
@@ -143,10 +170,15 @@ def load_with_report(path: str | os.PathLike[str], *, trusted: bool = False, all
         if not root.is_dir() or (root / MANIFEST_NAME).exists():
             raise
         return _load_bare_dir(root, policy, signed_required=bool(keys), **options), [], tolerance
+    return _load_opened(opened, policy, strict, tolerance, options)
+
+
+def _load_opened(opened: _storage.Opened, policy: TrustPolicy, strict: bool, tolerance: float | None,
+                 options: dict[str, Any]) -> tuple[Any, list[_example.Diff], float | None]:
     try:
         if opened.signed:  # signed by a key the caller configured: the caller trusts its author
             policy = TrustPolicy(True, policy.allow)
-        ctx = _parts.LoadContext(root, policy, strict, tolerance)
+        ctx = _parts.LoadContext(opened.root, policy, strict, tolerance)
         model = _parts.load_part(_parts.part_of(opened.manifest), opened.handles, ctx, dict(options))
         return model, ctx.report, tolerance
     finally:
@@ -163,7 +195,7 @@ def _tolerance(check: bool | float) -> float | None:
     raise PersistError(f"check= takes True, False or a tolerance >= 0, not {check!r}")
 
 
-def inspect(path: str | os.PathLike[str]) -> Manifest:
+def inspect(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> Manifest:
     """Read the manifest only; import no framework.
 
     Raises:
@@ -171,7 +203,11 @@ def inspect(path: str | os.PathLike[str]) -> Manifest:
         mlpersist.errors.CorruptArtifactError: the manifest is malformed.
 
     """
-    root = _local(path)
+    root = _where(path, storage_options)
+    if not isinstance(root, Path):
+        from . import _remote
+
+        return _remote.read_manifest(root)
     if root.is_file():
         manifest, f = _bare_manifest(root)
         f.close()
@@ -180,13 +216,15 @@ def inspect(path: str | os.PathLike[str]) -> Manifest:
 
 
 def verify(path: str | os.PathLike[str], *, digest: str | None = None,
-           public_key: KeySource | Iterable[KeySource] | None = None) -> None:
+           public_key: KeySource | Iterable[KeySource] | None = None,
+           storage_options: Mapping[str, Any] | None = None) -> None:
     """Check every payload file's size and digest, that no unlisted file is present, and pins/signature.
 
     Args:
-        path: the artifact directory.
+        path: the artifact directory, or its URL (every blob is downloaded and hashed, bypassing the cache).
         digest: the manifest digest you expect.
         public_key: key(s) of which one must have signed it (default: $MLPERSIST_PUBLIC_KEYS).
+        storage_options: for a URL, passed to fsspec.
 
     Raises:
         mlpersist.errors.IntegrityError: naming the first file that differs.
@@ -197,7 +235,13 @@ def verify(path: str | os.PathLike[str], *, digest: str | None = None,
     from . import _signing
 
     check = _signing.checker(digest, _signing.load_public_keys(public_key))
-    _storage.open_artifact(_local(path), verify=True, check_manifest=check).close()
+    where = _where(path, storage_options)
+    if not isinstance(where, Path):
+        from . import _remote
+
+        _remote.verify_remote(where, check_manifest=check)
+    else:
+        _storage.open_artifact(where, verify=True, check_manifest=check).close()
 
 
 def _bare_manifest(path: Path) -> tuple[Manifest, BinaryIO]:
@@ -248,17 +292,38 @@ def _load_bare_dir(root: Path, policy: TrustPolicy, *, signed_required: bool, **
     return adapter.load(Payload({}, policy, dirs={payload_name: root}), {"bare": True}, format=fmt, **options)
 
 
-def _local(path: str | os.PathLike[str]) -> Path:
-    text = os.fspath(path)
-    if isinstance(text, bytes):
-        text = os.fsdecode(text)
+def _where(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> Path | Store:
+    """A local artifact path, or the store of an fsspec URL."""
+    text = _text(path)
+    if _is_url(text):
+        from . import _remote
+
+        return _remote.open_store(text, storage_options)
+    if storage_options:
+        raise PersistError(f"{text}: storage_options= applies to URLs (s3://..., memory://...), not local paths")
+    return _local(text)
+
+
+def _local(path: str | os.PathLike[str], what: str = "") -> Path:
+    text = _text(path)
     if text.startswith("file://"):
         text = text[len("file://"):]
-    elif "://" in text or "::" in text:
-        raise PersistError(f"{text}: remote stores (fsspec URLs) are not supported yet; use a local path")
+    elif _is_url(text):
+        raise PersistError(f"{text}: {what or 'this call'} takes a local path; URLs are for save_any, load_any, "
+                           "inspect and verify")
     if not text:
         raise PersistError("path is empty")
     return Path(os.path.abspath(text))
+
+
+def _is_url(text: str) -> bool:
+    """A URL fsspec must open (`file://` is a local path: it keeps the local, rename-based commit)."""
+    return ("://" in text or "::" in text) and not text.startswith("file://")
+
+
+def _text(path: str | os.PathLike[str]) -> str:
+    text = os.fspath(path)
+    return os.fsdecode(text) if isinstance(text, bytes) else text
 
 
 def _now() -> str:

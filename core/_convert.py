@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from . import _parts, _registry
-from ._api import _local, write_artifact
+from ._api import _local, _where, write_artifact
 from ._dispatch import sniff
 from ._manifest import MANIFEST_NAME, Manifest, Part
 from ._payload import Payload
@@ -18,8 +18,9 @@ from .errors import PersistError
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, trusted: bool = False,
-            allow: Iterable[str] = (), overwrite: bool = False, metadata: Any = None) -> Manifest:
-    """Copy the bare model `src` verbatim into a new artifact at `dst`, after loading the copy once.
+            allow: Iterable[str] = (), overwrite: bool = False, metadata: Any = None,
+            storage_options: Mapping[str, Any] | None = None) -> Manifest:
+    """Copy the bare model `src` (a local file) verbatim into a new artifact at `dst`, after loading the copy once.
 
     The copy is loaded under the same trust rules as `load_any(src, trusted=..., allow=...)`: a file
     that would be refused there is refused here, and nothing is written at `dst`. The manifest records
@@ -29,7 +30,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, trusted
         mlpersist.errors.PersistError: `src` is already an artifact, or any error `load_any` would raise.
 
     """
-    source, root = _local(src), _local(dst)
+    source, where = _local(src, "convert's source"), _where(dst, storage_options)
     if source.is_dir() and (source / MANIFEST_NAME).exists():
         raise PersistError(f"{source} is already an mlpersist artifact: nothing to convert (`mlpersist verify` "
                            "checks it; save_any(load_any(...)) re-saves it)")
@@ -54,7 +55,12 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, trusted
         return Part(name, "", fmt, f"{cls.__module__}:{cls.__qualname__}", spec.package,
                     _parts.framework_version(spec) or "unknown", info)
 
-    return write_artifact(root, overwrite=overwrite, metadata=metadata, fill=fill)
+    if not isinstance(where, Path):
+        from . import _remote
+
+        return _remote.save(where, overwrite=overwrite, write_local=lambda root: write_artifact(
+            root, overwrite=False, metadata=metadata, fill=fill))
+    return write_artifact(where, overwrite=overwrite, metadata=metadata, fill=fill)
 
 
 def requirements(manifest: Manifest, path: str) -> str:

@@ -241,13 +241,17 @@ class _Swapped(Exception):
 class Opened:
     """A verified artifact: its manifest and one open handle per payload file."""
 
-    def __init__(self, root: Path, manifest: Manifest, handles: Mapping[str, BinaryIO], signed: bool = False) -> None:
+    def __init__(self, root: Path, manifest: Manifest, handles: Mapping[str, BinaryIO], signed: bool = False,
+                 cleanup: Callable[[], None] | None = None) -> None:
         self.root, self.manifest, self.handles, self.signed = root, manifest, dict(handles), signed
+        self._cleanup = cleanup
 
     def close(self) -> None:
-        """Close every handle."""
+        """Close every handle (and remove what was made to read them, for a remote artifact)."""
         for f in self.handles.values():
             f.close()
+        if self._cleanup is not None:
+            self._cleanup()
 
 
 def read_manifest(root: Path) -> Manifest:

@@ -18,10 +18,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlpersist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="summarise an artifact's manifest (imports no framework)")
-    p.add_argument("path")
+    p.add_argument("path", help=_PATH)
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    _storage_options(p)
     p = sub.add_parser("verify", help="check every file's size and digest; exit 1 if one differs")
-    p.add_argument("path")
+    p.add_argument("path", help=_PATH)
+    _storage_options(p)
     sub.add_parser("adapters", help="list adapters and whether their framework is installed")
     p = sub.add_parser("scan", help="list every global a pickle-based file would import, and whether the "
                                     "default policy allows it, without loading it; exit 1 if any is refused")
@@ -33,20 +35,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--key", required=True, type=Path, help="the private key made by `mlpersist keygen`")
     p = sub.add_parser("check", help="load the model and rerun the example stored at save (save_any(example=...)); "
                                      "exit 1 if an output differs beyond the tolerance")
-    p.add_argument("path")
+    p.add_argument("path", help=_PATH)
     p.add_argument("--tolerance", type=float, default=None, help="largest difference allowed, relative to "
                    "max(1, |stored value|) (default 1e-5; 0 for bit for bit)")
     _trust_options(p)
+    _storage_options(p)
     p = sub.add_parser("requirements", help="print pinned requirement lines (pip install -r) for the environment "
                                             "that saved the model")
-    p.add_argument("path")
+    p.add_argument("path", help=_PATH)
+    _storage_options(p)
     p = sub.add_parser("convert", help="wrap a model file saved without mlpersist (joblib, pickle, .keras, .h5, "
                                        "SavedModel, .pt, safetensors, XGBoost, ...) into an artifact, after loading "
                                        "it once under the trust rules")
     p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("dst", help=_PATH)
     p.add_argument("--overwrite", action="store_true", help="replace an artifact at DST")
     _trust_options(p)
+    _storage_options(p)
     args = parser.parse_args(argv)
     try:
         return int(_COMMANDS[args.command](args))
@@ -58,6 +63,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+_PATH = "an artifact directory, a model file, or an fsspec URL (s3://bucket/prefix, ...)"
+
+
+def _storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE", dest="storage",
+                   help="an fsspec option for a URL, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable; VALUE is "
+                        "JSON if it parses as JSON); credentials come best from the environment (AWS_* ...)")
+
+
+def _options(args: argparse.Namespace) -> dict[str, object] | None:
+    """`-o key=value` pairs as storage_options (None when none were given)."""
+    options: dict[str, object] = {}
+    for item in args.storage:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise PersistError(f"--storage-option {item!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options or None
+
+
 def _trust_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow", action="append", default=[], metavar="MODULE.NAME",
                    help="a global a pickle may import beyond the allow-list (repeatable)")
@@ -65,7 +93,7 @@ def _trust_options(p: argparse.ArgumentParser) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    m = _api.inspect(args.path)
+    m = _api.inspect(args.path, storage_options=_options(args))
     if args.json:
         print(json.dumps({**m.to_dict(), "manifest_digest": m.digest}, indent=2, sort_keys=True))
         return 0
@@ -111,7 +139,8 @@ def _part_lines(part: Part, indent: str) -> list[str]:
 
 def _check(args: argparse.Namespace) -> int:
     _, report, tolerance = _api.load_with_report(args.path, trusted=args.trusted, allow=args.allow,
-                                                 check=True if args.tolerance is None else args.tolerance)
+                                                 check=True if args.tolerance is None else args.tolerance,
+                                                 storage_options=_options(args))
     if not report:
         print(f"error: {args.path} was saved without example= (nothing to rerun); re-save it with "
               "save_any(model, path, example=X_small)", file=sys.stderr)
@@ -126,18 +155,19 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _requirements(args: argparse.Namespace) -> int:
-    print(_convert.requirements(_api.inspect(args.path), args.path), end="")
+    print(_convert.requirements(_api.inspect(args.path, storage_options=_options(args)), args.path), end="")
     return 0
 
 
 def _convert_cmd(args: argparse.Namespace) -> int:
-    m = _convert.convert(args.src, args.dst, trusted=args.trusted, allow=args.allow, overwrite=args.overwrite)
+    m = _convert.convert(args.src, args.dst, trusted=args.trusted, allow=args.allow, overwrite=args.overwrite,
+                         storage_options=_options(args))
     print(f"converted {args.src} -> {args.dst}: {m.model_class} ({m.adapter} {m.format}), manifest {m.digest}")
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    _api.verify(args.path)
+    _api.verify(args.path, storage_options=_options(args))
     print(f"OK: every file of {args.path} matches its manifest")
     return 0
 

@@ -12,6 +12,7 @@ The tree::
     ├── UntrustedContentError                    loading would run code the caller did not allow
     ├── MissingFrameworkError (+ ImportError)    the adapter's framework is not installed
     ├── CheckFailedError                         the loaded model's answers on the stored example differ
+    ├── StorageError (+ OSError)                 a remote store refused or failed (credentials, bucket, network)
     └── VersionMismatchError                     strict=True and the versions differ
 
     VersionMismatchWarning (UserWarning)         the versions differ (not strict)
@@ -88,6 +89,10 @@ class CheckFailedError(PersistError):
         return type(self), (str(self), self.report)
 
 
+class StorageError(PersistError, OSError):
+    """A remote store (an fsspec URL) refused or failed a request: credentials, permissions, bucket, network."""
+
+
 class VersionMismatchError(PersistError):
     """With `strict=True`: the artifact was written by another version of the framework."""
 
@@ -105,6 +110,7 @@ __all__ = [
     "MissingFrameworkError",
     "PersistError",
     "SignatureError",
+    "StorageError",
     "UnsupportedModelError",
     "UntrustedContentError",
     "VersionMismatchError",

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from mlp_testkit import require, run_python
 
-FRAMEWORKS = ("numpy", "sklearn", "joblib", "scipy", "torch", "tensorflow", "keras", "xgboost", "lightgbm")
+# fsspec too: remote stores are imported with the first URL, not with mlpersist
+FRAMEWORKS = ("numpy", "sklearn", "joblib", "scipy", "torch", "tensorflow", "keras", "xgboost", "lightgbm", "fsspec")
 
 
 def test_import_mlpersist_imports_no_framework() -> None:

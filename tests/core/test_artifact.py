@@ -297,7 +297,3 @@ def test_a_different_framework_version_warns_and_strict_refuses(art: Path) -> No
     with pytest.raises(VersionMismatchError, match=r"pip install 'pytest==0\.0\.1'"):
         load_any(art, strict=True)
 
-
-def test_remote_urls_are_refused_with_a_typed_error(dummy: DummyModel) -> None:
-    with pytest.raises(PersistError, match="remote"):
-        save_any(dummy, "s3://bucket/model")

@@ -21,6 +21,7 @@ def test_every_error_is_a_persist_error_and_the_fitting_builtin() -> None:
     assert issubclass(errors.CorruptArtifactError, ValueError)
     assert issubclass(errors.MissingFrameworkError, ImportError)
     assert issubclass(errors.SignatureError, errors.IntegrityError)
+    assert issubclass(errors.StorageError, OSError)
     for name in errors.__all__:
         cls = getattr(errors, name)
         assert issubclass(cls, errors.PersistError) or cls is errors.VersionMismatchWarning

@@ -1,0 +1,156 @@
+"""The local download cache for remote artifacts: one file per payload digest, shared by processes, bounded."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+from ._storage import hash_fd
+from .errors import IntegrityError, PersistError
+
+DEFAULT_MAX_BYTES = 10 << 30
+_CHUNK = 4 << 20
+_STALE_TMP_SECONDS = 24 * 3600
+
+Reader = Callable[[], BinaryIO]  # opens the remote object for reading
+
+
+def cache_dir() -> Path:
+    """$MLPERSIST_CACHE_DIR, else $XDG_CACHE_HOME/mlpersist, else ~/.cache/mlpersist."""
+    env = os.environ.get("MLPERSIST_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlpersist"
+
+
+def max_bytes() -> int:
+    """$MLPERSIST_CACHE_MAX_BYTES (an integer), else 10 GiB."""
+    env = os.environ.get("MLPERSIST_CACHE_MAX_BYTES", "")
+    if not env:
+        return DEFAULT_MAX_BYTES
+    try:
+        return max(0, int(env))
+    except ValueError:
+        raise PersistError(f"MLPERSIST_CACHE_MAX_BYTES={env!r} is not a whole number of bytes") from None
+
+
+class Cache:
+    """`<dir>/blobs/<algorithm>/<hex>`: a file whose content has that digest, written once, read by many.
+
+    A blob appears by an atomic rename of a fully written and checked temporary file, so a reader sees
+    the whole content or nothing; eviction unlinks, which leaves handles already open intact.
+    """
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root if root is not None else cache_dir()
+        self.tmp = self.root / "tmp"
+        try:
+            self.tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PersistError(f"cannot create the download cache {self.root} ({exc.strerror}); set "
+                               "MLPERSIST_CACHE_DIR to a writable directory") from None
+
+    def path(self, digest: str) -> Path:
+        algo, _, hexpart = digest.partition(":")
+        return self.root / "blobs" / algo / hexpart
+
+    def open(self, digest: str, size: int, *, verify: bool) -> BinaryIO | None:
+        """The cached blob, opened, or None if absent (or damaged: then it is removed)."""
+        path = self.path(digest)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - handed to the caller
+        except FileNotFoundError:
+            return None
+        st = os.fstat(f.fileno())
+        if st.st_size != size or (verify and hash_fd(f.fileno(), size) != digest):
+            f.close()
+            with contextlib.suppress(OSError):
+                path.unlink()  # damaged on this disk: fetch it again
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # last use, for eviction
+        return f
+
+    def fetch(self, digest: str, size: int, reader: Reader, progress: Callable[[int], None]) -> BinaryIO:
+        """Download a blob through `reader`, check its size and digest, store it, return it opened."""
+        algo = digest.partition(":")[0]
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix=f"{os.getpid()}-")
+        try:
+            h, got = hashlib.new(algo), 0
+            with os.fdopen(fd, "wb") as out, reader() as src:
+                while chunk := src.read(_CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                    got += len(chunk)
+                    progress(len(chunk))
+                out.flush()
+                os.fsync(out.fileno())
+            found = f"{algo}:{h.hexdigest()}"
+            if got != size or found != digest:
+                raise IntegrityError(digest, f"{size} bytes with digest {digest}", f"{got} bytes with digest {found}")
+            return self.adopt(Path(tmp_name), digest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
+
+    def adopt(self, file: Path, digest: str) -> BinaryIO:
+        """Move a checked local file into the cache as the blob of `digest`; return it opened."""
+        path = self.path(digest)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(file, 0o444)
+        f = open(file, "rb")  # noqa: SIM115 - open before the rename: eviction cannot take it from us
+        try:
+            os.replace(file, path)
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    def evict(self, keep: Iterable[str] = (), limit: int | None = None) -> None:
+        """Remove least recently used blobs until the cache holds at most `limit` bytes (never one in `keep`)."""
+        limit = max_bytes() if limit is None else limit
+        kept = {self.path(d) for d in keep}
+        blobs: list[tuple[float, int, Path]] = []
+        for entry in _scan(self.root / "blobs"):
+            with contextlib.suppress(FileNotFoundError):
+                st = entry.stat(follow_symlinks=False)
+                blobs.append((st.st_mtime, st.st_size, Path(entry.path)))
+        total = sum(size for _, size, _ in blobs)
+        for _, size, path in sorted(blobs):
+            if total <= limit:
+                break
+            if path not in kept:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                total -= size
+        now = time.time()
+        for entry in _scan(self.tmp):  # downloads of processes killed long ago
+            with contextlib.suppress(FileNotFoundError):
+                if now - entry.stat(follow_symlinks=False).st_mtime > _STALE_TMP_SECONDS:
+                    os.unlink(entry.path)
+
+    def size(self) -> int:
+        """Bytes held in blobs."""
+        total = 0
+        for entry in _scan(self.root / "blobs"):
+            with contextlib.suppress(FileNotFoundError):
+                total += entry.stat(follow_symlinks=False).st_size
+        return total
+
+
+def _scan(root: Path) -> list[os.DirEntry[str]]:
+    found: list[os.DirEntry[str]] = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(root):
+            if entry.is_dir(follow_symlinks=False):
+                found.extend(_scan(Path(entry.path)))
+            elif entry.is_file(follow_symlinks=False):
+                found.append(entry)
+    return found

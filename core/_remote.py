@@ -1,0 +1,337 @@
+"""Artifacts in object stores (any fsspec URL): payload under content-addressed keys, the manifest written last.
+
+An object store has no atomic rename, so a remote artifact is laid out for one atomic PUT instead:
+
+    <url>/manifest.json                  the same bytes as a local artifact's; written last, in one request
+    <url>/blobs/sha256/<hex>             each payload file, under the digest the manifest gives it
+
+Blobs are never modified, only added and (by a later save, once unreferenced and old) removed, so a
+manifest that a reader can see names only blobs that are there, whichever save wrote it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ._cache import Cache
+from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, RESERVED_NAMES, FileEntry, Manifest
+from ._progress import Progress
+from ._storage import Opened, hash_fd
+from .errors import (
+    ArtifactExistsError,
+    ArtifactNotFoundError,
+    CorruptArtifactError,
+    IntegrityError,
+    MissingFrameworkError,
+    PersistError,
+    StorageError,
+)
+
+BLOBS = "blobs"
+# A blob no manifest names is removed by a later save only when older than this: a save still uploading
+# (or a reader still holding the manifest before) is far younger.
+GC_GRACE_SECONDS = 3600.0
+_CHUNK = 4 << 20
+
+ManifestCheck = Callable[[Manifest, Callable[[str], bytes]], bool]
+
+
+@dataclass(frozen=True)
+class Store:
+    """One artifact location in one fsspec filesystem."""
+
+    fs: Any
+    root: str
+    url: str
+
+    def key(self, name: str) -> str:
+        return f"{self.root}/{name}" if self.root else name
+
+    def blob(self, digest: str) -> str:
+        algo, _, hexpart = digest.partition(":")
+        return self.key(f"{BLOBS}/{algo}/{hexpart}")
+
+
+def open_store(url: str, storage_options: Mapping[str, Any] | None) -> Store:
+    """Resolve `url` with fsspec (credentials and endpoint from `storage_options` or the environment)."""
+    try:
+        import fsspec
+    except ImportError:
+        raise MissingFrameworkError(f"{url} is a remote URL, which needs fsspec: pip install 'mlpersist[s3]' "
+                                    "(fsspec and s3fs; add gcsfs for gs://, adlfs for az://)") from None
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    except ImportError as exc:  # fsspec knows the protocol, its package is missing: the message names it
+        raise MissingFrameworkError(f"{url}: {exc} (for s3://: pip install 'mlpersist[s3]')") from None
+    except (ValueError, TypeError) as exc:
+        raise PersistError(f"{url}: fsspec cannot open it ({exc}); check the protocol and storage_options") from None
+    return Store(fs, str(root).rstrip("/"), url)
+
+
+@contextlib.contextmanager
+def _errors(store: Store, doing: str, *, missing: str | None = None) -> Iterator[None]:
+    """Turn what a store raises into typed errors that say what to do."""
+    try:
+        yield
+    except PersistError:
+        raise
+    except PermissionError as exc:
+        raise StorageError(f"{store.url}: access denied while {doing} ({exc}); check the credentials: "
+                           "storage_options= (key=, secret=, ...) or the AWS_*/cloud environment variables") from None
+    except FileNotFoundError as exc:
+        if missing is not None:
+            raise ArtifactNotFoundError(f"no artifact at {store.url}: {missing} ({exc})") from None
+        raise StorageError(f"{store.url}: not found while {doing} ({exc}); does the bucket exist? "
+                           "mlpersist does not create buckets") from None
+    except Exception as exc:  # network and client errors of any fsspec backend
+        if "Credentials" in type(exc).__name__:  # botocore's NoCredentialsError, PartialCredentialsError
+            raise StorageError(f"{store.url}: no usable credentials while {doing} ({exc}); pass them in "
+                               "storage_options= (key=, secret=) or set AWS_ACCESS_KEY_ID and "
+                               "AWS_SECRET_ACCESS_KEY") from None
+        raise StorageError(f"{store.url}: the store failed while {doing}: {type(exc).__name__}: {exc}") from None
+
+
+def _read_small(store: Store, name: str, *, missing_ok: bool = False) -> bytes:
+    try:
+        with _errors(store, f"reading {name}", missing=f"no {name} (not an artifact, or its save did not finish)"):
+            # cat_file is one plain GET: no listing cache, so a manifest replaced a moment ago is seen whole
+            data: bytes = store.fs.cat_file(store.key(name), start=0, end=MAX_MANIFEST_BYTES + 1)
+    except ArtifactNotFoundError:
+        if missing_ok:
+            return b""
+        raise
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise CorruptArtifactError(f"{store.url}/{name} is larger than {MAX_MANIFEST_BYTES} bytes")
+    return data
+
+
+def read_manifest(store: Store) -> Manifest:
+    """Read and validate only the manifest."""
+    return Manifest.from_json(_read_small(store, MANIFEST_NAME))
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+def save(store: Store, *, overwrite: bool, write_local: Callable[[Path], Manifest],
+         progress: bool | None = None) -> Manifest:
+    """Write the artifact locally with `write_local`, upload its payload, then its manifest in one PUT."""
+    with _errors(store, "looking at the target"):
+        store.fs.invalidate_cache()
+        previous = _current(store)
+        if previous is not None and not overwrite:
+            raise ArtifactExistsError(f"{store.url} already holds an artifact; pass overwrite=True to replace it")
+        if previous is None:
+            _check_no_foreign_objects(store)
+    cache = Cache()
+    with tempfile.TemporaryDirectory(dir=cache.tmp, prefix="save-") as tmp:
+        local = Path(tmp) / "artifact"
+        manifest = write_local(local)
+        raw = (local / MANIFEST_NAME).read_bytes()
+        bar = Progress(f"upload {store.url}", sum(e.size for e in manifest.files.values()), progress)
+        try:
+            with _errors(store, "uploading the payload"):
+                for name, entry in manifest.files.items():
+                    _put_blob(store, local / name, entry, bar.update)
+        finally:
+            bar.close()
+        with _errors(store, "writing the manifest"):
+            _put_manifest(store, raw, overwrite=overwrite)
+        for name, entry in manifest.files.items():  # a load of what was just saved downloads nothing
+            with contextlib.suppress(OSError):
+                cache.adopt(local / name, entry.digest).close()
+    keep = set(_digests(manifest)) | set(_digests(previous))
+    collect_garbage(store, keep)
+    cache.evict(keep=_digests(manifest))
+    return manifest
+
+
+def _current(store: Store) -> Manifest | None:
+    raw = _read_small(store, MANIFEST_NAME, missing_ok=True)
+    return Manifest.from_json(raw) if raw else None
+
+
+def _check_no_foreign_objects(store: Store) -> None:
+    try:
+        names = store.fs.ls(store.root, detail=False) if store.root else []
+    except FileNotFoundError:
+        return
+    foreign = sorted(n for n in names if n.rstrip("/").rsplit("/", 1)[-1] != BLOBS)
+    if foreign:
+        raise ArtifactExistsError(f"{store.url} holds objects and no mlpersist manifest (e.g. {foreign[0]}); "
+                                  "refusing to write into it, even with overwrite=True: choose another prefix")
+
+
+def _put_blob(store: Store, file: Path, entry: FileEntry, update: Callable[[int], None]) -> None:
+    """Upload one payload file under its digest (always: a fresh upload also renews its age for the GC)."""
+    with open(file, "rb") as src, store.fs.open(store.blob(entry.digest), "wb") as dst:
+        while chunk := src.read(_CHUNK):
+            dst.write(chunk)
+            update(len(chunk))
+
+
+def _put_manifest(store: Store, raw: bytes, *, overwrite: bool) -> None:
+    """The commit: one PUT. Without overwrite, a conditional create where the store offers one."""
+    key = store.key(MANIFEST_NAME)
+    if overwrite:
+        store.fs.pipe_file(key, raw)
+        return
+    try:
+        with store.fs.open(key, "xb") as f:
+            f.write(raw)
+        return
+    except FileExistsError:
+        raise ArtifactExistsError(f"{store.url} appeared while saving (another writer?); nothing was replaced: "
+                                  "pass overwrite=True to replace it") from None
+    except (ValueError, NotImplementedError):
+        pass  # no exclusive create here: check, then write (a racing writer may still win)
+    if store.fs.exists(key):
+        raise ArtifactExistsError(f"{store.url} appeared while saving (another writer?); nothing was replaced")
+    store.fs.pipe_file(key, raw)
+
+
+def collect_garbage(store: Store, keep: Iterable[str], grace: float | None = None) -> int:
+    """Remove blobs that neither `keep` nor the current manifest names and that are older than `grace`.
+
+    Best effort (a failure leaves garbage for the next save); returns how many blobs were removed.
+    """
+    grace = GC_GRACE_SECONDS if grace is None else grace
+    kept = set(keep)
+    try:
+        store.fs.invalidate_cache()
+        kept |= set(_digests(_current(store)))
+        infos = store.fs.find(store.key(BLOBS), detail=True)
+    except Exception:  # a store that cannot list: the garbage waits for the next save
+        return 0
+    now, removed = time.time(), 0
+    for key, info in infos.items():
+        algo, hexpart = key.rsplit("/", 2)[-2:]
+        modified = _mtime(info)
+        if f"{algo}:{hexpart}" in kept or modified is None or now - modified < grace:
+            continue
+        with contextlib.suppress(Exception):
+            store.fs.rm_file(key)
+            removed += 1
+    return removed
+
+
+def _mtime(info: Mapping[str, Any]) -> float | None:
+    for field in ("LastModified", "mtime", "created", "last_modified"):
+        value = info.get(field)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def _digests(manifest: Manifest | None) -> list[str]:
+    return [e.digest for e in manifest.files.values()] if manifest is not None else []
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+class _Gone(PersistError):
+    """A blob the manifest names is not in the store: the artifact may have been replaced meanwhile."""
+
+
+def open_remote(store: Store, *, verify: bool, check_manifest: ManifestCheck | None = None,
+                progress: bool | None = None) -> Opened:
+    """Read the manifest, take each payload file from the cache or download it into the cache, checked."""
+    cache = Cache()
+    for _ in range(5):
+        with _errors(store, "reading the manifest"):
+            store.fs.invalidate_cache()  # s3fs remembers sizes and ETags: a listing from before is stale
+        raw = _read_small(store, MANIFEST_NAME)
+        manifest = Manifest.from_json(raw)
+        signed = check_manifest is not None and check_manifest(
+            manifest, lambda name: _read_small(store, name, missing_ok=True))
+        try:
+            handles = _fetch(store, cache, manifest, verify=verify, progress=progress)
+        except _Gone as gone:
+            if _read_small(store, MANIFEST_NAME, missing_ok=True) != raw:
+                continue  # replaced while we read: load the new one
+            entry = manifest.files[str(gone)]
+            raise IntegrityError(str(gone), f"a blob of {entry.size} bytes", "no such object in the store") from None
+        view = Path(tempfile.mkdtemp(dir=cache.tmp, prefix="view-"))
+        for name, entry in manifest.files.items():  # a tree of the payload names, for formats read by path
+            (view / name).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(cache.path(entry.digest), view / name)
+        cache.evict(keep=_digests(manifest))
+        return Opened(view, manifest, handles, signed, cleanup=partial(shutil.rmtree, view, True))
+    raise CorruptArtifactError(f"{store.url} kept changing while it was read (a writer saving in a loop?); try again")
+
+
+def _fetch(store: Store, cache: Cache, manifest: Manifest, *, verify: bool,
+           progress: bool | None) -> dict[str, BinaryIO]:
+    handles: dict[str, BinaryIO] = {}
+    try:
+        missing = {}
+        for name, entry in manifest.files.items():
+            f = cache.open(entry.digest, entry.size, verify=verify)
+            if f is None:
+                missing[name] = entry
+            else:
+                handles[name] = f
+        bar = Progress(f"download {store.url}", sum(e.size for e in missing.values()), progress)
+        try:
+            for name, entry in missing.items():
+                handles[name] = _download(store, cache, name, entry, bar.update)
+        finally:
+            bar.close()
+        return handles
+    except BaseException:
+        for f in handles.values():
+            f.close()
+        raise
+
+
+def _download(store: Store, cache: Cache, name: str, entry: FileEntry, update: Callable[[int], None]) -> BinaryIO:
+    def reader() -> BinaryIO:
+        return store.fs.open(store.blob(entry.digest), "rb")  # type: ignore[no-any-return]
+
+    with _errors(store, f"downloading {name}"):
+        try:
+            return cache.fetch(entry.digest, entry.size, reader, update)
+        except FileNotFoundError:
+            raise _Gone(name) from None
+        except IntegrityError as exc:
+            raise IntegrityError(name, exc.expected, exc.found) from None
+
+
+def verify_remote(store: Store, *, check_manifest: ManifestCheck | None = None) -> None:
+    """Download and hash every blob (bypassing the cache), and refuse objects the manifest does not list."""
+    with _errors(store, "reading the manifest"):
+        store.fs.invalidate_cache()
+    manifest = read_manifest(store)
+    if check_manifest is not None:
+        check_manifest(manifest, lambda name: _read_small(store, name, missing_ok=True))
+    for name, entry in manifest.files.items():
+        with tempfile.TemporaryFile() as tmp:
+            with _errors(store, f"downloading {name}"):
+                try:
+                    with store.fs.open(store.blob(entry.digest), "rb") as src:
+                        shutil.copyfileobj(src, tmp, _CHUNK)
+                except FileNotFoundError:
+                    raise IntegrityError(name, f"a blob of {entry.size} bytes", "no such object in the store") from None
+            tmp.flush()
+            size = os.fstat(tmp.fileno()).st_size
+            digest = hash_fd(tmp.fileno(), size)
+            if (size, digest) != (entry.size, entry.digest):
+                raise IntegrityError(name, f"{entry.size} bytes, {entry.digest}", f"{size} bytes, {digest}")
+    with _errors(store, "listing the artifact"):
+        names = store.fs.ls(store.root, detail=False)
+    extra = sorted(n for n in (n.rstrip("/").rsplit("/", 1)[-1] for n in names)
+                   if n != BLOBS and n not in RESERVED_NAMES)
+    if extra:
+        raise IntegrityError(extra[0], "no such object (it is not in the manifest)",
+                             f"{len(extra)} unlisted object(s): {', '.join(extra[:5])}")
