@@ -7,9 +7,15 @@ from typing import Any
 
 from .errors import CorruptArtifactError
 
-_INTS = {b"i": ">b", b"U": ">B", b"I": ">h", b"l": ">i", b"L": ">q"}
-_FLOATS = {b"d": ">f", b"D": ">d"}
-_NUMPY = {b"i": ">i1", b"U": "u1", b"I": ">i2", b"l": ">i4", b"L": ">i8", b"d": ">f4", b"D": ">f8"}
+# markers as the integers `bytes[i]` gives: no one-byte slices on the hot path
+_INTS = {ord(k): (struct.Struct(f), struct.calcsize(f)) for k, f in
+         {"i": ">b", "U": ">B", "I": ">h", "l": ">i", "L": ">q"}.items()}
+_FLOATS = {ord(k): (struct.Struct(f), struct.calcsize(f)) for k, f in {"d": ">f", "D": ">d"}.items()}
+_NUMPY = {ord(k): f for k, f in {"i": ">i1", "U": "u1", "I": ">i2", "l": ">i4", "L": ">i8", "d": ">f4",
+                                 "D": ">f8"}.items()}
+_CONSTANTS = {ord("T"): True, ord("F"): False, ord("Z"): None}
+_N, _S, _H, _C, _ARRAY, _OBJECT, _TYPE, _COUNT = (ord(c) for c in "NSHC[{$#")
+_END = {False: ord("]"), True: ord("}")}
 MAX_DEPTH = 64
 
 
@@ -20,7 +26,7 @@ def loads(data: bytes | bytearray | memoryview, what: str) -> Any:
         mlpersist.errors.CorruptArtifactError: truncated, malformed, too deep, or trailing bytes.
 
     """
-    reader = _Reader(memoryview(data).cast("B"), what)
+    reader = _Reader(bytes(data), what)
     value = reader.value(reader.marker(), 0)
     if reader.pos != len(reader.buf):
         raise reader.bad(f"{len(reader.buf) - reader.pos} trailing bytes")
@@ -28,80 +34,93 @@ def loads(data: bytes | bytearray | memoryview, what: str) -> Any:
 
 
 class _Reader:
-    def __init__(self, buf: memoryview, what: str) -> None:
+    def __init__(self, buf: bytes, what: str) -> None:
         self.buf, self.pos, self.what = buf, 0, what
 
     def bad(self, why: str) -> CorruptArtifactError:
         return CorruptArtifactError(f"{self.what}: not valid UBJSON at byte {self.pos} ({why}); the file is damaged "
                                     "or crafted")
 
-    def take(self, n: int) -> memoryview:
-        if n < 0 or self.pos + n > len(self.buf):
-            raise self.bad(f"needs {n} bytes, {len(self.buf) - self.pos} left")
-        out = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return out
+    def take(self, n: int) -> bytes:
+        pos = self.pos
+        if n < 0 or pos + n > len(self.buf):
+            raise self.bad(f"needs {n} bytes, {len(self.buf) - pos} left")
+        self.pos = pos + n
+        return self.buf[pos:pos + n]
 
-    def marker(self) -> bytes:
-        m = bytes(self.take(1))
-        while m == b"N":  # no-op
-            m = bytes(self.take(1))
-        return m
+    def marker(self) -> int:
+        buf, pos = self.buf, self.pos
+        while pos < len(buf) and buf[pos] == _N:  # no-op
+            pos += 1
+        if pos >= len(buf):
+            self.pos = pos
+            raise self.bad("needs 1 bytes, 0 left")
+        self.pos = pos + 1
+        return buf[pos]
 
-    def count(self, m: bytes | None = None) -> int:
-        m = m or self.marker()
-        if m not in _INTS:
-            raise self.bad(f"length marker {m!r}")
-        (n,) = struct.unpack(_INTS[m], self.take(struct.calcsize(_INTS[m])))
+    def number(self, fmt: tuple[struct.Struct, int]) -> Any:
+        st, size = fmt
+        pos = self.pos
+        if pos + size > len(self.buf):
+            raise self.bad(f"needs {size} bytes, {len(self.buf) - pos} left")
+        self.pos = pos + size
+        return st.unpack_from(self.buf, pos)[0]
+
+    def count(self, m: int | None = None) -> int:
+        m = self.marker() if m is None else m
+        fmt = _INTS.get(m)
+        if fmt is None:
+            raise self.bad(f"length marker {bytes([m])!r}")
+        n = self.number(fmt)
         if n < 0 or n > len(self.buf) - self.pos:  # every element takes at least one byte
             raise self.bad(f"declared length {n} exceeds the data")
         return int(n)
 
-    def value(self, m: bytes, depth: int) -> Any:
-        if m in _INTS:
-            return struct.unpack(_INTS[m], self.take(struct.calcsize(_INTS[m])))[0]
-        if m in _FLOATS:
-            return struct.unpack(_FLOATS[m], self.take(struct.calcsize(_FLOATS[m])))[0]
-        if m in (b"S", b"H"):
+    def value(self, m: int, depth: int) -> Any:
+        fmt = _INTS.get(m) or _FLOATS.get(m)
+        if fmt is not None:
+            return self.number(fmt)
+        if m in (_S, _H):
             return self.text()
-        if m == b"C":
-            return bytes(self.take(1)).decode("latin-1")
-        if m in (b"T", b"F", b"Z"):
-            return {b"T": True, b"F": False, b"Z": None}[m]
-        if m in (b"[", b"{"):
+        if m == _C:
+            return self.take(1).decode("latin-1")
+        if m in _CONSTANTS:
+            return _CONSTANTS[m]
+        if m in (_ARRAY, _OBJECT):
             if depth >= MAX_DEPTH:
                 raise self.bad(f"nested deeper than {MAX_DEPTH}")
-            return self.container(m == b"{", depth + 1)
-        raise self.bad(f"unknown marker {m!r}")
+            return self.container(m == _OBJECT, depth + 1)
+        raise self.bad(f"unknown marker {bytes([m])!r}")
 
-    def text(self, m: bytes | None = None) -> str:
+    def text(self, m: int | None = None) -> str:
         try:
-            return bytes(self.take(self.count(m))).decode("utf-8")
+            return self.take(self.count(m)).decode("utf-8")
         except UnicodeDecodeError:
             raise self.bad("string is not UTF-8") from None
 
     def container(self, is_object: bool, depth: int) -> Any:
-        typ: bytes | None = None
+        typ: int | None = None
         n: int | None = None
-        pending: bytes | None = self.marker()
-        if pending == b"$":
+        pending: int | None = self.marker()
+        if pending == _TYPE:
             typ = self.marker()
-            if self.marker() != b"#":
+            if self.marker() != _COUNT:
                 raise self.bad("typed container without a count")
             n, pending = self.count(), None
-        elif pending == b"#":
+        elif pending == _COUNT:
             n, pending = self.count(), None
         if typ is not None and not is_object and typ in _NUMPY:
             import numpy as np  # typed numeric arrays: one vectorised read
 
             assert n is not None
             dtype = np.dtype(_NUMPY[typ])
-            return np.frombuffer(self.take(n * dtype.itemsize), dtype=dtype).astype(dtype.newbyteorder("="))
-        end = b"}" if is_object else b"]"
+            # kept in the file's byte order: numpy compares and converts big-endian arrays as they are
+            return np.frombuffer(self.take(n * dtype.itemsize), dtype=dtype)
+        end = _END[is_object]
         out: Any = {} if is_object else []
         done = 0
         while True:
-            m: bytes | None = None
+            m: int | None = None
             if n is None:
                 m, pending = (pending if pending is not None else self.marker()), None
                 if m == end:
@@ -112,7 +131,7 @@ class _Reader:
                 key = self.text(m)  # a key is a length (marker + integer), then UTF-8 bytes
                 if key in out:
                     raise self.bad(f"duplicate key {key!r}")
-                out[key] = self.value(typ or self.marker(), depth)
+                out[key] = self.value(self.marker() if typ is None else typ, depth)
             else:
-                out.append(self.value(typ or m or self.marker(), depth))
+                out.append(self.value(typ if typ is not None else (m if m is not None else self.marker()), depth))
             done += 1
