@@ -91,7 +91,7 @@ def remote(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     """Run every script in examples/ end to end."""
-    session.install(*CONSTRAINTS, "-e", ".[sklearn,torch]", "pandas")
+    session.install(*CONSTRAINTS, "-e", ".[sklearn,torch,remote]", "pandas")
     for script in sorted(glob.glob("examples/*.py")):
         session.run("python", script)
 
@@ -107,7 +107,8 @@ def faults(session: nox.Session) -> None:
 @nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
     """Benchmarks against native calls (minutes; not part of plain `nox`): writes benchmarks/RESULTS.md."""
-    session.install(*CONSTRAINTS, "-e", ".[sklearn,torch,keras]", "numpy", "tensorflow-cpu", "xgboost-cpu")
+    session.install(*CONSTRAINTS, "-e", ".[sklearn,torch,keras]", "numpy", "tensorflow-cpu", "xgboost-cpu",
+                    "mlflow-skinny", "skops", "matplotlib")  # MLflow's sklearn flavor saves with skops by default
     session.run("python", "benchmarks/bench.py", *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
 
 
