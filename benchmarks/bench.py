@@ -1,7 +1,7 @@
-"""Cost of mlpersist over each framework's native calls, measured in one run (`nox -s bench`).
+"""Cost of mlpersist over each framework's native calls and over MLflow's flavors, measured in one run.
 
-Times are medians of repeated runs after a warm-up, in this process; peak memory is measured for each
-operation in a fresh process (ru_maxrss minus the RSS before the operation). Writes benchmarks/RESULTS.md.
+`nox -s bench`. Times are medians of repeated runs after a warm-up, in this process; peak memory is measured
+for each operation in a fresh process. Writes benchmarks/RESULTS.md and benchmarks/ratios.png.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def case_tiny_logreg(build: bool = True) -> dict[str, Any]:
     x, y = make_classification(200, 5, random_state=0)
     model = LogisticRegression().fit(x, y) if build else None
     return {"model": model, "native_save": lambda m, p: joblib.dump(m, p / "model.joblib"),
-            "native_load": lambda p: joblib.load(p / "model.joblib"), "repeat": 50}
+            "native_load": lambda p: joblib.load(p / "model.joblib"), "repeat": 50, "mlflow": "sklearn"}
 
 
 def case_forest_100(build: bool = True) -> dict[str, Any]:
@@ -45,7 +45,7 @@ def case_forest_100(build: bool = True) -> dict[str, Any]:
     x, y = make_classification(2000, 20, random_state=0)
     model = RandomForestClassifier(n_estimators=100, random_state=0, n_jobs=1).fit(x, y) if build else None
     return {"model": model, "native_save": lambda m, p: joblib.dump(m, p / "model.joblib"),
-            "native_load": lambda p: joblib.load(p / "model.joblib"), "repeat": 7}
+            "native_load": lambda p: joblib.load(p / "model.joblib"), "repeat": 7, "mlflow": "sklearn"}
 
 
 def _torch_net() -> Any:
@@ -67,7 +67,7 @@ def case_torch_1gb(build: bool = True) -> dict[str, Any]:
         return net
 
     return {"model": model, "native_save": lambda m, p: torch.save(m.state_dict(), p / "weights.pt"),
-            "native_load": native_load, "repeat": 3}
+            "native_load": native_load, "repeat": 3, "mlflow": "pytorch"}
 
 
 def case_xgboost_500(build: bool = True) -> dict[str, Any]:
@@ -85,7 +85,7 @@ def case_xgboost_500(build: bool = True) -> dict[str, Any]:
         return m
 
     return {"model": model, "native_save": lambda m, p: m.save_model(str(p / "model.ubj")),
-            "native_load": native_load, "repeat": 7}
+            "native_load": native_load, "repeat": 7, "mlflow": "xgboost"}
 
 
 def case_keras_200mb(build: bool = True) -> dict[str, Any]:
@@ -97,7 +97,7 @@ def case_keras_200mb(build: bool = True) -> dict[str, Any]:
         model = keras.Sequential([keras.Input((4096,))] + [keras.layers.Dense(4096) for _ in range(3)])  # 50M params
         model.compile(optimizer="adam", loss="mse")
     return {"model": model, "native_save": lambda m, p: m.save(str(p / "model.keras")),
-            "native_load": lambda p: keras.models.load_model(str(p / "model.keras")), "repeat": 5}
+            "native_load": lambda p: keras.models.load_model(str(p / "model.keras")), "repeat": 5, "mlflow": "keras"}
 
 
 CASES: dict[str, Callable[..., dict[str, Any]]] = {
@@ -140,7 +140,22 @@ def time_case(name: str, c: dict[str, Any], work: Path) -> dict[str, float]:
     }
     out["native_load"] = median_time(lambda: c["native_load"](native_dir), repeat)
     out["load_any"] = median_time(lambda: mlpersist.load_any(ours), repeat)
+    flavor = mlflow_flavor(c)
+    if flavor is not None:  # MLflow as its users call it: the flavor's save_model/load_model, defaults
+        theirs = work / f"{name}-mlflow"
+        few = min(repeat, 5)  # its save infers pip requirements in a subprocess: seconds per call
+        out["mlflow_save"] = median_time(lambda: flavor.save_model(model, str(theirs)), few, fresh(theirs))
+        out["mlflow_load"] = median_time(lambda: flavor.load_model(str(theirs)), few)
     return out
+
+
+def mlflow_flavor(c: dict[str, Any]) -> Any:
+    """The MLflow flavor module of a case (`mlflow.sklearn`, ...), or None when MLflow is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        return None
+    return importlib.import_module(f"mlflow.{c['mlflow']}")  # installed but broken: fail, never skip quietly
 
 
 def peak_rss(name: str, op: str, work: Path) -> float:
@@ -233,7 +248,38 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     imp = import_time()
     write(args.out, rows, imp)
+    chart(args.out.with_name("ratios.png"), rows)
     print(args.out.read_text())
+
+
+def chart(out: Path, rows: list[dict[str, Any]]) -> None:
+    """A bar chart of every time ratio (lower is better; 1.0 = as fast as the reference)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [("save_any / native save", "save_any", "native_save"), ("load_any / native load", "load_any",
+              "native_load")]
+    if rows and "mlflow_save" in rows[0]:
+        series += [("save_any / MLflow save", "save_any", "mlflow_save"),
+                   ("load_any / MLflow load", "load_any", "mlflow_load")]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(series)
+    for i, (label, num, den) in enumerate(series):
+        ax.bar([x + i * width for x in range(len(rows))], [r[num] / r[den] for r in rows], width, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(1.1, color="grey", linewidth=0.8, linestyle="--", label="1.10x target")
+    ax.set_yscale("log")
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(rows))], [r["case"] for r in rows])
+    ax.set_ylabel("time ratio (log scale; below 1 = faster)")
+    ax.set_title(f"mlpersist vs native calls and MLflow ({platform.machine()}, {os.cpu_count()} CPUs)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 def write(out: Path, rows: list[dict[str, Any]], imp: float) -> None:
@@ -253,6 +299,14 @@ def write(out: Path, rows: list[dict[str, Any]], imp: float) -> None:
             f" | {r['save_any'] / r['native_save']:.2f}x | {r['native_load'] * 1e3:.1f} ms"
             f" | {r['load_any'] * 1e3:.1f} ms"
             f" | {r['load_any'] / r['native_load']:.2f}x | {r['native_load'] / r['load_any']:.1f}x |")
+    if rows and "mlflow_save" in rows[0]:
+        lines += ["", "Against MLflow's flavor `save_model`/`load_model` (defaults), same models, same run:", "",
+                  "| case | MLflow save | save_any | ratio | MLflow load | load_any | ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['case']} | {r['mlflow_save'] * 1e3:.1f} ms | {r['save_any'] * 1e3:.1f} ms"
+                         f" | {r['save_any'] / r['mlflow_save']:.3g}x | {r['mlflow_load'] * 1e3:.1f} ms"
+                         f" | {r['load_any'] * 1e3:.1f} ms | {r['load_any'] / r['mlflow_load']:.3g}x |")
     lines += ["", "Added milliseconds (tiny model = the fixed cost of the layer):", ""]
     for r in rows:
         lines.append(f"- {r['case']}: save +{(r['save_any'] - r['native_save']) * 1e3:.2f} ms, "
@@ -269,7 +323,8 @@ def write(out: Path, rows: list[dict[str, Any]], imp: float) -> None:
                 f" | {r['rss_save_any'] / max(r['rss_native_save'], 1):.2f}x | {r['rss_native_load'] / 1e6:.0f} MB"
                 f" | {r['rss_load_any'] / 1e6:.0f} MB | {r['rss_load_any'] / max(r['rss_native_load'], 1):.2f}x"
                 f" | {r['rss_load_any'] / r['size']:.2f}x |")
-    lines += ["", f"`import mlpersist`: +{imp * 1e3:.1f} ms over a bare interpreter start (median of 20).", ""]
+    lines += ["", f"`import mlpersist`: +{imp * 1e3:.1f} ms over a bare interpreter start (median of 20).", "",
+              "![ratios](ratios.png)", ""]
     out.write_text("\n".join(lines))
 
 
