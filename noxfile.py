@@ -108,7 +108,7 @@ def faults(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks against native calls (minutes; not part of plain `nox`): writes benchmarks/RESULTS.md."""
     session.install(*CONSTRAINTS, "-e", ".[sklearn,torch,keras]", "numpy", "tensorflow-cpu", "xgboost-cpu",
-                    "mlflow-skinny", "skops", "pandas", "matplotlib")  # MLflow's sklearn flavor saves with skops by default
+                    "mlflow-skinny", "pandas", "matplotlib")
     session.run("python", "benchmarks/bench.py", *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
 
 
