@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from . import _example, _parts, _registry, _storage
+from . import _parts, _registry, _storage
 from ._dispatch import detect, sniff
 from ._manifest import FORMAT_VERSION, MANIFEST_NAME, FileEntry, Manifest, Part, check_json_value
 from ._payload import Payload
@@ -22,6 +22,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from . import _example
     from ._remote import Store
     from ._signing import KeySource
 
@@ -138,6 +139,8 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
         if not report:
             raise PersistError(f"{path}: check=True, but it was saved without example= (nothing to rerun); "
                                "re-save it with save_any(model, path, example=X_small)")
+        from . import _example
+
         _example.raise_on_failure(report, tolerance, os.fspath(path))
     return model
 
@@ -189,7 +192,9 @@ def _tolerance(check: bool | float) -> float | None:
     if check is False or check is None:
         return None
     if check is True:
-        return _example.DEFAULT_TOLERANCE
+        from ._example import DEFAULT_TOLERANCE
+
+        return DEFAULT_TOLERANCE
     if isinstance(check, (int, float)) and check >= 0:
         return float(check)
     raise PersistError(f"check= takes True, False or a tolerance >= 0, not {check!r}")

@@ -13,9 +13,9 @@ import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from . import _example, _registry
+from . import _registry
 from ._dispatch import detect
 from ._manifest import BUNDLE, JSON_PART, MAX_DEPTH, Manifest, Part, check_json_value
 from ._payload import Payload
@@ -27,6 +27,9 @@ from .errors import (
     VersionMismatchError,
     VersionMismatchWarning,
 )
+
+if TYPE_CHECKING:
+    from . import _example
 
 _ENV_CACHE: dict[str, dict[str, Any]] = {}
 _SAFE_DIR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -57,7 +60,11 @@ def save_part(model: Any, dest: Path, *, fmt: str | None, options: dict[str, Any
                                     f"{type(exc).__name__}: {exc}") from exc
     info["adapter_format_version"] = adapter.format_version
     check_json_value(info, f"what the {name} adapter returned")
-    stored = _example.save(model, adapter, example, dest, where) if example is not None else None
+    stored = None
+    if example is not None:
+        from . import _example  # with the first example only: keeps `import mlpersist` light
+
+        stored = _example.save(model, adapter, example, dest, where)
     cls = type(model)
     return Part(name, prefix.rstrip("/"), fmt, f"{cls.__module__}:{cls.__qualname__}", spec.package,
                 framework_version(spec) or "unknown", info, stored)
@@ -183,11 +190,17 @@ def load_part(part: Part, handles: Mapping[str, BinaryIO], ctx: LoadContext, opt
             out[key] = load_part(sub, mine, ctx, dict(per_part.get(key) or {}), here)
         return out
     adapter = adapter_for(part, strict=ctx.strict)
-    examples = _example.files(part.example)
+    examples: set[str] = set()
+    if part.example is not None:
+        from . import _example
+
+        examples = _example.files(part.example)
     payload = Payload({n: h for n, h in handles.items() if n not in examples}, ctx.policy,
                       ctx.root / part.dir if ctx.root is not None else None)
     model = adapter.load(payload, part.info, format=part.format, **options)
     if ctx.check is not None and part.example is not None:
+        from . import _example
+
         ctx.report += _example.check(model, adapter, part.example, Payload(handles, ctx.policy), tolerance=ctx.check,
                                      where=where)
     return model
