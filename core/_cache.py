@@ -138,11 +138,15 @@ class Cache:
 
     def size(self) -> int:
         """Bytes held in blobs."""
-        total = 0
+        return sum(self.usage())
+
+    def usage(self) -> list[int]:
+        """The size of every blob held."""
+        sizes = []
         for entry in _scan(self.root / "blobs"):
             with contextlib.suppress(FileNotFoundError):
-                total += entry.stat(follow_symlinks=False).st_size
-        return total
+                sizes.append(entry.stat(follow_symlinks=False).st_size)
+        return sizes
 
 
 def _scan(root: Path) -> list[os.DirEntry[str]]:

@@ -40,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "max(1, |stored value|) (default 1e-5; 0 for bit for bit)")
     _trust_options(p)
     _storage_options(p)
+    p = sub.add_parser("cache", help="show the download cache of remote artifacts (where, how full); --clear "
+                                     "empties it")
+    p.add_argument("--clear", action="store_true", help="remove every cached file (loads download them again)")
     p = sub.add_parser("requirements", help="print pinned requirement lines (pip install -r) for the environment "
                                             "that saved the model")
     p.add_argument("path", help=_PATH)
@@ -215,5 +218,19 @@ def _sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_cmd(args: argparse.Namespace) -> int:
+    from . import _cache
+
+    cache = _cache.Cache()
+    if args.clear:
+        cache.evict(limit=0)
+    sizes = cache.usage()
+    print(f"cache         {cache.root}  (MLPERSIST_CACHE_DIR)\n"
+          f"holds         {len(sizes)} file(s), {sum(sizes)} bytes, of at most {_cache.max_bytes()} "
+          "(MLPERSIST_CACHE_MAX_BYTES)")
+    return 0
+
+
 _COMMANDS = {"inspect": _inspect, "verify": _verify, "adapters": _adapters, "scan": _scan, "keygen": _keygen,
-             "sign": _sign, "check": _check, "requirements": _requirements, "convert": _convert_cmd}
+             "sign": _sign, "check": _check, "requirements": _requirements, "convert": _convert_cmd,
+             "cache": _cache_cmd}

@@ -411,3 +411,19 @@ def test_progress_bars_show_on_a_terminal_for_large_transfers_only(s3: S3, bucke
     assert _on_a_terminal(code.replace("PROGRESS", "False"), env).strip() == ""
     piped = run_python(code.replace("PROGRESS", "None"), env={**s3.env})
     assert piped.stderr.strip() == ""
+
+
+def test_the_cache_command_shows_and_clears_the_cache(s3: S3, bucket: str, tmp_path: Path) -> None:
+    model, predict = sklearn_model()
+    url = f"s3://{bucket}/churn"
+    save_any(model, url, storage_options=s3.options)  # the save leaves its files in the cache
+    env = {**os.environ, "MLPERSIST_CACHE_DIR": str(tmp_path / "cache")}
+
+    def cli(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "mlpersist", "cache", *args], capture_output=True, text=True,
+                              env=env, timeout=60, check=True).stdout
+
+    assert "holds         1 file(s)" in cli()
+    assert "holds         0 file(s), 0 bytes" in cli("--clear")
+    assert not [p for p in (tmp_path / "cache" / "blobs").rglob("*") if p.is_file()]
+    np.testing.assert_array_equal(predict(load_any(url, storage_options=s3.options)), predict(model))
