@@ -67,9 +67,9 @@ def save_any(model: Any, path: str | os.PathLike[str], *, overwrite: bool = Fals
             model, dest, fmt=format, options=dict(options), example=example))
 
     if not isinstance(where, Path):
-        from . import _remote  # with the first URL only: keeps `import mlpersist` light
+        from . import _upload  # with the first URL only: keeps `import mlpersist` light
 
-        return _remote.save(where, overwrite=overwrite, write_local=lambda root: write(root, False),
+        return _upload.save(where, overwrite=overwrite, write_local=lambda root: write(root, False),
                             progress=progress)
     return write(where)
 
@@ -160,8 +160,14 @@ def load_with_report(path: str | os.PathLike[str], *, trusted: bool = False, all
     if not isinstance(where, Path):
         from . import _remote
 
-        opened = _remote.open_remote(where, verify=verify, check_manifest=_signing.checker(digest, keys),
-                                     progress=progress)
+        try:
+            opened = _remote.open_remote(where, verify=verify, check_manifest=_signing.checker(digest, keys),
+                                         progress=progress)
+        except ArtifactNotFoundError:
+            with _remote.bare_file(where, progress) as local:  # a model file saved without mlpersist, at a URL
+                if local is None:
+                    raise
+                return _load_bare(local, policy, digest=digest, signed_required=bool(keys), **options), [], tolerance
         return _load_opened(opened, policy, strict, tolerance, options)
     root = where
     if root.is_file():
@@ -212,7 +218,15 @@ def inspect(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] 
     if not isinstance(root, Path):
         from . import _remote
 
-        return _remote.read_manifest(root)
+        try:
+            return _remote.read_manifest(root)
+        except ArtifactNotFoundError:
+            with _remote.bare_file(root) as local:
+                if local is None:
+                    raise
+                manifest, f = _bare_manifest(local, source=root.url)
+                f.close()
+                return manifest
     if root.is_file():
         manifest, f = _bare_manifest(root)
         f.close()
@@ -249,7 +263,7 @@ def verify(path: str | os.PathLike[str], *, digest: str | None = None,
         _storage.open_artifact(where, verify=True, check_manifest=check).close()
 
 
-def _bare_manifest(path: Path) -> tuple[Manifest, BinaryIO]:
+def _bare_manifest(path: Path, source: str | None = None) -> tuple[Manifest, BinaryIO]:
     """Describe a bare model file as an artifact of one payload file, opened once."""
     name, fmt, payload_name = sniff(path)
     spec = _registry.get_spec(name)
@@ -262,7 +276,7 @@ def _bare_manifest(path: Path) -> tuple[Manifest, BinaryIO]:
         entry = FileEntry(st.st_size, _storage.hash_fd(f.fileno(), st.st_size))
         manifest = Manifest(FORMAT_VERSION, name, fmt, "unknown:unknown", spec.package, "unknown",
                             {payload_name: entry}, {}, _now(), _parts.mlpersist_version(),
-                            {"source": str(path)}, {"bare": True})
+                            {"source": source or str(path)}, {"bare": True})
     except BaseException:
         f.close()
         raise

@@ -56,9 +56,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, trusted
                     _parts.framework_version(spec) or "unknown", info)
 
     if not isinstance(where, Path):
-        from . import _remote
+        from . import _upload
 
-        return _remote.save(where, overwrite=overwrite, write_local=lambda root: write_artifact(
+        return _upload.save(where, overwrite=overwrite, write_local=lambda root: write_artifact(
             root, overwrite=False, metadata=metadata, fill=fill))
     return write_artifact(where, overwrite=overwrite, metadata=metadata, fill=fill)
 

@@ -22,8 +22,10 @@ from mlpersist import (
     ArtifactNotFoundError,
     IntegrityError,
     StorageError,
+    UntrustedContentError,
     _cache,
     _remote,
+    _upload,
     inspect,
     load_any,
     save_any,
@@ -181,8 +183,8 @@ def test_old_blobs_are_collected_once_unreferenced_and_older_than_the_grace(s3: 
     old, new = {e.digest for e in first.files.values()}, {e.digest for e in second.files.values()}
     assert blobs() == old | new  # the previous artifact's files stay for readers that hold its manifest
     store = _remote.open_store(url, s3.options)
-    assert _remote.collect_garbage(store, keep=()) == 0  # all younger than an hour
-    assert _remote.collect_garbage(store, keep=(), grace=0) == len(old - new)
+    assert _upload.collect_garbage(store, keep=()) == 0  # all younger than an hour
+    assert _upload.collect_garbage(store, keep=(), grace=0) == len(old - new)
     assert blobs() == new
     verify(url, storage_options=s3.options)
 
@@ -213,6 +215,32 @@ def test_a_prefix_without_a_manifest_is_not_found(s3: S3, bucket: str) -> None:
         load_any(f"s3://{bucket}/nothing", storage_options=s3.options)
 
 
+def test_a_model_file_saved_without_mlpersist_loads_from_its_url_under_the_trust_rules(s3: S3, bucket: str) -> None:
+    import io
+    import pickle
+
+    import joblib
+
+    model, predict = sklearn_model()
+    buf = io.BytesIO()
+    joblib.dump(model, buf)
+    client = s3.client()
+    client.put_object(Bucket=bucket, Key="shared/model.joblib", Body=buf.getvalue())
+    url = f"s3://{bucket}/shared/model.joblib"
+    np.testing.assert_array_equal(predict(load_any(url, storage_options=s3.options)), predict(model))
+    described = inspect(url, storage_options=s3.options)
+    assert (described.adapter, described.metadata) == ("sklearn", {"source": url})
+
+    class Boom:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.system, ("echo pwned",))
+
+    client.put_object(Bucket=bucket, Key="shared/evil.pkl", Body=pickle.dumps(Boom(), protocol=4))
+    with pytest.raises(UntrustedContentError, match=r"(os|posix)\.system"):
+        load_any(f"s3://{bucket}/shared/evil.pkl", storage_options=s3.options)
+    assert not list((_cache.Cache().tmp).iterdir())  # the downloaded copy is gone either way
+
+
 # --- processes ----------------------------------------------------------------------------------
 
 SAVER = """
@@ -232,13 +260,13 @@ def test_an_upload_killed_midway_leaves_the_previous_artifact_loadable(s3: S3, b
     before = save_any(old, url, storage_options=s3.options)
     # the child replaces it with a 3-part bundle and is killed after the first part's upload, mid-save
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SAVER) + textwrap.dedent(f"""
-        from mlpersist import _remote
-        real = _remote._put_blob
+        from mlpersist import _upload
+        real = _upload._put_blob
         def put_then_stall(*args, **kwargs):
             real(*args, **kwargs)
             print("uploaded", flush=True)
             import time; time.sleep(600)
-        _remote._put_blob = put_then_stall
+        _upload._put_blob = put_then_stall
         save_any({{"a": model(0.1), "b": model(0.2), "c": model(0.3)}}, {url!r}, overwrite=True)
     """)], stdout=subprocess.PIPE, text=True, env={**os.environ, **s3.env})
     try:
