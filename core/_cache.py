@@ -21,6 +21,25 @@ _STALE_TMP_SECONDS = 24 * 3600
 Reader = Callable[[], BinaryIO]  # opens the remote object for reading
 
 
+def pump(src: BinaryIO, dst: BinaryIO | None, update: Callable[[int], None],
+         algo: str | None = None) -> tuple[int, str]:
+    """Copy `src` to `dst` (None: only read it) in 4 MiB chunks, telling `update` each chunk's size.
+
+    Every transfer to or from a store goes through here; with `algo`, the bytes are hashed on the way
+    (no second read). Returns the byte count and `<algo>:<hex>` (empty without `algo`).
+    """
+    h = hashlib.new(algo) if algo else None
+    got = 0
+    while chunk := src.read(_CHUNK):
+        if h is not None:
+            h.update(chunk)
+        if dst is not None:
+            dst.write(chunk)
+        got += len(chunk)
+        update(len(chunk))
+    return got, f"{algo}:{h.hexdigest()}" if h is not None else ""
+
+
 def cache_dir() -> Path:
     """$MLPERSIST_CACHE_DIR, else $XDG_CACHE_HOME/mlpersist, else ~/.cache/mlpersist."""
     env = os.environ.get("MLPERSIST_CACHE_DIR")
@@ -82,16 +101,10 @@ class Cache:
         algo = digest.partition(":")[0]
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix=f"{os.getpid()}-")
         try:
-            h, got = hashlib.new(algo), 0
             with os.fdopen(fd, "wb") as out, reader() as src:
-                while chunk := src.read(_CHUNK):
-                    h.update(chunk)
-                    out.write(chunk)
-                    got += len(chunk)
-                    progress(len(chunk))
+                got, found = pump(src, out, progress, algo)
                 out.flush()
                 os.fsync(out.fileno())
-            found = f"{algo}:{h.hexdigest()}"
             if got != size or found != digest:
                 raise IntegrityError(digest, f"{size} bytes with digest {digest}", f"{got} bytes with digest {found}")
             return self.adopt(Path(tmp_name), digest)

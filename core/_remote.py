@@ -21,10 +21,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ._cache import Cache
+from ._cache import Cache, pump
 from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, RESERVED_NAMES, FileEntry, Manifest
 from ._progress import Progress
-from ._storage import Opened, hash_fd
+from ._storage import Opened
 from .errors import (
     ArtifactNotFoundError,
     CorruptArtifactError,
@@ -35,7 +35,6 @@ from .errors import (
 )
 
 BLOBS = "blobs"
-_CHUNK = 4 << 20
 
 ManifestCheck = Callable[[Manifest, Callable[[str], bytes]], bool]
 
@@ -151,7 +150,6 @@ def open_remote(store: Store, *, verify: bool, check_manifest: ManifestCheck | N
         for name, entry in manifest.files.items():  # a tree of the payload names, for formats read by path
             (view / name).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(cache.path(entry.digest), view / name)
-        cache.evict(keep=_digests(manifest))
         return Opened(view, manifest, handles, signed, cleanup=partial(shutil.rmtree, view, True))
     raise CorruptArtifactError(f"{store.url} kept changing while it was read (a writer saving in a loop?); try again")
 
@@ -173,6 +171,8 @@ def _fetch(store: Store, cache: Cache, manifest: Manifest, *, verify: bool,
                 handles[name] = _download(store, cache, name, entry, bar.update)
         finally:
             bar.close()
+        if missing:  # the cache grew: trim it (a load served from the cache leaves it as it was)
+            cache.evict(keep=_digests(manifest))
         return handles
     except BaseException:
         for f in handles.values():
@@ -211,9 +211,7 @@ def bare_file(store: Store, progress: bool | None = None) -> Iterator[Path | Non
         try:
             with _errors(store, "downloading the model file"), store.fs.open(store.root, "rb") as src, \
                     open(local, "wb") as out:
-                while chunk := src.read(_CHUNK):
-                    out.write(chunk)
-                    bar.update(len(chunk))
+                pump(src, out, bar.update)
         finally:
             bar.close()
         yield local
@@ -227,18 +225,14 @@ def verify_remote(store: Store, *, check_manifest: ManifestCheck | None = None) 
     if check_manifest is not None:
         check_manifest(manifest, lambda name: _read_small(store, name, missing_ok=True))
     for name, entry in manifest.files.items():
-        with tempfile.TemporaryFile() as tmp:
-            with _errors(store, f"downloading {name}"):
-                try:
-                    with store.fs.open(store.blob(entry.digest), "rb") as src:
-                        shutil.copyfileobj(src, tmp, _CHUNK)
-                except FileNotFoundError:
-                    raise IntegrityError(name, f"a blob of {entry.size} bytes", "no such object in the store") from None
-            tmp.flush()
-            size = os.fstat(tmp.fileno()).st_size
-            digest = hash_fd(tmp.fileno(), size)
-            if (size, digest) != (entry.size, entry.digest):
-                raise IntegrityError(name, f"{entry.size} bytes, {entry.digest}", f"{size} bytes, {digest}")
+        with _errors(store, f"downloading {name}"):
+            try:
+                with store.fs.open(store.blob(entry.digest), "rb") as src:  # hashed as it arrives, never stored
+                    size, digest = pump(src, None, lambda n: None, entry.digest.partition(":")[0])
+            except FileNotFoundError:
+                raise IntegrityError(name, f"a blob of {entry.size} bytes", "no such object in the store") from None
+        if (size, digest) != (entry.size, entry.digest):
+            raise IntegrityError(name, f"{entry.size} bytes, {entry.digest}", f"{size} bytes, {digest}")
     with _errors(store, "listing the artifact"):
         names = store.fs.ls(store.root, detail=False)
     extra = sorted(n for n in (n.rstrip("/").rsplit("/", 1)[-1] for n in names)

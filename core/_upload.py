@@ -13,10 +13,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ._cache import Cache
+from ._cache import Cache, pump
 from ._manifest import MANIFEST_NAME, FileEntry, Manifest
 from ._progress import Progress
-from ._remote import _CHUNK, BLOBS, Store, _current, _digests, _errors
+from ._remote import BLOBS, Store, _current, _digests, _errors
 from .errors import ArtifactExistsError
 
 # A blob no manifest names is removed by a later save only when older than this: a save still uploading
@@ -71,9 +71,7 @@ def _check_no_foreign_objects(store: Store) -> None:
 def _put_blob(store: Store, file: Path, entry: FileEntry, update: Callable[[int], None]) -> None:
     """Upload one payload file under its digest (always: a fresh upload also renews its age for the GC)."""
     with open(file, "rb") as src, store.fs.open(store.blob(entry.digest), "wb") as dst:
-        while chunk := src.read(_CHUNK):
-            dst.write(chunk)
-            update(len(chunk))
+        pump(src, dst, update)
 
 
 def _put_manifest(store: Store, raw: bytes, *, overwrite: bool) -> None:
