@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import _parts, _registry, _storage
+from ._digest import HEX_LENGTHS, algorithm_of, hash_fd
 from ._dispatch import detect, sniff
 from ._manifest import FORMAT_VERSION, MANIFEST_NAME, FileEntry, Manifest, Part, check_json_value
 from ._payload import Payload
@@ -108,7 +109,8 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
         allow: extra `"module.Name"` globals a pickle may import, for this call only.
         verify: check every file's digest before it is opened (sizes are always checked).
         strict: a framework version different from the recorded one is an error, not a warning.
-        digest: the manifest digest you expect (`mlpersist inspect` prints it); for a bare file, its sha256.
+        digest: the manifest digest you expect (`mlpersist inspect` prints it); for a bare file, its
+            `blake3:<hex>` or `sha256:<hex>` (`b3sum` / `sha256sum` of the file).
         public_key: Ed25519 public key(s) (PEM path or bytes) of which one must have signed the manifest;
             default: the keys named by $MLPERSIST_PUBLIC_KEYS. A valid signature lifts the allow-list.
         check: rerun the example stored at save (`example=`) and compare the outputs: True for the default
@@ -263,8 +265,13 @@ def verify(path: str | os.PathLike[str], *, digest: str | None = None,
         _storage.open_artifact(where, verify=True, check_manifest=check).close()
 
 
-def _bare_manifest(path: Path, source: str | None = None) -> tuple[Manifest, BinaryIO]:
-    """Describe a bare model file as an artifact of one payload file, opened once."""
+def _bare_manifest(path: Path, source: str | None = None,
+                   pinned: str | None = None) -> tuple[Manifest, BinaryIO]:
+    """Describe a bare model file as an artifact of one payload file, opened once (hashed as `pinned` is)."""
+    algo = algorithm_of(pinned) if pinned else None
+    if algo is not None and algo not in HEX_LENGTHS:
+        raise PersistError(f"digest={pinned!r}: a bare file's pinned digest is one of "
+                           f"{', '.join(a + ':<hex>' for a in sorted(HEX_LENGTHS))}")
     name, fmt, payload_name = sniff(path)
     spec = _registry.get_spec(name)
     assert spec is not None
@@ -273,7 +280,7 @@ def _bare_manifest(path: Path, source: str | None = None) -> tuple[Manifest, Bin
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise CorruptArtifactError(f"{path} is not a regular file")
-        entry = FileEntry(st.st_size, _storage.hash_fd(f.fileno(), st.st_size))
+        entry = FileEntry(st.st_size, hash_fd(f.fileno(), st.st_size, algo))
         manifest = Manifest(FORMAT_VERSION, name, fmt, "unknown:unknown", spec.package, "unknown",
                             {payload_name: entry}, {}, _now(), _parts.mlpersist_version(),
                             {"source": source or str(path)}, {"bare": True})
@@ -288,7 +295,7 @@ def _load_bare(path: Path, policy: TrustPolicy, *, digest: str | None, signed_re
     if signed_required:
         raise SignatureError(str(path), "an artifact signed by a configured key",
                              "a bare file, which carries no signature (wrap it in an artifact and sign that)")
-    manifest, f = _bare_manifest(path)
+    manifest, f = _bare_manifest(path, pinned=digest)
     try:
         (payload_name,) = manifest.files
         if digest is not None and manifest.files[payload_name].digest != digest:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 import time
@@ -11,7 +10,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from ._storage import hash_fd
+from ._digest import algorithm_of, hash_fd, new
 from .errors import IntegrityError, PersistError
 
 DEFAULT_MAX_BYTES = 10 << 30
@@ -28,7 +27,7 @@ def pump(src: BinaryIO, dst: BinaryIO | None, update: Callable[[int], None],
     Every transfer to or from a store goes through here; with `algo`, the bytes are hashed on the way
     (no second read). Returns the byte count and `<algo>:<hex>` (empty without `algo`).
     """
-    h = hashlib.new(algo) if algo else None
+    h = new(algo) if algo else None
     got = 0
     while chunk := src.read(_CHUNK):
         if h is not None:
@@ -87,7 +86,7 @@ class Cache:
         except FileNotFoundError:
             return None
         st = os.fstat(f.fileno())
-        if st.st_size != size or (verify and hash_fd(f.fileno(), size) != digest):
+        if st.st_size != size or (verify and hash_fd(f.fileno(), size, algorithm_of(digest)) != digest):
             f.close()
             with contextlib.suppress(OSError):
                 path.unlink()  # damaged on this disk: fetch it again

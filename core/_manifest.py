@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ._digest import HEX_LENGTHS
 from .errors import CorruptArtifactError, PersistError
 
 # Bump runbook: add a reader for the old version next to _from_v1 (keep it, with a test on a
@@ -22,7 +23,6 @@ RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_FILES = 10_000
 MAX_FILE_SIZE = 1 << 50  # 1 PiB: anything larger is a hostile or broken manifest
-DIGEST_ALGORITHMS = {"sha256": 64}  # algorithm -> hex length; an explicit set (OMS registry)
 REQUIRED = ("format_version", "adapter", "format", "class", "framework", "files", "environment",
             "created_at", "mlpersist_version")
 
@@ -291,9 +291,9 @@ def check_name(name: Any) -> None:
 def check_digest(digest: Any, where: str) -> None:
     """Refuse a digest that is not `<known algorithm>:<lower-case hex of the right length>`."""
     algo, _, hexpart = digest.partition(":") if isinstance(digest, str) else ("", "", "")
-    if (DIGEST_ALGORITHMS.get(algo) != len(hexpart)
+    if (HEX_LENGTHS.get(algo) != len(hexpart)
             or any(c not in "0123456789abcdef" for c in hexpart)):
-        raise _bad(where, f"one of {', '.join(a + ':<hex>' for a in DIGEST_ALGORITHMS)}", repr(digest)[:80])
+        raise _bad(where, f"one of {', '.join(a + ':<hex>' for a in HEX_LENGTHS)}", repr(digest)[:80])
 
 
 def _is_identifier(s: str) -> bool:

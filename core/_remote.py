@@ -3,7 +3,7 @@
 An object store has no atomic rename, so a remote artifact is laid out for one atomic PUT instead:
 
     <url>/manifest.json                  the same bytes as a local artifact's; written last, in one request
-    <url>/blobs/sha256/<hex>             each payload file, under the digest the manifest gives it
+    <url>/blobs/<algo>/<hex>             each payload file, under the digest the manifest gives it (blake3/…)
 
 Blobs are never modified, only added and (by a later save, once unreferenced and old) removed, so a
 manifest that a reader can see names only blobs that are there, whichever save wrote it.

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
+from ._digest import algorithm, algorithm_of, hash_fd
 from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, RESERVED_NAMES, FileEntry, Manifest, check_name
 from .errors import ArtifactExistsError, ArtifactNotFoundError, CorruptArtifactError, IntegrityError, PersistError
 
@@ -21,40 +22,12 @@ _OLD = ".mlpersist-old-"
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_HASH_CHUNK = 4 << 20
 _OVERLAP_BYTES = 1 << 20
 
 # The I/O seam: fault-injection tests patch these names, never the frameworks.
 fsync = os.fsync
 rename = os.rename
 write = os.write
-
-
-def hash_fd(fd: int, size: int) -> str:
-    """Return `sha256:<hex>` of the first `size` bytes of `fd`.
-
-    Reads in 4 MiB chunks into one reused buffer (hashlib releases the GIL on each): fast, and the
-    file's pages are never mapped into this process, so hashing adds no resident memory.
-    """
-    import hashlib
-
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(min(_HASH_CHUNK, max(size, 1))))
-    offset = 0
-    while offset < size:
-        want = buf[: min(len(buf), size - offset)]
-        n = os.preadv(fd, [want], offset) if hasattr(os, "preadv") else _pread_into(fd, want, offset)
-        if n <= 0:
-            break  # shorter than declared: the digest will not match
-        h.update(want[:n])
-        offset += n
-    return "sha256:" + h.hexdigest()
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> int:
-    data = os.pread(fd, len(view), offset)
-    view[: len(data)] = data
-    return len(data)
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -74,11 +47,12 @@ class Staging:
         """Fsync and digest every file the adapter wrote; refuse anything but regular files.
 
         The fsync of each file of 1 MiB or more runs on a second thread while this one hashes it (both
-        release the GIL): the disk flush and the sha256 overlap instead of adding up. Small files are
+        release the GIL): the disk flush and the digest overlap instead of adding up. Small files are
         flushed inline: a thread would cost more than it saves.
         """
         from concurrent.futures import Future, ThreadPoolExecutor
 
+        algo = algorithm()
         entries: dict[str, FileEntry] = {}
         fds: list[int] = []
         syncs: list[Future[None]] = []
@@ -101,7 +75,7 @@ class Staging:
                             syncs.append(pool.submit(fsync, fd))
                         else:
                             fsync(fd)
-                        entries[rel] = FileEntry(st.st_size, hash_fd(fd, st.st_size))
+                        entries[rel] = FileEntry(st.st_size, hash_fd(fd, st.st_size, algo))
                     fsync(dfd)
                 for done in syncs:
                     done.result()  # an fsync error (ENOSPC, EIO) fails the save here
@@ -324,9 +298,10 @@ def _open_once(root: Path, *, verify: bool, check_manifest: ManifestCheck | None
                 raise IntegrityError(name, f"{entry.size} bytes", f"{size} bytes")
         if verify:
             for name, handle in handles.items():
-                digest = hash_fd(handle.fileno(), manifest.files[name].size)
-                if digest != manifest.files[name].digest:
-                    raise IntegrityError(name, manifest.files[name].digest, digest)
+                entry = manifest.files[name]
+                digest = hash_fd(handle.fileno(), entry.size, algorithm_of(entry.digest))
+                if digest != entry.digest:
+                    raise IntegrityError(name, entry.digest, digest)
             extra = sorted(set(_walk(dfd)) - set(manifest.files) - RESERVED_NAMES)
             if extra:
                 raise IntegrityError(extra[0], "no such file (it is not in the manifest)",

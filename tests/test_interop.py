@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from blake3 import blake3
 from mlp_testkit import require, run_cli, run_python
 
 from mlpersist import CheckFailedError, UntrustedContentError, inspect, load_any, save_any, verify
@@ -251,7 +252,7 @@ def test_a_bare_model_is_recognised_loaded_and_converted(tmp_path: Path, kind: s
     assert _same(answer(load_any(tmp_path / "art", **trust)), want)
     if path.is_file():  # the payload is the very bytes given
         (payload,) = m.files.values()
-        assert payload.digest == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+        assert payload.digest == "blake3:" + blake3(path.read_bytes()).hexdigest()
     assert "==" in run_cli("requirements", str(tmp_path / "art")).stdout
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from blake3 import blake3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlp_testkit import require, run_cli, run_python
@@ -453,6 +454,11 @@ def test_a_pinned_digest_must_match(tmp_path: Path) -> None:
     assert load_any(f, digest="sha256:" + sha256(f.read_bytes()).hexdigest()) == 2
     with pytest.raises(IntegrityError, match="pinned digest"):
         load_any(f, digest="sha256:" + "1" * 64)
+    assert load_any(f, digest="blake3:" + blake3(f.read_bytes()).hexdigest()) == 2  # what `b3sum` prints
+    with pytest.raises(IntegrityError, match="pinned digest"):
+        load_any(f, digest="blake3:" + "1" * 64)
+    with pytest.raises(PersistError, match="blake3:<hex>, sha256:<hex>"):
+        load_any(f, digest="md5:" + "1" * 32)
 
 
 # --- mlpersist scan ---------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def test_a_model_of_each_framework_round_trips_through_s3_bit_for_bit(s3: S3, bu
     verify(url, storage_options=s3.options)
     keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]}
     assert keys == {f"team/{framework}/v1/manifest.json"} | {
-        f"team/{framework}/v1/blobs/sha256/{e.digest.partition(':')[2]}" for e in manifest.files.values()}
+        f"team/{framework}/v1/blobs/{e.digest.replace(':', '/')}" for e in manifest.files.values()}
     _cache.Cache().evict(limit=0)  # the save left its files in the cache: load from the bucket, not from them
     loaded = load_any(url, storage_options=s3.options)
     assert type(loaded) is type(model)
@@ -141,7 +141,7 @@ def test_a_tampered_blob_in_the_bucket_is_refused(s3: S3, bucket: str) -> None:
     manifest = save_any(model, url, storage_options=s3.options)
     _cache.Cache().evict(limit=0)
     (entry,) = manifest.files.values()
-    key = f"churn/blobs/sha256/{entry.digest.partition(':')[2]}"
+    key = f"churn/blobs/{entry.digest.replace(':', '/')}"
     client = s3.client()
     body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
     body[10] ^= 1
@@ -178,7 +178,7 @@ def test_old_blobs_are_collected_once_unreferenced_and_older_than_the_grace(s3: 
 
     def blobs() -> set[str]:
         found = s3.client().list_objects_v2(Bucket=bucket, Prefix="churn/blobs/").get("Contents", [])
-        return {"sha256:" + o["Key"].rsplit("/", 1)[1] for o in found}
+        return {":".join(o["Key"].rsplit("/", 2)[1:]) for o in found}  # churn/blobs/<algo>/<hex>
 
     old, new = {e.digest for e in first.files.values()}, {e.digest for e in second.files.values()}
     assert blobs() == old | new  # the previous artifact's files stay for readers that hold its manifest
@@ -341,7 +341,7 @@ def test_processes_sharing_a_cold_cache_all_load(s3: S3, bucket: str, tmp_path: 
     for p in procs:
         err = p.communicate(timeout=120)[1]
         assert p.returncode == 0, err
-    assert len(list((shared / "blobs").rglob("*"))) == 2  # sha256/ and the one blob, whoever wrote it
+    assert len(list((shared / "blobs").rglob("*"))) == 2  # blake3/ and the one blob, whoever wrote it
     assert not list((shared / "tmp").iterdir())
 
 

@@ -1,0 +1,73 @@
+"""Payload digests: BLAKE3 by default, SHA-256 on request and still read, large files hashed from a mapping."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from blake3 import blake3
+from mlp_testkit import DummyModel
+
+from mlpersist import IntegrityError, PersistError, _digest, inspect, load_any, save_any, verify
+
+INPUTS = [0.0, 1.5, -2.0]
+
+
+def test_new_artifacts_record_the_blake3_digest_of_every_file(tmp_path: Path, dummy: DummyModel) -> None:
+    m = save_any(dummy, tmp_path / "a")
+    for name, entry in m.files.items():
+        data = (tmp_path / "a" / name).read_bytes()
+        assert entry.digest == "blake3:" + blake3(data).hexdigest() and entry.size == len(data)
+
+
+def test_sha256_on_request_and_sha256_artifacts_keep_loading(tmp_path: Path, dummy: DummyModel,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLPERSIST_DIGEST", "sha256")
+    m = save_any(dummy, tmp_path / "a")
+    for name, entry in m.files.items():
+        assert entry.digest == "sha256:" + hashlib.sha256((tmp_path / "a" / name).read_bytes()).hexdigest()
+    monkeypatch.delenv("MLPERSIST_DIGEST")  # a reader that writes BLAKE3 still reads what was written before
+    verify(tmp_path / "a")
+    assert load_any(tmp_path / "a").predict(INPUTS) == dummy.predict(INPUTS)
+    (tmp_path / "a" / "params.json").write_text('{"scale": 9, "shift": 9}')
+    with pytest.raises(IntegrityError, match=r"params\.json"):
+        load_any(tmp_path / "a")
+
+
+def test_an_unknown_digest_setting_is_refused_and_nothing_is_left(tmp_path: Path, dummy: DummyModel,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLPERSIST_DIGEST", "md5")
+    with pytest.raises(PersistError, match=r"MLPERSIST_DIGEST=.md5.*blake3, sha256"):
+        save_any(dummy, tmp_path / "a")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("algo", ["blake3", "sha256"])
+def test_a_large_file_hashes_the_same_mapped_as_read(tmp_path: Path, algo: str) -> None:
+    data = os.urandom(_digest._MAP_BYTES + 12345)
+    (tmp_path / "big").write_bytes(data)
+    expected = f"{algo}:" + (blake3(data) if algo == "blake3" else hashlib.sha256(data)).hexdigest()
+    fd = os.open(tmp_path / "big", os.O_RDONLY)
+    try:
+        assert _digest.hash_fd(fd, len(data), algo) == expected
+        # a file shorter than its declared size cannot be mapped: no crash, the bytes there are get read
+        # (the size check before any hashing is what refuses it)
+        assert _digest.hash_fd(fd, len(data) + 1, algo) == expected
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("where", [0, 512, -1], ids=["first", "middle", "last"])
+def test_a_changed_byte_of_a_large_payload_is_caught(tmp_path: Path, dummy: DummyModel, where: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_digest, "_MAP_BYTES", 512)  # the dummy's 1 KiB extra.bin takes the mapped path
+    save_any(dummy, tmp_path / "a")
+    extra = tmp_path / "a" / "sub" / "extra.bin"
+    data = bytearray(extra.read_bytes())
+    data[where % len(data)] ^= 1
+    extra.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=r"sub/extra\.bin"):
+        verify(tmp_path / "a")
+    assert inspect(tmp_path / "a").files["sub/extra.bin"].digest.startswith("blake3:")
