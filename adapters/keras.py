@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import os
 import tempfile
@@ -110,9 +111,54 @@ def _vet_zip(f: Any) -> Any:
             raise CorruptArtifactError("model.keras config.json is larger than 64 MiB")
         config = _json(zf.read("config.json"), "config.json")
         if "model.weights.h5" in names:
-            with zf.open("model.weights.h5") as weights:
+            with _member(zf, f, zf.getinfo("model.weights.h5")) as weights:
                 vet_hdf5(weights, "model.weights.h5")
     return config
+
+
+def _member(zf: zipfile.ZipFile, f: Any, info: zipfile.ZipInfo) -> Any:
+    """A stored (uncompressed) member as a window onto `f`; a deflated one through zipfile.
+
+    HDF5 vetting then reads only the file's metadata, not all its weights through zipfile's stream.
+    """
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return zf.open(info)
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise CorruptArtifactError(f"model.keras: the local header of {info.filename} is damaged")
+    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+    return _Window(f, start, info.file_size)
+
+
+class _Window(io.RawIOBase):
+    """Bytes [start, start + size) of a seekable binary file, read-only."""
+
+    def __init__(self, f: Any, start: int, size: int) -> None:
+        super().__init__()
+        self._f, self._start, self._size, self._pos = f, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        want = max(0, min(len(view), self._size - self._pos))
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(view[:want]) if want else 0
+        self._pos += got or 0
+        return got or 0
 
 
 def _h5_config(f: Any) -> Any:

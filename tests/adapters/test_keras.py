@@ -187,7 +187,8 @@ def test_a_decompression_bomb_member_is_refused(tmp_path: Path) -> None:
         load_any(path)
 
 
-def test_hdf5_weights_reaching_outside_the_file_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"])
+def test_hdf5_weights_reaching_outside_the_file_are_refused(tmp_path: Path, compression: int) -> None:
     h5py = require("h5py")
     path = tmp_path / "model.keras"
     sequential().save(str(path))
@@ -197,11 +198,29 @@ def test_hdf5_weights_reaching_outside_the_file_are_refused(tmp_path: Path) -> N
     with h5py.File(tmp_path / "w.h5", "a") as h5:
         h5["leak"] = h5py.ExternalLink("/etc/passwd", "/")
     members["model.weights.h5"] = (tmp_path / "w.h5").read_bytes()
-    with zipfile.ZipFile(path, "w") as zf:
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
         for name, data in members.items():
             zf.writestr(name, data)
     with pytest.raises(UntrustedContentError, match="ExternalLink"):
         load_any(path)
+
+
+def test_a_deflated_keras_file_loads_and_a_damaged_member_header_is_refused(tmp_path: Path) -> None:
+    model = sequential()
+    model.save(str(tmp_path / "model.keras"))
+    with zipfile.ZipFile(tmp_path / "model.keras") as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    with zipfile.ZipFile(tmp_path / "deflated.keras", "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    same(load_any(tmp_path / "deflated.keras"), model)
+    with zipfile.ZipFile(tmp_path / "model.keras") as zf:
+        offset = zf.getinfo("model.weights.h5").header_offset
+    data = bytearray((tmp_path / "model.keras").read_bytes())
+    data[offset:offset + 4] = b"XXXX"  # the central directory still points here
+    (tmp_path / "model.keras").write_bytes(bytes(data))
+    with pytest.raises(CorruptArtifactError, match=r"local header of model\.weights\.h5"):
+        load_any(tmp_path / "model.keras")
 
 
 def test_a_bare_keras_file_and_a_legacy_h5_file_load_under_the_same_rules(tmp_path: Path) -> None:
