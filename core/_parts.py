@@ -8,6 +8,7 @@ lists every file, so one digest check and one atomic commit cover the whole bund
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import sys
 import warnings
@@ -267,8 +268,13 @@ def mlpersist_version() -> str:
     return version("mlpersist") or "unknown"
 
 
+@functools.cache
 def version(dist: str) -> str | None:
-    """The installed version of distribution `dist`, or None."""
+    """The installed version of distribution `dist`, or None.
+
+    Looked up once per process, like `environment`: importlib.metadata scans sys.path and parses
+    METADATA, a millisecond or more per call, on every save and load otherwise.
+    """
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as _v
 
