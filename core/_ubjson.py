@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any
 
@@ -16,6 +17,7 @@ _NUMPY = {ord(k): f for k, f in {"i": ">i1", "U": "u1", "I": ">i2", "l": ">i4", 
 _CONSTANTS = {ord("T"): True, ord("F"): False, ord("Z"): None}
 _N, _S, _H, _C, _ARRAY, _OBJECT, _TYPE, _COUNT = (ord(c) for c in "NSHC[{$#")
 _END = {False: ord("]"), True: ord("}")}
+_U8 = ord("U")
 MAX_DEPTH = 64
 
 
@@ -31,6 +33,14 @@ def loads(data: bytes | bytearray | memoryview, what: str) -> Any:
     if reader.pos != len(reader.buf):
         raise reader.bad(f"{len(reader.buf) - reader.pos} trailing bytes")
     return value
+
+
+@functools.cache
+def _numpy() -> tuple[Any, dict[int, Any]]:
+    """The numpy module and the dtype of each typed-array marker: made once, with the first array."""
+    import numpy as np
+
+    return np, {m: np.dtype(f) for m, f in _NUMPY.items()}
 
 
 class _Reader:
@@ -98,6 +108,36 @@ class _Reader:
         except UnicodeDecodeError:
             raise self.bad("string is not UTF-8") from None
 
+    def key(self, m: int | None) -> str:
+        """An object key; the usual one-byte length ('U') read inline (XGBoost models hold ~16 per tree)."""
+        buf, pos = self.buf, self.pos
+        if m is None and pos < len(buf) and buf[pos] == _U8:
+            m, pos = _U8, pos + 1
+        if m != _U8 or pos >= len(buf) or pos + 1 + buf[pos] > len(buf):
+            self.pos = pos
+            return self.text(m)  # any other length marker, or too short: the general path (and its errors)
+        end = pos + 1 + buf[pos]
+        self.pos = end
+        try:
+            return buf[pos + 1:end].decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.bad("string is not UTF-8") from None
+
+    def numeric_array(self, depth: int) -> Any:
+        """A typed numeric array (`[$<type>#<count>`) at the read position as one numpy read, else None.
+
+        The common value of an XGBoost tree, read without the general container path.
+        """
+        buf, pos = self.buf, self.pos
+        if (depth >= MAX_DEPTH or pos + 5 > len(buf) or buf[pos] != _ARRAY or buf[pos + 1] != _TYPE
+                or buf[pos + 3] != _COUNT or buf[pos + 2] not in _NUMPY or buf[pos + 4] not in _INTS):
+            return None
+        np, dtypes = _numpy()
+        self.pos = pos + 5
+        n = self.count(buf[pos + 4])
+        dtype = dtypes[buf[pos + 2]]
+        return np.frombuffer(self.take(n * dtype.itemsize), dtype=dtype)
+
     def container(self, is_object: bool, depth: int) -> Any:
         typ: int | None = None
         n: int | None = None
@@ -110,10 +150,9 @@ class _Reader:
         elif pending == _COUNT:
             n, pending = self.count(), None
         if typ is not None and not is_object and typ in _NUMPY:
-            import numpy as np  # typed numeric arrays: one vectorised read
-
+            np, dtypes = _numpy()  # typed numeric arrays: one vectorised read
             assert n is not None
-            dtype = np.dtype(_NUMPY[typ])
+            dtype = dtypes[typ]
             # kept in the file's byte order: numpy compares and converts big-endian arrays as they are
             return np.frombuffer(self.take(n * dtype.itemsize), dtype=dtype)
         end = _END[is_object]
@@ -128,10 +167,14 @@ class _Reader:
             elif done == n:
                 return out
             if is_object:
-                key = self.text(m)  # a key is a length (marker + integer), then UTF-8 bytes
+                key = self.key(m)  # a key is a length (marker + integer), then UTF-8 bytes
                 if key in out:
                     raise self.bad(f"duplicate key {key!r}")
-                out[key] = self.value(self.marker() if typ is None else typ, depth)
+                if typ is None:
+                    found = self.numeric_array(depth)
+                    out[key] = found if found is not None else self.value(self.marker(), depth)
+                else:
+                    out[key] = self.value(typ, depth)
             else:
                 out.append(self.value(typ if typ is not None else (m if m is not None else self.marker()), depth))
             done += 1

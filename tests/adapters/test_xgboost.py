@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,8 @@ def test_crafted_tree_indices_are_refused_before_xgboost_parses_them(kind: str, 
     proc = run_python(f"import runpy, sys; sys.argv = ['x', {kind!r}, {str(tmp_path)!r}]; "
                       f"runpy.run_path({str(tmp_path / 'craft.py')!r})")
     assert proc.stdout.startswith("REFUSED"), proc.stdout + proc.stderr
+    if kind != "tree-info":
+        assert "tree 1:" in proc.stdout  # the crafted tree is named, though all trees are checked at once
 
 
 def _ubj(tmp_path: Path) -> bytes:
@@ -175,7 +178,7 @@ def test_a_crafted_ubj_child_index_is_refused(tmp_path: Path) -> None:
     at = raw.index(key) + len(key) + 8  # past the int64 count: the first int32 child index
     raw[at:at + 4] = struct.pack(">i", 10**6)
     (tmp_path / "bad.ubj").write_bytes(bytes(raw))
-    with pytest.raises(UntrustedContentError, match="outside its arrays"):
+    with pytest.raises(UntrustedContentError, match=r"tree 0: .*outside its arrays"):
         load_any(tmp_path / "bad.ubj")
 
 
@@ -223,3 +226,70 @@ def test_fuzzed_ubj_files_raise_only_persist_errors(body: bytes, tmp_path: Path)
     (tmp_path / "f.ubj").write_bytes(b"{L" + bytes(7) + b"\x07learner" + body)
     with contextlib.suppress(PersistError):
         load_any(tmp_path / "f.ubj")
+
+
+# --- the UBJSON reader against an independent encoder ---------------------------------------------
+
+_INT_MARKERS = [(b"U", ">B", 0, 255), (b"i", ">b", -128, 127), (b"I", ">h", -(2**15), 2**15 - 1),
+                (b"l", ">i", -(2**31), 2**31 - 1), (b"L", ">q", -(2**63), 2**63 - 1)]
+_ARRAY_MARKERS = {"uint8": b"U", "int8": b"i", "int16": b"I", "int32": b"l", "int64": b"L", "float32": b"d",
+                  "float64": b"D"}
+
+
+def _length(n: int, wide: bool) -> bytes:
+    return b"I" + struct.pack(">h", n) if wide or n > 255 else b"U" + bytes([n])
+
+
+def _encode(v: Any, wide: bool) -> bytes:
+    """UBJSON draft 12 as XGBoost writes it; `wide` uses two-byte lengths, to exercise the reader's general path."""
+    np = require("numpy")
+    if v is None or isinstance(v, bool):
+        return {None: b"Z", True: b"T", False: b"F"}[v]
+    if isinstance(v, int):
+        marker, fmt = next((m, f) for m, f, lo, hi in _INT_MARKERS if lo <= v <= hi)
+        return marker + struct.pack(fmt, v)
+    if isinstance(v, float):
+        return b"D" + struct.pack(">d", v)
+    if isinstance(v, str):
+        data = v.encode()
+        return b"S" + _length(len(data), wide) + data
+    if isinstance(v, np.ndarray):
+        big_endian = v.astype(v.dtype.newbyteorder(">")).tobytes()
+        return b"[$" + _ARRAY_MARKERS[v.dtype.name] + b"#" + _length(len(v), wide) + big_endian
+    if isinstance(v, list):
+        return b"[" + b"".join(_encode(x, wide) for x in v) + b"]"
+    return b"{" + b"".join(_length(len(k.encode()), wide) + k.encode() + _encode(x, wide) for k, x in v.items()) + b"}"
+
+
+def _same(a: Any, b: Any) -> bool:
+    np = require("numpy")
+    if isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and a.dtype.newbyteorder("=") == b.dtype
+                and np.array_equal(a, b, equal_nan=b.dtype.kind == "f"))
+    if isinstance(b, dict):
+        return isinstance(a, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in b)
+    if isinstance(b, list):
+        return isinstance(a, list) and len(a) == len(b) and all(map(_same, a, b))
+    both_nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+    return bool(a == b) or both_nan
+
+
+def _arrays() -> Any:
+    np = require("numpy")
+    return st.sampled_from(list(_ARRAY_MARKERS)).flatmap(lambda d: st.lists(
+        st.integers(0, 255) if d == "uint8" else st.integers(-100, 100) if "int" in d else st.floats(width=32),
+        max_size=8).map(lambda xs: np.asarray(xs, dtype=d)))
+
+
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | st.text(max_size=300) | _arrays(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=300), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=st.dictionaries(st.text(max_size=20), _VALUES, max_size=5), wide=st.booleans())
+def test_the_ubjson_reader_reads_what_an_independent_encoder_wrote(doc: dict[str, Any], wide: bool) -> None:
+    from mlpersist._ubjson import loads
+
+    assert _same(loads(_encode(doc, wide), "doc"), doc)
