@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import json
 import sys
 import warnings
 from collections import OrderedDict
@@ -39,7 +40,7 @@ class TorchAdapter:
         if format != "safetensors":
             return _save_program(model, dest, format, example)
         tensors, aliases = _unique(model.state_dict())
-        save_file(tensors, dest / WEIGHTS)
+        write_safetensors(tensors, dest / WEIGHTS)
         init, meta_ok = _init_spec(model, init_kwargs)
         cls = type(model)
         info: dict[str, Any] = {"class": f"{cls.__module__}:{cls.__qualname__}", "init": init, "meta_ok": meta_ok,
@@ -97,6 +98,42 @@ class TorchAdapter:
             opt = _load_optimizer(payload, info["optimizer"], dev) if "optimizer" in info else None
             return model, {"optimizer": opt, "extra": info.get("extra")}
         return model
+
+
+_ST_DTYPES = {getattr(torch, name): code for name, code in {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16", "uint32": "U32", "uint64": "U64",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}.items() if hasattr(torch, name)}
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Write a standard safetensors file straight from each tensor's memory.
+
+    safetensors' own `save_file` first copies every tensor into a new bytes object (1 GB more for a
+    1 GB model, each page freshly faulted); this writes the same format (8-byte header length, JSON
+    header, data largest element first so every tensor is aligned) from views of the tensors. Tensors
+    it does not cover (another device, an exotic dtype, a big-endian machine) go through `save_file`.
+    """
+    if sys.byteorder != "little" or any(t.device.type != "cpu" or t.dtype not in _ST_DTYPES or t.is_sparse
+                                        or not t.is_contiguous() for t in tensors.values()):
+        save_file(dict(tensors), path)
+        return
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, Any] = {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "xb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name in order:
+            t = tensors[name]
+            if t.numel():
+                f.write(memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()))
 
 
 def _unique(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -310,7 +347,7 @@ def _save_optimizer(optimizer: Any, dest: Path) -> dict[str, Any]:
                 tensors[f"{pid}.{key}"] = value.detach().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[key] = value
-    save_file(tensors, dest / OPTIMIZER)
+    write_safetensors(tensors, dest / OPTIMIZER)
     return {"class": f"{type(optimizer).__module__}:{type(optimizer).__qualname__}",
             "param_groups": _encode(state["param_groups"]), "scalars": _encode(scalars)}
 

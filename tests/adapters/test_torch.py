@@ -121,6 +121,38 @@ def test_half_precision_and_other_dtypes_round_trip_bit_for_bit(dtype: str, tmp_
     same(loaded, model, torch.randn(2, 4, dtype=dt))
 
 
+@pytest.mark.parametrize("extra", [None, "complex64"], ids=["direct", "through-save_file"])
+def test_weights_are_standard_safetensors_aligned_and_equal_to_save_file(extra: str | None, tmp_path: Path) -> None:
+    torch = require("torch")
+    from safetensors.torch import load_file, save_file
+
+    from mlpersist.adapters.torch import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t.{dt}": (torch.randn(3, 5, generator=g) * 50).to(getattr(torch, dt))
+               for dt in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
+                          "bool", "float8_e4m3fn")}
+    tensors |= {"odd": torch.arange(7, dtype=torch.uint8), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
+                "view": torch.arange(40.0)[10:30].reshape(4, 5)}  # a contiguous view with a storage offset
+    if extra:
+        tensors["c"] = torch.randn(4, dtype=getattr(torch, extra), generator=g)
+    write_safetensors(tensors, tmp_path / "ours.safetensors")
+    save_file({k: v.clone() for k, v in tensors.items()}, tmp_path / "theirs.safetensors")
+    ours, theirs = load_file(tmp_path / "ours.safetensors"), load_file(tmp_path / "theirs.safetensors")
+    assert set(ours) == set(tensors) == set(theirs)
+    def raw(t: Any) -> Any:  # bit for bit, whatever the dtype (float8 has no equality)
+        return t.reshape(-1).view(torch.uint8)
+
+    for name, t in tensors.items():
+        assert ours[name].dtype == t.dtype and ours[name].shape == t.shape
+        assert torch.equal(raw(ours[name]), raw(t)) and torch.equal(raw(ours[name]), raw(theirs[name])), name
+    data = (tmp_path / "ours.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    assert (8 + n) % 8 == 0
+    for name, entry in json.loads(data[8:8 + n]).items():
+        assert entry["data_offsets"][0] % tensors[name].element_size() == 0, name
+
+
 def test_requires_grad_is_kept_and_the_model_comes_back_in_eval_mode(tmp_path: Path) -> None:
     model = tm().MLP(4)
     model.l1.weight.requires_grad_(False)
