@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from mlpersist import Payload, PersistError
 from mlpersist._capture import INIT_ATTR
 from mlpersist._policy import denied
+from mlpersist._writeback import Writeback
 from mlpersist.errors import CorruptArtifactError, UntrustedContentError
 
 WEIGHTS, OPTIMIZER = "weights.safetensors", "optimizer.safetensors"
@@ -130,10 +131,12 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     raw += b" " * (-len(raw) % 8)
     with open(path, "xb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
+        flushing = Writeback(f)  # the disk starts on each 64 MiB as soon as it is written
         for name in order:
             t = tensors[name]
             if t.numel():
                 f.write(memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()))
+                flushing.written()
 
 
 def _unique(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,9 +1,10 @@
-"""Payload digests: BLAKE3 by default, SHA-256 on request and still read, large files hashed from a mapping."""
+"""Payload digests (BLAKE3 by default, SHA-256 on request and still read) and how large files are hashed and flushed."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,16 @@ def test_a_changed_byte_of_a_large_payload_is_caught(tmp_path: Path, dummy: Dumm
     with pytest.raises(IntegrityError, match=r"sub/extra\.bin"):
         verify(tmp_path / "a")
     assert inspect(tmp_path / "a").files["sub/extra.bin"].digest.startswith("blake3:")
+
+
+def test_early_writeback_leaves_the_bytes_unchanged(tmp_path: Path) -> None:
+    from mlpersist import _writeback
+
+    chunk = os.urandom(1 << 20)
+    with open(tmp_path / "big", "xb") as f:
+        flushing = _writeback.Writeback(f)
+        for _ in range(_writeback.STEP // len(chunk) * 2 + 3):  # two whole steps and a tail
+            f.write(chunk)
+            flushing.written()
+    assert (tmp_path / "big").read_bytes() == chunk * (_writeback.STEP // len(chunk) * 2 + 3)
+    assert _writeback.supported() == sys.platform.startswith("linux")
