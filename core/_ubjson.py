@@ -17,7 +17,6 @@ _NUMPY = {ord(k): f for k, f in {"i": ">i1", "U": "u1", "I": ">i2", "l": ">i4", 
 _CONSTANTS = {ord("T"): True, ord("F"): False, ord("Z"): None}
 _N, _S, _H, _C, _ARRAY, _OBJECT, _TYPE, _COUNT = (ord(c) for c in "NSHC[{$#")
 _END = {False: ord("]"), True: ord("}")}
-_U8 = ord("U")
 MAX_DEPTH = 64
 
 
@@ -109,19 +108,24 @@ class _Reader:
             raise self.bad("string is not UTF-8") from None
 
     def key(self, m: int | None) -> str:
-        """An object key; the usual one-byte length ('U') read inline (XGBoost models hold ~16 per tree)."""
+        """An object key (a length, then UTF-8), read inline: XGBoost models hold ~16 per tree."""
         buf, pos = self.buf, self.pos
-        if m is None and pos < len(buf) and buf[pos] == _U8:
-            m, pos = _U8, pos + 1
-        if m != _U8 or pos >= len(buf) or pos + 1 + buf[pos] > len(buf):
-            self.pos = pos
-            return self.text(m)  # any other length marker, or too short: the general path (and its errors)
-        end = pos + 1 + buf[pos]
-        self.pos = end
-        try:
-            return buf[pos + 1:end].decode("utf-8")
-        except UnicodeDecodeError:
-            raise self.bad("string is not UTF-8") from None
+        if m is None:
+            if pos >= len(buf) or buf[pos] == _N:
+                return self.text(m)  # the general path: no-ops, or its error
+            m, pos = buf[pos], pos + 1
+        fmt = _INTS.get(m)
+        if fmt is not None and pos + fmt[1] <= len(buf):
+            start = pos + fmt[1]
+            end = start + fmt[0].unpack_from(buf, pos)[0]
+            if start <= end <= len(buf):
+                self.pos = end
+                try:
+                    return buf[start:end].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise self.bad("string is not UTF-8") from None
+        self.pos = pos
+        return self.text(m)  # a bad marker or length: the general path raises the error
 
     def numeric_array(self, depth: int) -> Any:
         """A typed numeric array (`[$<type>#<count>`) at the read position as one numpy read, else None.
@@ -133,10 +137,18 @@ class _Reader:
                 or buf[pos + 3] != _COUNT or buf[pos + 2] not in _NUMPY or buf[pos + 4] not in _INTS):
             return None
         np, dtypes = _numpy()
-        self.pos = pos + 5
-        n = self.count(buf[pos + 4])
+        st, size = _INTS[buf[pos + 4]]
+        start = pos + 5 + size
+        if start > len(buf):
+            self.pos = pos + 5
+            raise self.bad(f"needs {size} bytes, {len(buf) - self.pos} left")
+        n = st.unpack_from(buf, pos + 5)[0]
         dtype = dtypes[buf[pos + 2]]
-        return np.frombuffer(self.take(n * dtype.itemsize), dtype=dtype)
+        if n < 0 or start + n * dtype.itemsize > len(buf):
+            self.pos = start
+            raise self.bad(f"declared length {n} exceeds the data")
+        self.pos = start + n * dtype.itemsize
+        return np.frombuffer(buf, dtype=dtype, count=n, offset=start)  # a view: no copy of the bytes
 
     def container(self, is_object: bool, depth: int) -> Any:
         typ: int | None = None
