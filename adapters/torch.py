@@ -135,7 +135,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
         for name in order:
             t = tensors[name]
             if t.numel():
-                f.write(memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()))
+                f.write(t.detach().reshape(-1).view(torch.uint8).numpy().data)  # a view of the tensor: no copy
                 flushing.written()
 
 

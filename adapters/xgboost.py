@@ -135,10 +135,10 @@ def _check_trees(trees: list[Any], n_features: int) -> None:
     counts = np.asarray(sizes, dtype=np.int64)
     starts = np.cumsum(counts) - counts
     idx = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)  # each node's index in its tree
-    n = np.repeat(counts, counts)
+    nodes = np.repeat(counts, counts)  # the size of each node's tree
     leaf = left == -1
     bad = ((leaf != (right == -1))
-           | ~(leaf | ((left > idx) & (left < n) & (right == left + 1)))  # predict assumes adjacent children
+           | ~(leaf | ((left > idx) & (left < nodes) & (right == left + 1)))  # predict assumes adjacent children
            | ~(leaf | ((split >= 0) & (split < n_features))))
     if bad.any():
         _refuse(int(np.searchsorted(starts, int(np.argmax(bad)), side="right")) - 1)

@@ -46,7 +46,7 @@ def new(algo: str) -> Hasher:
         except ImportError:
             raise PersistError("this artifact's digests are BLAKE3, and the blake3 package (a dependency of "
                                "mlpersist) is not installed: pip install blake3") from None
-        return blake3(max_threads=blake3.AUTO)  # type: ignore[no-any-return]
+        return blake3(max_threads=blake3.AUTO)
     import hashlib
 
     return hashlib.new(algo)
