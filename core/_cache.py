@@ -97,7 +97,7 @@ class Cache:
 
     def fetch(self, digest: str, size: int, reader: Reader, progress: Callable[[int], None]) -> BinaryIO:
         """Download a blob through `reader`, check its size and digest, store it, return it opened."""
-        algo = digest.partition(":")[0]
+        algo = algorithm_of(digest)
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix=f"{os.getpid()}-")
         try:
             with os.fdopen(fd, "wb") as out, reader() as src:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ._cache import Cache, pump
+from ._digest import algorithm_of
 from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, RESERVED_NAMES, FileEntry, Manifest
 from ._progress import Progress
 from ._storage import Opened
@@ -228,7 +229,7 @@ def verify_remote(store: Store, *, check_manifest: ManifestCheck | None = None) 
         with _errors(store, f"downloading {name}"):
             try:
                 with store.fs.open(store.blob(entry.digest), "rb") as src:  # hashed as it arrives, never stored
-                    size, digest = pump(src, None, lambda n: None, entry.digest.partition(":")[0])
+                    size, digest = pump(src, None, lambda n: None, algorithm_of(entry.digest))
             except FileNotFoundError:
                 raise IntegrityError(name, f"a blob of {entry.size} bytes", "no such object in the store") from None
         if (size, digest) != (entry.size, entry.digest):

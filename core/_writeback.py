@@ -10,7 +10,6 @@ for the tail only. Elsewhere (no `sync_file_range`) it does nothing.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from typing import Any, BinaryIO
 
@@ -51,4 +50,4 @@ class Writeback:
 
 def supported() -> bool:
     """Whether this system starts writeback early (else `Writeback` does nothing)."""
-    return _sync_file_range() is not None and hasattr(os, "fsync")
+    return _sync_file_range() is not None
