@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import unicodedata
 from collections.abc import Mapping
@@ -58,6 +57,8 @@ class Manifest:
     @property
     def digest(self) -> str:
         """The digest of the manifest's exact bytes: pin it with `load_any(path, digest=...)`."""
+        import hashlib  # here, not at import: OpenSSL's loading is a few ms of `import mlpersist`
+
         return "sha256:" + hashlib.sha256(self.raw).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:

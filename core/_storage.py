@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
-import shutil
 import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ._digest import algorithm, algorithm_of, hash_fd
 from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, RESERVED_NAMES, FileEntry, Manifest, check_name
@@ -23,6 +23,12 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _OVERLAP_BYTES = 1 << 20
+
+def _rmtree(path: Path | str, ignore_errors: bool = True) -> None:
+    import shutil  # here: shutil brings zlib, bz2 and lzma, milliseconds of `import mlpersist`
+
+    shutil.rmtree(path, ignore_errors=ignore_errors)
+
 
 # The I/O seam: fault-injection tests patch these names, never the frameworks.
 fsync = os.fsync
@@ -76,7 +82,8 @@ class Staging:
                         else:
                             fsync(fd)
                         entries[rel] = FileEntry(st.st_size, hash_fd(fd, st.st_size, algo))
-                    fsync(dfd)
+                    if dirpath != str(self.dir):  # the root's entries are flushed by commit, with the manifest's
+                        fsync(dfd)
                 for done in syncs:
                     done.result()  # an fsync error (ENOSPC, EIO) fails the save here
         finally:
@@ -100,7 +107,7 @@ class Staging:
             try:
                 _fsync_dir(self.target.parent)
             finally:
-                shutil.rmtree(old, ignore_errors=True)
+                _rmtree(old, ignore_errors=True)
         else:
             if not rename_noreplace(self.dir, self.target):
                 raise ArtifactExistsError(f"{self.target} appeared while saving (another writer?); "
@@ -109,7 +116,7 @@ class Staging:
 
     def abort(self) -> None:
         """Remove everything this save wrote; the target is untouched."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        _rmtree(self.dir, ignore_errors=True)
 
 
 def check_target(target: Path, *, overwrite: bool) -> None:
@@ -135,7 +142,7 @@ def clean_stale(target: Path) -> None:
                 if entry.name.startswith(head):
                     pid = entry.name[len(head):].partition("-")[0]
                     if pid.isdigit() and not _alive(int(pid)):
-                        shutil.rmtree(entry.path, ignore_errors=True)
+                        _rmtree(entry.path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -173,17 +180,28 @@ def _fsync_dir(path: Path) -> None:
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
 
-def _renameat2(src: Path, dst: Path, flags: int) -> bool:
-    """Linux renameat2; False where the system or filesystem does not offer it."""
+@functools.cache
+def _libc_renameat2() -> Any:
+    """The C library's renameat2, looked up once; None off Linux or where the library lacks it."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     import ctypes
 
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
-        return False
+        return None
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux renameat2; False where the system or filesystem does not offer it."""
+    fn = _libc_renameat2()
+    if fn is None:
+        return False
+    import ctypes
+
     if fn(-100, os.fsencode(src), -100, os.fsencode(dst), flags) == 0:
         return True
     err = ctypes.get_errno()
