@@ -245,11 +245,16 @@ print(json.dumps({{"growth": max(peak[0], status("VmHWM"), status("VmRSS")) - ba
 
 def import_time() -> float:
     """Median extra wall time of `import mlpersist` over a bare interpreter start (20 runs each)."""
+    # With bytecode, as an installed package has it (pip compiles it): PYTHONDONTWRITEBYTECODE would
+    # otherwise make every run compile mlpersist's sources again. The first run writes the .pyc files.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
     def run(code: str) -> float:
+        subprocess.run([sys.executable, "-c", code], check=True, env=env)
         ts = []
         for _ in range(20):
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], check=True)
+            subprocess.run([sys.executable, "-c", code], check=True, env=env)
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts)
     return run("import mlpersist") - run("pass")
