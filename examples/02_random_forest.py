@@ -17,7 +17,7 @@ model = RandomForestClassifier(n_estimators=50, random_state=0).fit(X, y)
 with tempfile.TemporaryDirectory() as tmp:
     path = Path(tmp) / "forest"
     mlpersist.save_any(model, path, compress=3)
-    mlpersist.verify(path)  # every file's size and sha256 match the manifest
+    mlpersist.verify(path)  # every file's size and digest (BLAKE3) match the manifest
     np.save(Path(tmp) / "X.npy", X[:100])
 
     code = (

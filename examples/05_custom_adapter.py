@@ -41,7 +41,7 @@ class PolynomialAdapter:
         return {"degree": len(model.coefficients) - 1}  # stored as the manifest's `info`
 
     def load(self, payload: mlpersist.Payload, info: Mapping[str, Any], *, format: str, **options: Any) -> Any:
-        coefficients = json.loads(payload.read_bytes("coefficients.json"))  # size and sha256 already checked
+        coefficients = json.loads(payload.read_bytes("coefficients.json"))  # size and digest already checked
         if not isinstance(coefficients, list) or not all(isinstance(c, (int, float)) for c in coefficients):
             raise CorruptArtifactError("coefficients.json should be a list of numbers")
         return PolynomialModel(coefficients)
