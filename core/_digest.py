@@ -10,7 +10,6 @@ stays SHA-256.
 
 from __future__ import annotations
 
-import mmap
 import os
 from typing import Protocol
 
@@ -63,6 +62,8 @@ def hash_fd(fd: int, size: int, algo: str | None = None) -> str:
     algo = algo or algorithm()
     h = new(algo)
     if size >= _MAP_BYTES and algo == "blake3":
+        import mmap
+
         try:
             for offset in range(0, size, _WINDOW):  # one window mapped at a time: RSS grows by 64 MiB at most
                 length = min(_WINDOW, size - offset)

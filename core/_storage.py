@@ -24,10 +24,12 @@ _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _OVERLAP_BYTES = 1 << 20
 
-def _rmtree(path: Path | str, ignore_errors: bool = True) -> None:
-    import shutil  # here: shutil brings zlib, bz2 and lzma, milliseconds of `import mlpersist`
 
-    shutil.rmtree(path, ignore_errors=ignore_errors)
+def _rmtree(path: Path | str) -> None:
+    """Remove a tree, ignoring errors (shutil is imported here: it brings zlib, bz2 and lzma)."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 # The I/O seam: fault-injection tests patch these names, never the frameworks.
@@ -107,7 +109,7 @@ class Staging:
             try:
                 _fsync_dir(self.target.parent)
             finally:
-                _rmtree(old, ignore_errors=True)
+                _rmtree(old)
         else:
             if not rename_noreplace(self.dir, self.target):
                 raise ArtifactExistsError(f"{self.target} appeared while saving (another writer?); "
@@ -116,7 +118,7 @@ class Staging:
 
     def abort(self) -> None:
         """Remove everything this save wrote; the target is untouched."""
-        _rmtree(self.dir, ignore_errors=True)
+        _rmtree(self.dir)
 
 
 def check_target(target: Path, *, overwrite: bool) -> None:
@@ -142,7 +144,7 @@ def clean_stale(target: Path) -> None:
                 if entry.name.startswith(head):
                     pid = entry.name[len(head):].partition("-")[0]
                     if pid.isdigit() and not _alive(int(pid)):
-                        _rmtree(entry.path, ignore_errors=True)
+                        _rmtree(entry.path)
 
 
 def _alive(pid: int) -> bool:
@@ -181,27 +183,27 @@ _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
 
 @functools.cache
-def _libc_renameat2() -> Any:
-    """The C library's renameat2, looked up once; None off Linux or where the library lacks it."""
+def libc_function(name: str, argtypes: tuple[Any, ...]) -> Any:
+    """A function of the C library, looked up once (ctypes); None off Linux or where the library lacks it."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
 
     try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.argtypes = list(argtypes)
     return fn
 
 
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     """Linux renameat2; False where the system or filesystem does not offer it."""
-    fn = _libc_renameat2()
-    if fn is None:
-        return False
     import ctypes
 
+    fn = libc_function("renameat2", (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint))
+    if fn is None:
+        return False
     if fn(-100, os.fsencode(src), -100, os.fsencode(dst), flags) == 0:
         return True
     err = ctypes.get_errno()

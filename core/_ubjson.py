@@ -136,19 +136,21 @@ class _Reader:
         if (depth >= MAX_DEPTH or pos + 5 > len(buf) or buf[pos] != _ARRAY or buf[pos + 1] != _TYPE
                 or buf[pos + 3] != _COUNT or buf[pos + 2] not in _NUMPY or buf[pos + 4] not in _INTS):
             return None
+        self.pos = pos + 5
+        return self.array(buf[pos + 2], self.number(_INTS[buf[pos + 4]]))
+
+    def array(self, typ: int, n: int) -> Any:
+        """`n` numbers of type `typ` at the read position, as a numpy view of the buffer (no copy).
+
+        Kept in the file's byte order: numpy compares and converts big-endian arrays as they are.
+        """
         np, dtypes = _numpy()
-        st, size = _INTS[buf[pos + 4]]
-        start = pos + 5 + size
-        if start > len(buf):
-            self.pos = pos + 5
-            raise self.bad(f"needs {size} bytes, {len(buf) - self.pos} left")
-        n = st.unpack_from(buf, pos + 5)[0]
-        dtype = dtypes[buf[pos + 2]]
-        if n < 0 or start + n * dtype.itemsize > len(buf):
-            self.pos = start
+        dtype = dtypes[typ]
+        start = self.pos
+        if n < 0 or start + n * dtype.itemsize > len(self.buf):
             raise self.bad(f"declared length {n} exceeds the data")
         self.pos = start + n * dtype.itemsize
-        return np.frombuffer(buf, dtype=dtype, count=n, offset=start)  # a view: no copy of the bytes
+        return np.frombuffer(self.buf, dtype=dtype, count=n, offset=start)
 
     def container(self, is_object: bool, depth: int) -> Any:
         typ: int | None = None
@@ -162,11 +164,8 @@ class _Reader:
         elif pending == _COUNT:
             n, pending = self.count(), None
         if typ is not None and not is_object and typ in _NUMPY:
-            np, dtypes = _numpy()  # typed numeric arrays: one vectorised read
             assert n is not None
-            dtype = dtypes[typ]
-            # kept in the file's byte order: numpy compares and converts big-endian arrays as they are
-            return np.frombuffer(self.take(n * dtype.itemsize), dtype=dtype)
+            return self.array(typ, n)  # typed numeric arrays: one vectorised read
         end = _END[is_object]
         out: Any = {} if is_object else []
         done = 0

@@ -9,26 +9,18 @@ for the tail only. Elsewhere (no `sync_file_range`) it does nothing.
 
 from __future__ import annotations
 
-import functools
-import sys
 from typing import Any, BinaryIO
+
+from ._storage import libc_function
 
 STEP = 64 << 20
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait
 
 
-@functools.cache
 def _sync_file_range() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
     import ctypes
 
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
+    return libc_function("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint))
 
 
 class Writeback:
