@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -66,7 +65,7 @@ def _declared(name: str) -> _registry.AdapterSpec:
         cls = type(_registry.get_adapter(name))
     except PersistError:
         return spec
-    return dataclasses.replace(spec, sniff=tuple(getattr(cls, "sniff", ())),
+    return spec.replace(sniff=tuple(getattr(cls, "sniff", ())),
                                suffixes=tuple(getattr(cls, "suffixes", ())))
 
 

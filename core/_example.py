@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._record import Record
 from .errors import CheckFailedError, CorruptArtifactError, PersistError
 
 if TYPE_CHECKING:
@@ -26,15 +26,17 @@ DEFAULT_TOLERANCE = 1e-5
 _NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
-@dataclass(frozen=True)
-class Diff:
+class Diff(Record):
     """One output compared: the largest absolute difference, and whether it is within the tolerance."""
 
     part: str
     output: str
     max_abs_diff: float | None  # None: not numbers (labels): compared for equality
     ok: bool
-    detail: str = ""
+    detail: str
+
+    def __init__(self, part: str, output: str, max_abs_diff: float | None, ok: bool, detail: str = "") -> None:
+        self._init(part=part, output=output, max_abs_diff=max_abs_diff, ok=ok, detail=detail)
 
     def __str__(self) -> str:
         size = "equal" if self.max_abs_diff is None and self.ok else (

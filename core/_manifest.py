@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from ._digest import HEX_LENGTHS
+from ._record import Record
 from .errors import CorruptArtifactError, PersistError
 
 # Bump runbook: add a reader for the old version next to _from_v1 (keep it, with a test on a
@@ -26,18 +26,23 @@ REQUIRED = ("format_version", "adapter", "format", "class", "framework", "files"
             "created_at", "mlpersist_version")
 
 
-@dataclass(frozen=True)
-class FileEntry:
+class FileEntry(Record):
     """Size in bytes and `"<algorithm>:<hex>"` digest of one payload file."""
 
     size: int
     digest: str
 
+    def __init__(self, size: int, digest: str) -> None:
+        self._init(size=size, digest=digest)
 
-@dataclass(frozen=True)
-class Manifest:
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+class Manifest(Record):
     """The parsed, validated `manifest.json` of an artifact."""
 
+    _unequal = ("raw",)
     format_version: int
     adapter: str
     format: str
@@ -48,11 +53,23 @@ class Manifest:
     environment: Mapping[str, Any]
     created_at: str
     mlpersist_version: str
-    metadata: Any = None
-    info: Mapping[str, Any] = field(default_factory=dict)
-    raw: bytes = field(default=b"", repr=False, compare=False)
-    example: Mapping[str, Any] | None = None  # the stored example input and outputs (save_any(example=...))
-    parts: Mapping[str, Part] = field(default_factory=dict)  # a bundle's entries (adapter "bundle")
+    metadata: Any
+    info: Mapping[str, Any]
+    raw: bytes  # the exact bytes parsed (what `digest` hashes)
+    example: Mapping[str, Any] | None  # the stored example input and outputs (save_any(example=...))
+    parts: Mapping[str, Part]  # a bundle's entries (adapter "bundle")
+
+    # positional, in field order, as the dataclass this replaced was called
+    def __init__(  # noqa: PLR0917
+        self, format_version: int, adapter: str, format: str, model_class: str, framework: str,
+        framework_version: str, files: Mapping[str, FileEntry], environment: Mapping[str, Any],
+        created_at: str, mlpersist_version: str, metadata: Any = None, info: Mapping[str, Any] = _EMPTY,
+        raw: bytes = b"", example: Mapping[str, Any] | None = None,
+        parts: Mapping[str, Part] = _EMPTY) -> None:
+        self._init(format_version=format_version, adapter=adapter, format=format, model_class=model_class,
+                   framework=framework, framework_version=framework_version, files=files, environment=environment,
+                   created_at=created_at, mlpersist_version=mlpersist_version, metadata=metadata, info=info,
+                   raw=raw, example=example, parts=parts)
 
     @property
     def digest(self) -> str:
@@ -132,23 +149,31 @@ def _from_v1(doc: dict[str, Any], raw: bytes) -> Manifest:
         metadata=doc.get("metadata"), info=part.info, raw=raw, example=part.example, parts=part.parts)
 
 
-@dataclass(frozen=True)
-class Part:
+class Part(Record):
     """One entry of a bundle: a model its adapter saved under `dir`, a nested bundle, or a JSON value.
 
     `adapter` is "bundle" for a nested bundle and "json" for a value kept in the manifest itself.
     """
 
     adapter: str
-    dir: str = ""
-    format: str = ""
-    model_class: str = ""
-    framework: str = ""
-    framework_version: str = ""
-    info: Mapping[str, Any] = field(default_factory=dict)
-    example: Mapping[str, Any] | None = None
-    parts: Mapping[str, Part] = field(default_factory=dict)
-    value: Any = None
+    dir: str
+    format: str
+    model_class: str
+    framework: str
+    framework_version: str
+    info: Mapping[str, Any]
+    example: Mapping[str, Any] | None
+    parts: Mapping[str, Part]
+    value: Any
+
+    # positional, in field order, as the dataclass this replaced was called
+    def __init__(  # noqa: PLR0917
+        self, adapter: str, dir: str = "", format: str = "", model_class: str = "", framework: str = "",
+        framework_version: str = "", info: Mapping[str, Any] = _EMPTY,
+        example: Mapping[str, Any] | None = None, parts: Mapping[str, Part] = _EMPTY,
+        value: Any = None) -> None:
+        self._init(adapter=adapter, dir=dir, format=format, model_class=model_class, framework=framework,
+                   framework_version=framework_version, info=info, example=example, parts=parts, value=value)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON object this part is written as."""

@@ -7,7 +7,6 @@ lists every file, so one digest check and one atomic commit cover the whole bund
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 import sys
@@ -157,15 +156,17 @@ def adapters_in(part: Part) -> list[str]:
     return [p.adapter for p in walk(part) if p.adapter not in (BUNDLE, JSON_PART)]
 
 
-@dataclasses.dataclass
 class LoadContext:
     """What every part of one load shares."""
 
-    root: Path | None
-    policy: TrustPolicy
-    strict: bool
-    check: float | None  # the tolerance, or None: do not check
-    report: list[_example.Diff] = dataclasses.field(default_factory=list)
+    __slots__ = ("check", "policy", "report", "root", "strict")
+
+    def __init__(self, root: Path | None, policy: TrustPolicy, strict: bool, check: float | None) -> None:
+        self.root = root
+        self.policy = policy
+        self.strict = strict
+        self.check = check  # the tolerance, or None: do not check
+        self.report: list[_example.Diff] = []
 
 
 def load_part(part: Part, handles: Mapping[str, BinaryIO], ctx: LoadContext, options: dict[str, Any],

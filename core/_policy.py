@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from types import FunctionType
 from typing import Any
 
+from ._record import Record
 from .errors import UntrustedContentError
 
 
-@dataclass(frozen=True)
-class TrustPolicy:
+class TrustPolicy(Record):
     """What a load may import: the default list, plus `allow`, or everything if `trusted`."""
 
-    trusted: bool = False
-    allow: frozenset[str] = field(default_factory=frozenset)
+    trusted: bool
+    allow: frozenset[str]
+
+    def __init__(self, trusted: bool = False, allow: frozenset[str] = frozenset()) -> None:
+        self._init(trusted=trusted, allow=allow)
 
     @classmethod
     def of(cls, trusted: bool = False, allow: Iterable[str] = ()) -> TrustPolicy:

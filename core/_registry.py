@@ -6,11 +6,11 @@ import importlib
 import importlib.util
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
+from ._record import Record
 from .errors import MissingFrameworkError, PersistError
 
 if TYPE_CHECKING:
@@ -36,21 +36,28 @@ class Adapter(Protocol):
     def load(self, payload: Payload, info: Mapping[str, Any], **options: Any) -> Any: ...
 
 
-@dataclass(frozen=True)
-class AdapterSpec:
+class AdapterSpec(Record):
     """How to find an adapter without importing it."""
 
     target: str                  # "module:Class", imported on first use
     claims: tuple[str, ...]      # top-level modules whose classes this adapter saves
     extra: str                   # the mlpersist extra named in MissingFrameworkError ("" for none)
     package: str                 # the distribution whose version the manifest records
-    formats: tuple[str, ...] = ()  # formats it writes; the first is the default
+    formats: tuple[str, ...]     # formats it writes; the first is the default
     # bare files it reads: (magic prefix | "zip:<member suffix>" | "probe:<name>" | "dir:<file in a directory>",
     # format, payload name)
-    sniff: tuple[tuple[bytes | str, str, str], ...] = ()
+    sniff: tuple[tuple[bytes | str, str, str], ...]
     # bare files it reads by name when no magic prefix matched (pickle protocols 0 and 1 have none)
-    suffixes: tuple[tuple[str, str, str], ...] = ()
-    alt_packages: tuple[str, ...] = ()  # other distributions of the same framework (xgboost-cpu)
+    suffixes: tuple[tuple[str, str, str], ...]
+    alt_packages: tuple[str, ...]  # other distributions of the same framework (xgboost-cpu)
+
+    # positional, in field order, as the dataclass this replaced was called
+    def __init__(  # noqa: PLR0917
+        self, target: str, claims: tuple[str, ...], extra: str, package: str, formats: tuple[str, ...] = (),
+        sniff: tuple[tuple[bytes | str, str, str], ...] = (), suffixes: tuple[tuple[str, str, str], ...] = (),
+        alt_packages: tuple[str, ...] = ()) -> None:
+        self._init(target=target, claims=claims, extra=extra, package=package, formats=formats, sniff=sniff,
+                   suffixes=suffixes, alt_packages=alt_packages)
 
 
 _BUILTIN: dict[str, AdapterSpec] = {  # alphabetical; a test checks the order
@@ -82,8 +89,7 @@ _instances: dict[str, Adapter] = {}
 _entry_points_read = False
 
 
-@dataclass(frozen=True)
-class AdapterInfo:
+class AdapterInfo(Record):
     """One row of `list_adapters()`."""
 
     name: str
@@ -91,6 +97,9 @@ class AdapterInfo:
     formats: tuple[str, ...]
     installed: bool
     target: str
+
+    def __init__(self, name: str, framework: str, formats: tuple[str, ...], installed: bool, target: str) -> None:
+        self._init(name=name, framework=framework, formats=formats, installed=installed, target=target)
 
 
 def register_adapter(name: str, target: str, *, claims: tuple[str, ...] | list[str] = (),

@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,6 +24,7 @@ from ._cache import Cache, pump
 from ._digest import algorithm_of
 from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, RESERVED_NAMES, FileEntry, Manifest
 from ._progress import Progress
+from ._record import Record
 from ._storage import Opened
 from .errors import (
     ArtifactNotFoundError,
@@ -40,13 +40,15 @@ BLOBS = "blobs"
 ManifestCheck = Callable[[Manifest, Callable[[str], bytes]], bool]
 
 
-@dataclass(frozen=True)
-class Store:
+class Store(Record):
     """One artifact location in one fsspec filesystem."""
 
     fs: Any
     root: str
     url: str
+
+    def __init__(self, fs: Any, root: str, url: str) -> None:
+        self._init(fs=fs, root=root, url=url)
 
     def key(self, name: str) -> str:
         return f"{self.root}/{name}" if self.root else name

@@ -18,6 +18,20 @@ def test_import_mlpersist_imports_no_framework() -> None:
     assert out.stdout.strip() == "[]"
 
 
+# Standard-library modules that cost milliseconds each at import (dataclasses brings inspect, ast, dis,
+# tokenize: ~20 ms; hashlib loads OpenSSL): imported on first use, never by `import mlpersist`.
+SLOW_STDLIB = ("dataclasses", "inspect", "ast", "hashlib", "blake3", "shutil", "importlib.metadata", "mmap",
+               "tempfile", "zipfile")
+
+
+def test_import_mlpersist_leaves_slow_stdlib_modules_for_first_use() -> None:
+    out = run_python(f"""
+        import sys, mlpersist
+        print([m for m in {SLOW_STDLIB!r} if m in sys.modules])
+    """)
+    assert out.stdout.strip() == "[]"
+
+
 def test_the_cli_imports_no_framework() -> None:
     out = run_python(f"""
         import sys, mlpersist.cli

@@ -154,3 +154,27 @@ def test_mutating_one_field_of_a_valid_manifest_never_escapes_as_another_error(d
 def test_arbitrary_bytes_never_escape_as_another_error(raw: bytes) -> None:
     with contextlib.suppress(CorruptArtifactError):
         Manifest.from_json(raw)
+
+
+def test_a_parsed_manifest_is_a_read_only_value() -> None:
+    """Manifest, FileEntry and AdapterInfo behave as the frozen dataclasses they replaced."""
+    import pickle
+
+    from mlpersist import AdapterInfo, FileEntry
+
+    raw = json.dumps(doc()).encode()
+    m = Manifest.from_json(raw)
+    with pytest.raises(AttributeError, match="read-only"):
+        m.adapter = "torch"
+    with pytest.raises(AttributeError, match="read-only"):
+        del m.files
+    spaced = Manifest.from_json(json.dumps(doc(), indent=4).encode())
+    assert spaced == m and spaced.raw != m.raw  # the exact bytes are not part of equality...
+    assert "raw=" not in repr(m) and "adapter='sklearn'" in repr(m)  # ...nor of the repr
+    assert m != spaced.replace(adapter="torch") and spaced.replace(adapter="torch").adapter == "torch"
+    e = FileEntry(10, DIGEST)
+    assert m.files == {"model.joblib": e} and hash(e) == hash(FileEntry(10, DIGEST)) and e != FileEntry(11, DIGEST)
+    assert repr(e) == f"FileEntry(size=10, digest={DIGEST!r})"
+    info = AdapterInfo("x", "x-framework", ("a",), True, "pkg:Cls")
+    assert pickle.loads(pickle.dumps(info)) == info and pickle.loads(pickle.dumps(e)) == e
+    assert {e, FileEntry(10, DIGEST)} == {e}
