@@ -107,38 +107,6 @@ class _Reader:
         except UnicodeDecodeError:
             raise self.bad("string is not UTF-8") from None
 
-    def key(self, m: int | None) -> str:
-        """An object key (a length, then UTF-8), read inline: XGBoost models hold ~16 per tree."""
-        buf, pos = self.buf, self.pos
-        if m is None:
-            if pos >= len(buf) or buf[pos] == _N:
-                return self.text(m)  # the general path: no-ops, or its error
-            m, pos = buf[pos], pos + 1
-        fmt = _INTS.get(m)
-        if fmt is not None and pos + fmt[1] <= len(buf):
-            start = pos + fmt[1]
-            end = start + fmt[0].unpack_from(buf, pos)[0]
-            if start <= end <= len(buf):
-                self.pos = end
-                try:
-                    return buf[start:end].decode("utf-8")
-                except UnicodeDecodeError:
-                    raise self.bad("string is not UTF-8") from None
-        self.pos = pos
-        return self.text(m)  # a bad marker or length: the general path raises the error
-
-    def numeric_array(self, depth: int) -> Any:
-        """A typed numeric array (`[$<type>#<count>`) at the read position as one numpy read, else None.
-
-        The common value of an XGBoost tree, read without the general container path.
-        """
-        buf, pos = self.buf, self.pos
-        if (depth >= MAX_DEPTH or pos + 5 > len(buf) or buf[pos] != _ARRAY or buf[pos + 1] != _TYPE
-                or buf[pos + 3] != _COUNT or buf[pos + 2] not in _NUMPY or buf[pos + 4] not in _INTS):
-            return None
-        self.pos = pos + 5
-        return self.array(buf[pos + 2], self.number(_INTS[buf[pos + 4]]))
-
     def array(self, typ: int, n: int) -> Any:
         """`n` numbers of type `typ` at the read position, as a numpy view of the buffer (no copy).
 
@@ -166,6 +134,8 @@ class _Reader:
         if typ is not None and not is_object and typ in _NUMPY:
             assert n is not None
             return self.array(typ, n)  # typed numeric arrays: one vectorised read
+        if is_object and typ is None:
+            return self.object(n, pending, depth)
         end = _END[is_object]
         out: Any = {} if is_object else []
         done = 0
@@ -177,15 +147,65 @@ class _Reader:
                     return out
             elif done == n:
                 return out
-            if is_object:
-                key = self.key(m)  # a key is a length (marker + integer), then UTF-8 bytes
+            if is_object:  # an object with one value type (XGBoost writes none)
+                key = self.text(m)  # a key is a length (marker + integer), then UTF-8 bytes
                 if key in out:
                     raise self.bad(f"duplicate key {key!r}")
-                if typ is None:
-                    found = self.numeric_array(depth)
-                    out[key] = found if found is not None else self.value(self.marker(), depth)
-                else:
-                    out[key] = self.value(typ, depth)
+                out[key] = self.value(typ, depth)
             else:
                 out.append(self.value(typ if typ is not None else (m if m is not None else self.marker()), depth))
             done += 1
+
+    def object(self, n: int | None, pending: int | None, depth: int) -> dict[str, Any]:
+        """The entries of an object without a value type, its first marker (if any) already read.
+
+        The hot path of an XGBoost model (a 500-tree model is ~10,000 entries, most of them a typed
+        numeric array): the key and a typed numeric array value are read here inline, the array as one
+        numpy view. Any other value, no-op markers, and every malformed case go through the general
+        methods, which raise the error.
+        """
+        buf, size = self.buf, len(self.buf)
+        dtypes: dict[int, Any] | None = None
+        out: dict[str, Any] = {}
+        while n is None or len(out) < n:
+            pos = self.pos
+            if pending is not None:
+                m, pending = pending, None
+            elif pos < size and buf[pos] != _N:
+                m, pos = buf[pos], pos + 1
+            else:
+                m = self.marker()  # no-ops, or the error
+                pos = self.pos
+            if n is None and m == _END[True]:
+                self.pos = pos
+                return out
+            fmt = _INTS.get(m)  # the key: a length (marker + integer), then UTF-8 bytes
+            start = pos + fmt[1] if fmt is not None else size + 1
+            stop = start + fmt[0].unpack_from(buf, pos)[0] if fmt is not None and start <= size else -1
+            self.pos = pos
+            if not start <= stop <= size:
+                key = self.text(m)  # raises what is wrong
+            else:
+                try:
+                    key = buf[start:stop].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise self.bad("string is not UTF-8") from None
+                self.pos = pos = stop
+            if key in out:
+                raise self.bad(f"duplicate key {key!r}")
+            if pos + 5 <= size and buf[pos] == _ARRAY and buf[pos + 1] == _TYPE and depth < MAX_DEPTH:
+                if dtypes is None:
+                    np, dtypes = _numpy()
+                dtype, fmt = dtypes.get(buf[pos + 2]), _INTS.get(buf[pos + 4])
+                if dtype is not None and fmt is not None and buf[pos + 3] == _COUNT and pos + 5 + fmt[1] <= size:
+                    count = fmt[0].unpack_from(buf, pos + 5)[0]
+                    start = pos + 5 + fmt[1]
+                    stop = start + count * dtype.itemsize
+                    if count < 0 or stop > size:
+                        self.pos = start
+                        raise self.bad(f"declared length {count} exceeds the data")
+                    self.pos = stop
+                    out[key] = np.frombuffer(buf, dtype=dtype, count=count, offset=start)
+                    continue
+            out[key] = self.value(self.marker(), depth)
+        return out

@@ -243,25 +243,29 @@ def _length(n: int, wide: str) -> bytes:
     return b"I" + struct.pack(">h", n) if wide == "I" or n > 255 else b"U" + bytes([n])
 
 
-def _encode(v: Any, wide: str) -> bytes:
-    """UBJSON draft 12 as XGBoost writes it, with lengths written as `wide` says."""
+def _encode(v: Any, wide: str, counted: bool = False, noop: bool = False) -> bytes:
+    """UBJSON draft 12 as XGBoost writes it, with lengths written as `wide` says; `counted` writes containers
+    with a count (`#`) instead of an end marker, `noop` puts a no-op (`N`) before every key and value."""
     np = require("numpy")
+    n = b"N" if noop else b""
     if v is None or isinstance(v, bool):
-        return {None: b"Z", True: b"T", False: b"F"}[v]
+        return n + {None: b"Z", True: b"T", False: b"F"}[v]
     if isinstance(v, int):
         marker, fmt = next((m, f) for m, f, lo, hi in _INT_MARKERS if lo <= v <= hi)
-        return marker + struct.pack(fmt, v)
+        return n + marker + struct.pack(fmt, v)
     if isinstance(v, float):
-        return b"D" + struct.pack(">d", v)
+        return n + b"D" + struct.pack(">d", v)
     if isinstance(v, str):
         data = v.encode()
-        return b"S" + _length(len(data), wide) + data
+        return n + b"S" + _length(len(data), wide) + data
     if isinstance(v, np.ndarray):
         big_endian = v.astype(v.dtype.newbyteorder(">")).tobytes()
-        return b"[$" + _ARRAY_MARKERS[v.dtype.name] + b"#" + _length(len(v), wide) + big_endian
+        return n + b"[$" + _ARRAY_MARKERS[v.dtype.name] + b"#" + _length(len(v), wide) + big_endian
+    head, tail = (b"#" + _length(len(v), wide), b"") if counted else (b"", None)
     if isinstance(v, list):
-        return b"[" + b"".join(_encode(x, wide) for x in v) + b"]"
-    return b"{" + b"".join(_length(len(k.encode()), wide) + k.encode() + _encode(x, wide) for k, x in v.items()) + b"}"
+        return n + b"[" + head + b"".join(_encode(x, wide, counted, noop) for x in v) + (b"]" if tail is None else tail)
+    return n + b"{" + head + b"".join(n + _length(len(k.encode()), wide) + k.encode() + _encode(x, wide, counted, noop)
+                                      for k, x in v.items()) + (b"}" if tail is None else tail)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -291,8 +295,44 @@ _VALUES = st.recursive(
 
 
 @settings(max_examples=300, deadline=None)
-@given(doc=st.dictionaries(st.text(max_size=20), _VALUES, max_size=5), wide=st.sampled_from("UIL"))
-def test_the_ubjson_reader_reads_what_an_independent_encoder_wrote(doc: dict[str, Any], wide: str) -> None:
+@given(doc=st.dictionaries(st.text(max_size=20), _VALUES, max_size=5), wide=st.sampled_from("UIL"),
+       counted=st.booleans(), noop=st.booleans())
+def test_the_ubjson_reader_reads_what_an_independent_encoder_wrote(doc: dict[str, Any], wide: str, counted: bool,
+                                                                   noop: bool) -> None:
     from mlpersist._ubjson import loads
 
-    assert _same(loads(_encode(doc, wide), "doc"), doc)
+    assert _same(loads(_encode(doc, wide, counted, noop), "doc"), doc)
+
+
+@pytest.mark.parametrize("raw", [
+    b"{U\x01a[$l#U\x05" + bytes(4),              # a typed array declaring more than the file holds
+    b"{U\x01a[$l#L" + struct.pack(">q", -1),       # a negative count
+    b"{U\x01a[$l#X\x01",                          # a count without a length marker
+    b"{U\x01a[$lUU\x01" + bytes(4) + b"}",        # a typed array without its count marker
+    b"{U\x02\xff\xfeZ}",                          # a key that is not UTF-8
+    b"{U\x01aZU\x01aZ}",                          # a duplicate key
+    b"{U\x09ab}",                                 # a key longer than the file
+    b"{L" + struct.pack(">q", -3) + b"Z}",         # a negative key length
+    b"{#U\x02U\x01aZ}",                           # a counted object one entry short
+    b"{U\x01aZ",                                  # no end marker
+    b"{xab}",                                     # a key without a length marker
+    b"{U",                                        # cut inside a key's length
+    b"{U\x01aNNN",                                # only no-ops where the value should be
+], ids=["count-past-end", "negative-count", "count-marker", "no-count", "key-utf8", "duplicate-key", "key-past-end",
+        "negative-key", "counted-short", "unterminated", "key-marker", "cut-key", "noops"])
+def test_malformed_ubjson_objects_are_corrupt_artifacts(raw: bytes) -> None:
+    """Every way an object's key or inline typed array can be malformed is a typed error, not an IndexError."""
+    from mlpersist._ubjson import loads
+
+    with pytest.raises(CorruptArtifactError, match="not valid UBJSON"):
+        loads(raw, "doc")
+
+
+def test_counted_typed_and_noop_objects_read_as_written() -> None:
+    from mlpersist._ubjson import loads
+
+    assert loads(b"{$Z#U\x02U\x01aU\x01b", "doc") == {"a": None, "b": None}  # one value type: no values
+    assert loads(b"{#U\x01NU\x01aNT", "doc") == {"a": True}
+    assert loads(b"{N}", "doc") == {}
+    got = loads(b"{U\x01a[$I#U\x02\x01\x02\xff\xffU\x01bN[$U#U\x01\x07}", "doc")
+    assert got["a"].tolist() == [258, -1] and got["b"].tolist() == [7]
