@@ -136,15 +136,14 @@ def check_target(target: Path, *, overwrite: bool) -> None:
 
 def clean_stale(target: Path) -> None:
     """Remove temporaries of earlier saves to `target` whose process on this host is gone."""
-    host = _host()
-    for prefix in (_TMP, _OLD):
-        head = f".{target.name}{prefix}{host}-"
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(target.parent):
-                if entry.name.startswith(head):
-                    pid = entry.name[len(head):].partition("-")[0]
-                    if pid.isdigit() and not _alive(int(pid)):
-                        _rmtree(entry.path)
+    heads = tuple(f".{target.name}{prefix}{_host()}-" for prefix in (_TMP, _OLD))
+    with contextlib.suppress(OSError), os.scandir(target.parent) as entries:  # one pass over the parent
+        for entry in entries:
+            if entry.name.startswith(heads):
+                head = next(h for h in heads if entry.name.startswith(h))
+                pid = entry.name[len(head):].partition("-")[0]
+                if pid.isdigit() and not _alive(int(pid)):
+                    _rmtree(entry.path)
 
 
 def _alive(pid: int) -> bool:
@@ -157,6 +156,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@functools.cache
 def _host() -> str:
     import socket
 

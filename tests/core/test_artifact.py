@@ -116,11 +116,14 @@ def test_stale_temporaries_of_dead_writers_are_cleaned_but_live_ones_kept(tmp_pa
     host = _storage._host()
     dead = tmp_path / f".a.mlpersist-tmp-{host}-999999999-abc"
     live = tmp_path / f".a.mlpersist-tmp-{host}-{os.getpid()}-def"
+    dead_old = tmp_path / f".a.mlpersist-old-{host}-999999999-abc"  # a dead overwrite's previous artifact
     other_host = tmp_path / ".a.mlpersist-tmp-otherhost-999999999-abc"
-    for d in (dead, live, other_host):
+    other_target = tmp_path / f".b.mlpersist-tmp-{host}-999999999-abc"
+    for d in (dead, live, dead_old, other_host, other_target):
         d.mkdir()
     save_any(dummy, tmp_path / "a")
-    assert not dead.exists() and live.exists() and other_host.exists()
+    assert not dead.exists() and not dead_old.exists()
+    assert live.exists() and other_host.exists() and other_target.exists()
 
 
 def test_readers_racing_an_overwriting_writer_always_see_a_whole_artifact(tmp_path: Path,
