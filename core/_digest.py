@@ -19,7 +19,7 @@ HEX_LENGTHS = {"sha256": 64, "blake3": 64}  # algorithm -> hex length: the diges
 DEFAULT = "blake3"
 _CHUNK = 4 << 20
 _MAP_BYTES = 16 << 20  # from this size a file is hashed from read-only mappings, on every core
-_WINDOW = 64 << 20  # mapped at a time (a multiple of every page size)
+_WINDOW = 16 << 20  # mapped at a time (a multiple of every page size); as fast as 64 MiB here, a quarter the RSS
 
 
 class Hasher(Protocol):
@@ -54,7 +54,7 @@ def new(algo: str) -> Hasher:
 def hash_fd(fd: int, size: int, algo: str | None = None) -> str:
     """Return `<algo>:<hex>` of the first `size` bytes of `fd` (default algorithm: `algorithm()`).
 
-    A large file is hashed from read-only mappings of its pages, 64 MiB at a time (no copy; BLAKE3
+    A large file is hashed from read-only mappings of its pages, 16 MiB at a time (no copy; BLAKE3
     splits each window over every core; mapped pages count in RSS, so the window bounds that); a small
     one in 4 MiB chunks read into one reused buffer. Either way the hasher releases the
     GIL, so another thread (an fsync, a download) runs meanwhile. After the call nothing stays mapped.
@@ -65,7 +65,7 @@ def hash_fd(fd: int, size: int, algo: str | None = None) -> str:
         import mmap
 
         try:
-            for offset in range(0, size, _WINDOW):  # one window mapped at a time: RSS grows by 64 MiB at most
+            for offset in range(0, size, _WINDOW):  # one window mapped at a time: RSS grows by 16 MiB at most
                 length = min(_WINDOW, size - offset)
                 with mmap.mmap(fd, length, offset=offset, access=mmap.ACCESS_READ) as mapped, \
                         memoryview(mapped) as view:
