@@ -12,6 +12,7 @@ import numpy as np
 from sklearn.tree._tree import Tree
 
 from mlpersist import Payload, _registry
+from mlpersist._trees import first_bad_tree
 from mlpersist.errors import PersistError, UntrustedContentError
 
 _FILES = {"joblib": "model.joblib", "pickle": "model.pkl"}
@@ -76,6 +77,7 @@ def validate(model: Any) -> None:
     """
     seen: set[int] = set()
     claims = _registry.claims()  # once per load, not once per object of the graph
+    trees: list[tuple[Tree, int | None, str]] = []  # checked together at the end (a forest is many small trees)
     stack: list[tuple[Any, int | None, str]] = [(model, None, type(model).__name__)]
     while stack:
         obj, n_features, where = stack.pop()
@@ -83,7 +85,7 @@ def validate(model: Any) -> None:
             continue
         seen.add(id(obj))
         if isinstance(obj, Tree):
-            _check_tree(obj, n_features, where)
+            trees.append((obj, n_features, where))
             continue
         owner = _other_adapter(obj, claims)
         if owner is not None:  # e.g. an XGBClassifier step: its own adapter knows its structure
@@ -103,6 +105,7 @@ def validate(model: Any) -> None:
             getattr(obj, "__dict__", {}).values())
         for i, child in enumerate(children):
             stack.append((child, n, f"{where}[{i}]"))
+    _check_trees(trees)
 
 
 def _other_adapter(obj: Any, claims: Mapping[str, str]) -> Any:
@@ -117,21 +120,30 @@ def _other_adapter(obj: Any, claims: Mapping[str, str]) -> Any:
     return adapter if hasattr(adapter, "check") else None
 
 
-def _check_tree(tree: Tree, n_features: int | None, where: str) -> None:
-    count = tree.node_count
-    left, right, feature = tree.children_left, tree.children_right, tree.feature
-    idx = np.arange(count)
-    leaf = left == -1
-    ok = (len(left) == len(right) == len(feature) == count and count >= 1
-          and tree.value.shape[0] == count
-          and bool(np.all(leaf == (right == -1)))
-          and bool(np.all(leaf | ((left > idx) & (left < count) & (right > idx) & (right < count))))
-          and bool(np.all(leaf | ((feature >= 0) & (feature < tree.n_features)))))
-    if not ok or (n_features is not None and tree.n_features != n_features):
-        raise UntrustedContentError(
-            f"{where}: a decision tree's child or feature indices point outside its arrays (n_features "
-            f"{tree.n_features}, estimator expects {n_features}); the file is crafted or damaged, refusing it",
-            ["sklearn.tree._tree.Tree"])
+def _check_trees(trees: list[tuple[Tree, int | None, str]]) -> None:
+    """Check every decision tree met in the model: sizes one by one, child and feature indices all at once."""
+    for tree, n_features, where in trees:
+        count = tree.node_count
+        if count < 1 or tree.value.shape[0] != count or (n_features is not None and tree.n_features != n_features):
+            _refuse_tree(tree, n_features, where)
+    if not trees:
+        return
+    left, right, feature = (np.concatenate([getattr(t, k) for t, _, _ in trees])
+                            for k in ("children_left", "children_right", "feature"))
+    try:
+        bad = first_bad_tree([t.node_count for t, _, _ in trees], left, right, feature,
+                             [t.n_features for t, _, _ in trees], adjacent=False)
+    except ValueError:
+        bad = 0
+    if bad is not None:
+        _refuse_tree(*trees[bad])
+
+
+def _refuse_tree(tree: Tree, n_features: int | None, where: str) -> None:
+    raise UntrustedContentError(
+        f"{where}: a decision tree's child or feature indices point outside its arrays (n_features "
+        f"{tree.n_features}, estimator expects {n_features}); the file is crafted or damaged, refusing it",
+        ["sklearn.tree._tree.Tree"])
 
 
 def _check_predictor_nodes(nodes: np.ndarray, n_features: int | None, where: str) -> None:

@@ -147,7 +147,8 @@ class _Reader:
                     return out
             elif done == n:
                 return out
-            if is_object:  # an object with one value type (XGBoost writes none)
+            if is_object:  # an object with one value type (XGBoost writes none): untyped ones go to object()
+                assert typ is not None
                 key = self.text(m)  # a key is a length (marker + integer), then UTF-8 bytes
                 if key in out:
                     raise self.bad(f"duplicate key {key!r}")

@@ -372,6 +372,8 @@ def test_crafted_tree_indices_are_refused_before_predict(kind: str, tmp_path: Pa
     proc = run_python(f"import runpy, sys; sys.argv = ['x', {kind!r}, {str(tmp_path / 'm')!r}]; "
                       f"runpy.run_path({str(tmp_path / 'craft.py')!r})")
     assert proc.stdout.startswith("REFUSED") and "outside its arrays" in proc.stdout, proc.stdout + proc.stderr
+    if kind.startswith("forest"):  # all trees are checked at once; the crafted one (estimators_[1]) is named
+        assert "][1][" in proc.stdout.split(":")[0], proc.stdout
 
 
 # --- M02/M03: digests are not a trust boundary; signatures and pins are ---------------------------------

@@ -140,6 +140,9 @@ if kind == "child":
     tree["left_children"][0] = 10**6
 elif kind == "adjacency":
     tree["right_children"][0] = tree["left_children"][0] + 2
+elif kind == "right-past-end":  # adjacent children, the right one just past the tree's last node
+    n = len(tree["left_children"])
+    tree["left_children"][0], tree["right_children"][0] = n - 1, n
 elif kind == "loop":
     tree["left_children"][0], tree["right_children"][0] = 0, 1
 elif kind == "feature":
@@ -155,7 +158,7 @@ except mlpersist.UntrustedContentError as exc:
 """
 
 
-@pytest.mark.parametrize("kind", ["child", "adjacency", "loop", "feature", "tree-info"])
+@pytest.mark.parametrize("kind", ["child", "adjacency", "right-past-end", "loop", "feature", "tree-info"])
 def test_crafted_tree_indices_are_refused_before_xgboost_parses_them(kind: str, tmp_path: Path) -> None:
     require("xgboost")
     (tmp_path / "craft.py").write_text(CRAFT)

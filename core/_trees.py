@@ -1,0 +1,49 @@
+"""The index check every tree-ensemble adapter needs, over all of a model's trees in a few numpy calls.
+
+Tree predictors (scikit-learn's Cython `Tree`, XGBoost's C++ predictor) follow child indices and read
+feature columns without bounds checks: a crafted file would make them read outside their arrays.
+A forest is many small trees, so the checks run once over all trees' arrays joined, instead of a dozen
+numpy calls per tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def first_bad_tree(counts: Sequence[int], left: Any, right: Any, feature: Any, n_features: Any, *,
+                   adjacent: bool) -> int | None:
+    """Return the index of the first tree whose child or feature indices point outside its arrays, or None.
+
+    `left`, `right` and `feature` hold every tree's node arrays joined, tree after tree, `counts[i]`
+    nodes for tree i; a leaf has -1 for both children. An inner node's children come after it and
+    inside its tree, its feature is in `[0, n_features)` (one bound for all trees, or one per tree).
+    `adjacent`: the predictor also assumes the right child is the left one's neighbour (XGBoost).
+
+    Raises:
+        ValueError: the arrays are not integers, or do not hold `counts[i]` nodes per tree.
+
+    """
+    import numpy as np
+
+    left, right, feature = (np.asarray(a) for a in (left, right, feature))
+    sizes = np.asarray(counts, dtype=np.int64)
+    if any(a.dtype.kind not in "iu" for a in (left, right, feature)):
+        raise ValueError("child and feature indices must be integers")
+    if (sizes < 1).any() or not len(left) == len(right) == len(feature) == int(sizes.sum()):
+        raise ValueError("every tree needs at least one node and one entry per node in each array")
+    if sizes.size == 0:
+        return None
+    starts = np.cumsum(sizes) - sizes
+    idx = np.arange(len(left), dtype=np.int64) - np.repeat(starts, sizes)  # each node's index in its tree
+    nodes = np.repeat(sizes, sizes)  # the size of each node's tree
+    bound = np.repeat(np.asarray(n_features, dtype=np.int64), sizes) if np.ndim(n_features) else n_features
+    leaf = left == -1
+    inner_ok = (left > idx) & (left < nodes) & (right > idx) & (right < nodes) & (feature >= 0) & (feature < bound)
+    if adjacent:
+        inner_ok &= right == left + 1
+    bad = (leaf != (right == -1)) | ~(leaf | inner_ok)
+    if not bad.any():
+        return None
+    return int(np.searchsorted(starts, int(np.argmax(bad)), side="right")) - 1
