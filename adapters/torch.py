@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
 from mlpersist import Payload, PersistError
@@ -77,7 +78,7 @@ class TorchAdapter:
         if format != "safetensors":
             return _load_program(payload, format, dev)
         try:
-            tensors = load_file(payload.local_path(WEIGHTS), device=str(dev))
+            tensors = _read_safetensors(payload, WEIGHTS, dev)
         except (RuntimeError, AssertionError) as exc:
             raise PersistError(f"cannot place the weights on {dev}: {exc}") from exc
         except Exception as exc:  # safetensors raises its own SafetensorError for malformed headers
@@ -355,9 +356,17 @@ def _save_optimizer(optimizer: Any, dest: Path) -> dict[str, Any]:
             "param_groups": _encode(state["param_groups"]), "scalars": _encode(scalars)}
 
 
+def _read_safetensors(payload: Payload, name: str, dev: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of `name`: from the very bytes the core hashed when it kept them (small files), else mapped."""
+    data = payload.checked_bytes(name)
+    if data is None:
+        return load_file(payload.local_path(name), device=str(dev))
+    return {k: v.to(dev) for k, v in load_bytes(data).items()}  # .to() returns the tensor itself on its device
+
+
 def _load_optimizer(payload: Payload, info: Mapping[str, Any], dev: torch.device) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in _decode(info["scalars"]).items()}
-    for key, value in load_file(payload.local_path(OPTIMIZER), device=str(dev)).items():
+    for key, value in _read_safetensors(payload, OPTIMIZER, dev).items():
         pid, _, name = key.partition(".")
         state.setdefault(int(pid), {})[name] = value
     return {"state": state, "param_groups": _decode(info["param_groups"])}

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import _parts, _registry, _storage
-from ._digest import HEX_LENGTHS, algorithm_of, hash_fd
+from ._digest import HEX_LENGTHS, algorithm_of, hash_file
 from ._dispatch import detect, sniff
 from ._manifest import FORMAT_VERSION, MANIFEST_NAME, FileEntry, Manifest, Part, check_json_value
 from ._payload import Payload
@@ -275,12 +275,13 @@ def _bare_manifest(path: Path, source: str | None = None,
     name, fmt, payload_name = sniff(path)
     spec = _registry.get_spec(name)
     assert spec is not None
-    f = open(path, "rb")  # noqa: SIM115 - handed to the caller, closed there
+    f: BinaryIO = open(path, "rb")  # noqa: SIM115 - handed to the caller, closed there
     try:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise CorruptArtifactError(f"{path} is not a regular file")
-        entry = FileEntry(st.st_size, hash_fd(f.fileno(), st.st_size, algo))
+        digest, f = hash_file(f, st.st_size, algo)  # a small file is then read from the bytes hashed
+        entry = FileEntry(st.st_size, digest)
         manifest = Manifest(FORMAT_VERSION, name, fmt, "unknown:unknown", spec.package, "unknown",
                             {payload_name: entry}, {}, _now(), _parts.mlpersist_version(),
                             {"source": source or str(path)}, {"bare": True})

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from ._digest import algorithm_of, hash_fd, new
+from ._digest import algorithm_of, hash_file, new
 from .errors import IntegrityError, PersistError
 
 DEFAULT_MAX_BYTES = 10 << 30
@@ -82,11 +82,14 @@ class Cache:
         """The cached blob, opened, or None if absent (or damaged: then it is removed)."""
         path = self.path(digest)
         try:
-            f = open(path, "rb")  # noqa: SIM115 - handed to the caller
+            f: BinaryIO = open(path, "rb")  # noqa: SIM115 - handed to the caller
         except FileNotFoundError:
             return None
         st = os.fstat(f.fileno())
-        if st.st_size != size or (verify and hash_fd(f.fileno(), size, algorithm_of(digest)) != digest):
+        found = digest
+        if st.st_size == size and verify:  # a small blob is then read from the bytes hashed
+            found, f = hash_file(f, size, algorithm_of(digest))
+        if st.st_size != size or found != digest:
             f.close()
             with contextlib.suppress(OSError):
                 path.unlink()  # damaged on this disk: fetch it again

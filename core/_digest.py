@@ -10,8 +10,9 @@ stays SHA-256.
 
 from __future__ import annotations
 
+import io
 import os
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from .errors import PersistError
 
@@ -83,6 +84,51 @@ def hash_fd(fd: int, size: int, algo: str | None = None) -> str:
         h.update(want[:n])
         offset += n
     return f"{algo}:{h.hexdigest()}"
+
+
+def hash_file(f: BinaryIO, size: int, algo: str | None = None) -> tuple[str, BinaryIO]:
+    """Return `<algo>:<hex>` of the first `size` bytes of `f`, and the handle to read them from afterwards.
+
+    A file under 16 MiB is read once into memory, and the handle returned serves exactly the bytes
+    that were hashed: a writer that changes the file after the check changes nothing that is loaded
+    through it. A larger file is hashed where it lies (`hash_fd`) and `f` itself is returned.
+    """
+    if size >= _MAP_BYTES:
+        return hash_fd(f.fileno(), size, algo), f
+    algo = algo or algorithm()
+    chunks, got = [], 0
+    while got < size:
+        chunk = os.pread(f.fileno(), size - got, got)
+        if not chunk:
+            break  # shorter than declared: hashed as it is, the digest will not match
+        chunks.append(chunk)
+        got += len(chunk)
+    data = b"".join(chunks)  # one chunk (the usual case): that very object, no copy
+    h = new(algo)
+    h.update(data)
+    return f"{algo}:{h.hexdigest()}", Checked(data, f)
+
+
+class Checked(io.BytesIO):
+    """The hashed bytes of a small payload file, served from memory; `fileno()` and `name` are the file's.
+
+    It owns the file: closing it (or dropping it) closes the file too.
+    """
+
+    def __init__(self, data: bytes, file: BinaryIO) -> None:
+        super().__init__(data)
+        self.data, self.file = data, file
+
+    @property
+    def name(self) -> str:
+        return str(self.file.name)
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def close(self) -> None:
+        super().close()
+        self.file.close()
 
 
 def algorithm_of(digest: str) -> str:

@@ -47,6 +47,17 @@ class Payload:
         """Return the whole content of `name`."""
         return self.open(name).read()
 
+    def checked_bytes(self, name: str) -> bytes | None:
+        """The very bytes that were hashed, if the core kept them (files under 16 MiB), else None.
+
+        Read from these and a writer that rewrites the file after the check changes nothing that is
+        loaded; `open` and `read_bytes` serve them too. Larger files are read where they lie.
+        """
+        from ._digest import Checked
+
+        f = self.open(name)
+        return f.data if isinstance(f, Checked) else None
+
     def local_path(self, name: str) -> Path:
         """A path that opens the very file that was checked (for frameworks that only take paths).
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ._digest import algorithm, algorithm_of, hash_fd
+from ._digest import algorithm, algorithm_of, hash_fd, hash_file
 from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, RESERVED_NAMES, FileEntry, Manifest, check_name
 from .errors import ArtifactExistsError, ArtifactNotFoundError, CorruptArtifactError, IntegrityError, PersistError
 
@@ -317,9 +317,8 @@ def _open_once(root: Path, *, verify: bool, check_manifest: ManifestCheck | None
             if size != entry.size:
                 raise IntegrityError(name, f"{entry.size} bytes", f"{size} bytes")
         if verify:
-            for name, handle in handles.items():
-                entry = manifest.files[name]
-                digest = hash_fd(handle.fileno(), entry.size, algorithm_of(entry.digest))
+            for name, entry in manifest.files.items():  # small files are then read from the bytes hashed
+                digest, handles[name] = hash_file(handles[name], entry.size, algorithm_of(entry.digest))
                 if digest != entry.digest:
                     raise IntegrityError(name, entry.digest, digest)
             extra = sorted(set(_walk(dfd)) - set(manifest.files) - RESERVED_NAMES)

@@ -6,6 +6,7 @@ import hashlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from blake3 import blake3
@@ -85,3 +86,49 @@ def test_early_writeback_leaves_the_bytes_unchanged(tmp_path: Path) -> None:
             flushing.written()
     assert (tmp_path / "big").read_bytes() == chunk * (_writeback.STEP // len(chunk) * 2 + 3)
     assert _writeback.supported() == sys.platform.startswith("linux")
+
+
+def test_a_small_payload_rewritten_in_place_after_its_check_does_not_change_what_loads(
+        tmp_path: Path, dummy: DummyModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytes hashed are the bytes the adapter reads: a writer racing the load (simulated right after
+    the check of params.json, same size, different numbers) changes the file, not the model."""
+    from mlpersist import _storage
+
+    save_any(dummy, tmp_path / "a")
+    params = tmp_path / "a" / "params.json"
+    original = params.read_bytes()
+    tampered = original.replace(b"3.0", b"9.0")
+    assert tampered != original and len(tampered) == len(original)
+    real = _storage.hash_file
+
+    def check_then_rewrite(f: Any, size: int, algo: str | None = None) -> Any:
+        out = real(f, size, algo)
+        if os.fstat(f.fileno()).st_ino == params.stat().st_ino:
+            with open(params, "r+b") as w:  # in place: same inode, the handle already open sees it
+                w.write(tampered)
+        return out
+
+    monkeypatch.setattr(_storage, "hash_file", check_then_rewrite)
+    assert load_any(tmp_path / "a").predict(INPUTS) == dummy.predict(INPUTS)
+    assert params.read_bytes() == tampered  # the rewrite did happen, after the check
+    monkeypatch.undo()
+    with pytest.raises(IntegrityError, match=r"params\.json"):
+        load_any(tmp_path / "a")
+
+
+def test_only_small_payloads_are_kept_in_memory(tmp_path: Path, dummy: DummyModel,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlpersist import _storage
+    from mlpersist._payload import Payload
+    from mlpersist._policy import TrustPolicy
+
+    save_any(dummy, tmp_path / "a")
+    monkeypatch.setattr(_digest, "_MAP_BYTES", 512)  # params.json (~30 bytes) stays small, extra.bin (1 KiB) not
+    opened = _storage.open_artifact(tmp_path / "a", verify=True)
+    try:
+        payload = Payload(opened.handles, TrustPolicy())
+        assert payload.checked_bytes("params.json") == (tmp_path / "a" / "params.json").read_bytes()
+        assert payload.checked_bytes("sub/extra.bin") is None
+        assert payload.read_bytes("sub/extra.bin") == bytes(range(256)) * 4
+    finally:
+        opened.close()
