@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import math
 import sys
 import warnings
 from collections import OrderedDict
@@ -35,6 +36,9 @@ class TorchAdapter:
     name: ClassVar[str] = "torch"
     format_version: ClassVar[int] = 1
     dependencies: ClassVar[tuple[str, ...]] = ("torch", "safetensors", "numpy")
+    # read whole into memory as they are checked: the tensors are views of those very bytes, which no
+    # later write to the file can change (a mapped file's pages would follow it)
+    read_whole: ClassVar[tuple[str, ...]] = ("weights.safetensors", "optimizer.safetensors")
 
     def save(self, model: Any, dest: Path, *, format: str, init_kwargs: Mapping[str, Any] | None = None,
              optimizer: Any = None, extra: Any = None, example: Any = None) -> Mapping[str, Any]:
@@ -357,11 +361,79 @@ def _save_optimizer(optimizer: Any, dest: Path) -> dict[str, Any]:
 
 
 def _read_safetensors(payload: Payload, name: str, dev: torch.device) -> dict[str, torch.Tensor]:
-    """The tensors of `name`: from the very bytes the core hashed when it kept them (small files), else mapped."""
+    """The tensors of `name`, viewing the very bytes the core checked (mapped from the file if it kept none)."""
     data = payload.checked_bytes(name)
-    if data is None:
+    if data is None or sys.byteorder != "little":  # verify=False; safetensors data is little-endian
         return load_file(payload.local_path(name), device=str(dev))
-    return {k: v.to(dev) for k, v in load_bytes(data).items()}  # .to() returns the tensor itself on its device
+    tensors = read_safetensors(data, name)
+    if tensors is None:  # a dtype this reader does not view (complex, a newer float): safetensors copies
+        tensors = load_bytes(bytes(data))
+    return {k: v.to(dev) for k, v in tensors.items()}  # .to(): the tensor itself when already on `dev`
+
+
+_ST_TORCH = {code: dtype for dtype, code in _ST_DTYPES.items()}
+_MAX_HEADER = 100_000_000  # safetensors' own limit
+
+
+def read_safetensors(buf: bytearray, what: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of the safetensors file held in `buf`, as views of it (no copy); None for an unknown dtype.
+
+    The header is checked as strictly as safetensors' own reader does: a JSON object of at most
+    100 MB without duplicate names, known dtypes, shapes of non-negative integers, and data offsets
+    that tile the data section exactly (in order, no gap, no overlap, to its end), each the tensor's
+    size. A tensor whose offset does not suit its dtype's alignment is copied instead of viewed. A dtype
+    not in `_ST_DTYPES` (complex, newer float formats) returns None: the caller has safetensors read it.
+
+    Raises:
+        mlpersist.errors.CorruptArtifactError: naming what is malformed.
+
+    """
+    def bad(why: str) -> CorruptArtifactError:
+        return CorruptArtifactError(f"{what} is not valid safetensors: {why}; the file is damaged or crafted")
+
+    n = int.from_bytes(buf[:8], "little") if len(buf) >= 8 else -1
+    if not 0 <= n <= min(len(buf) - 8, _MAX_HEADER):
+        raise bad(f"a header of {n} bytes declared in a file of {len(buf)}")
+    try:
+        header = json.loads(bytes(buf[8:8 + n]), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"the header is not JSON ({str(exc)[:100]})") from None
+    if not isinstance(header, dict) or not isinstance(header.pop("__metadata__", {}), dict):
+        raise bad("the header is not a JSON object of tensors")
+    entries = []
+    for name, spec in header.items():
+        code = spec.get("dtype") if isinstance(spec, dict) else None
+        if isinstance(code, str) and code not in _ST_TORCH:
+            return None
+        dtype = _ST_TORCH.get(code) if isinstance(code, str) else None
+        shape, offsets = (spec.get("shape"), spec.get("data_offsets")) if isinstance(spec, dict) else (None, None)
+        if dtype is None or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) \
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+            raise bad(f"tensor {name!r} has a malformed entry {str(spec)[:100]}")
+        entries.append((offsets[0], offsets[1], name, dtype, shape))
+    base, end = 8 + n, 0
+    data = torch.frombuffer(buf, dtype=torch.uint8)  # the whole file; every tensor views it
+    out: dict[str, torch.Tensor] = {}
+    for begin, stop, name, dtype, shape in sorted(entries, key=lambda e: (e[0], e[1])):
+        if begin != end or stop - begin != math.prod(shape) * dtype.itemsize:
+            raise bad(f"tensor {name!r} has data offsets {begin}..{stop}, where {end}.."
+                      f"{end + math.prod(shape) * dtype.itemsize} was due")
+        end = stop
+        raw = data[base + begin:base + stop]
+        try:
+            out[name] = raw.view(dtype).reshape(shape)
+        except RuntimeError:  # an offset the dtype cannot view at: copy this one
+            out[name] = raw.clone().view(dtype).reshape(shape)
+    if base + end != len(buf):
+        raise bad(f"{len(buf) - base - end} bytes after the last tensor")
+    return out
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate names")
+    return out
 
 
 def _load_optimizer(payload: Payload, info: Mapping[str, Any], dev: torch.device) -> dict[str, Any]:

@@ -164,7 +164,7 @@ def load_with_report(path: str | os.PathLike[str], *, trusted: bool = False, all
 
         try:
             opened = _remote.open_remote(where, verify=verify, check_manifest=_signing.checker(digest, keys),
-                                         progress=progress)
+                                         progress=progress, whole=_parts.read_whole)
         except ArtifactNotFoundError:
             with _remote.bare_file(where, progress) as local:  # a model file saved without mlpersist, at a URL
                 if local is None:
@@ -176,7 +176,8 @@ def load_with_report(path: str | os.PathLike[str], *, trusted: bool = False, all
         model = _load_bare(root, policy, digest=digest, signed_required=bool(keys), **options)
         return model, [], tolerance
     try:
-        opened = _storage.open_artifact(root, verify=verify, check_manifest=_signing.checker(digest, keys))
+        opened = _storage.open_artifact(root, verify=verify, check_manifest=_signing.checker(digest, keys),
+                                        whole=_parts.read_whole)
     except ArtifactNotFoundError:
         if not root.is_dir() or (root / MANIFEST_NAME).exists():
             raise
@@ -280,7 +281,8 @@ def _bare_manifest(path: Path, source: str | None = None,
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise CorruptArtifactError(f"{path} is not a regular file")
-        digest, f = hash_file(f, st.st_size, algo)  # a small file is then read from the bytes hashed
+        # a small file, or one its adapter keeps whole, is then read from the bytes hashed
+        digest, f = hash_file(f, st.st_size, algo, whole=payload_name in _parts.whole_names(name))
         entry = FileEntry(st.st_size, digest)
         manifest = Manifest(FORMAT_VERSION, name, fmt, "unknown:unknown", spec.package, "unknown",
                             {payload_name: entry}, {}, _now(), _parts.mlpersist_version(),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from .errors import PersistError
 
@@ -86,37 +86,70 @@ def hash_fd(fd: int, size: int, algo: str | None = None) -> str:
     return f"{algo}:{h.hexdigest()}"
 
 
-def hash_file(f: BinaryIO, size: int, algo: str | None = None) -> tuple[str, BinaryIO]:
+def hash_file(f: BinaryIO, size: int, algo: str | None = None, *, whole: bool = False) -> tuple[str, BinaryIO]:
     """Return `<algo>:<hex>` of the first `size` bytes of `f`, and the handle to read them from afterwards.
 
-    A file under 16 MiB is read once into memory, and the handle returned serves exactly the bytes
-    that were hashed: a writer that changes the file after the check changes nothing that is loaded
-    through it. A larger file is hashed where it lies (`hash_fd`) and `f` itself is returned.
+    A file under 16 MiB, or any file with `whole` (an adapter that keeps the bytes as its model's
+    memory: torch weights), is read once into memory, hashed there, and the handle returned serves
+    exactly those bytes: a writer that changes the file after the check changes nothing that is
+    loaded through it. Another large file is hashed where it lies (`hash_fd`) and `f` is returned.
     """
-    if size >= _MAP_BYTES:
-        return hash_fd(f.fileno(), size, algo), f
     algo = algo or algorithm()
-    chunks, got = [], 0
-    while got < size:
-        chunk = os.pread(f.fileno(), size - got, got)
-        if not chunk:
-            break  # shorter than declared: hashed as it is, the digest will not match
-        chunks.append(chunk)
-        got += len(chunk)
-    data = b"".join(chunks)  # one chunk (the usual case): that very object, no copy
+    if size >= _MAP_BYTES and not whole:
+        return hash_fd(f.fileno(), size, algo), f
     h = new(algo)
-    h.update(data)
+    data = bytearray(size)  # writable: a framework may keep views of it as its tensors
+    got = 0
+    with memoryview(data) as view:
+        while got < size:  # hash each chunk as it arrives, while it is in the CPU cache
+            n = os.preadv(f.fileno(), [view[got:got + _CHUNK * 4]], got) if hasattr(os, "preadv") else \
+                _pread_into(f.fileno(), view[got:got + _CHUNK * 4], got)
+            if n <= 0:
+                break  # shorter than declared: hashed as it is, the digest will not match
+            h.update(view[got:got + n])
+            got += n
+    del data[got:]
     return f"{algo}:{h.hexdigest()}", Checked(data, f)
 
 
-class Checked(io.BytesIO):
-    """The hashed bytes of a small payload file, served from memory; `fileno()` and `name` are the file's.
+class _Memory(io.RawIOBase):
+    """A read-only, seekable raw stream over bytes in memory (reads copy slices; the bytes are not copied)."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self._view, self._pos = memoryview(data), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        with memoryview(buffer) as out:
+            n = max(0, min(out.nbytes, len(self._view) - self._pos))
+            out.cast("B")[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class Checked(io.BufferedReader):
+    """The hashed bytes of a payload file, served from memory; `fileno()` and `name` are the file's.
 
     It owns the file: closing it (or dropping it) closes the file too.
     """
 
-    def __init__(self, data: bytes, file: BinaryIO) -> None:
-        super().__init__(data)
+    def __init__(self, data: bytearray, file: BinaryIO) -> None:
+        super().__init__(_Memory(data), buffer_size=1 << 20)
         self.data, self.file = data, file
 
     @property

@@ -144,6 +144,29 @@ def part_of(manifest: Manifest) -> Part:
                 manifest.framework_version, manifest.info, manifest.example, manifest.parts)
 
 
+def read_whole(manifest: Manifest) -> frozenset[str]:
+    """The payload files whose adapters keep them whole in memory (their `read_whole`), as manifest names.
+
+    Asked before the files are checked, so that these are hashed as they are read into memory.
+    """
+    return frozenset(f"{part.dir}/{name}" if part.dir else name for part in walk(part_of(manifest))
+                     for name in whole_names(part.adapter))
+
+
+def whole_names(adapter: str) -> tuple[str, ...]:
+    """The `read_whole` payload names of an adapter.
+
+    None for a core part, or an adapter that cannot be had here (not registered, framework missing:
+    the load itself reports that).
+    """
+    if adapter in (BUNDLE, JSON_PART) or _registry.get_spec(adapter) is None:
+        return ()
+    try:
+        return tuple(getattr(type(_registry.get_adapter(adapter)), "read_whole", ()))
+    except (PersistError, ImportError):
+        return ()
+
+
 def walk(part: Part) -> Iterator[Part]:
     """The part, then every sub-part of a bundle, depth first."""
     yield part

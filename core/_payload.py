@@ -47,11 +47,13 @@ class Payload:
         """Return the whole content of `name`."""
         return self.open(name).read()
 
-    def checked_bytes(self, name: str) -> bytes | None:
-        """The very bytes that were hashed, if the core kept them (files under 16 MiB), else None.
+    def checked_bytes(self, name: str) -> bytearray | None:
+        """The very bytes that were hashed, if the core kept them, else None.
 
-        Read from these and a writer that rewrites the file after the check changes nothing that is
-        loaded; `open` and `read_bytes` serve them too. Larger files are read where they lie.
+        The core keeps every file under 16 MiB, and any file the adapter names in its `read_whole`
+        class attribute (torch: its safetensors files, whose tensors then view these bytes). Read from
+        them and a writer that rewrites the file after the check changes nothing that is loaded;
+        `open` and `read_bytes` serve them too. Other large files are read where they lie.
         """
         from ._digest import Checked
 

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ._cache import Cache, pump
-from ._digest import algorithm_of
+from ._digest import algorithm_of, hash_file
 from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, RESERVED_NAMES, FileEntry, Manifest
 from ._progress import Progress
 from ._record import Record
-from ._storage import Opened
+from ._storage import ManifestCheck, Opened, WholeFiles
 from .errors import (
     ArtifactNotFoundError,
     CorruptArtifactError,
@@ -36,8 +36,6 @@ from .errors import (
 )
 
 BLOBS = "blobs"
-
-ManifestCheck = Callable[[Manifest, Callable[[str], bytes]], bool]
 
 
 class Store(Record):
@@ -132,8 +130,12 @@ class _Gone(PersistError):
 
 
 def open_remote(store: Store, *, verify: bool, check_manifest: ManifestCheck | None = None,
-                progress: bool | None = None) -> Opened:
-    """Read the manifest, take each payload file from the cache or download it into the cache, checked."""
+                progress: bool | None = None, whole: WholeFiles | None = None) -> Opened:
+    """Read the manifest, take each payload file from the cache or download it into the cache, checked.
+
+    The files `whole(manifest)` names are then read whole into memory and hashed once more there
+    (`hash_file`), so the adapter gets the bytes that were checked.
+    """
     cache = Cache()
     for _ in range(5):
         with _errors(store, "reading the manifest"):
@@ -149,6 +151,18 @@ def open_remote(store: Store, *, verify: bool, check_manifest: ManifestCheck | N
                 continue  # replaced while we read: load the new one
             entry = manifest.files[str(gone)]
             raise IntegrityError(str(gone), f"a blob of {entry.size} bytes", "no such object in the store") from None
+        try:
+            kept = whole(manifest) if whole is not None and verify else ()
+            for name, entry in manifest.files.items():
+                if name not in kept:
+                    continue
+                digest, handles[name] = hash_file(handles[name], entry.size, algorithm_of(entry.digest), whole=True)
+                if digest != entry.digest:
+                    raise IntegrityError(name, entry.digest, digest)
+        except BaseException:
+            for f in handles.values():
+                f.close()
+            raise
         view = Path(tempfile.mkdtemp(dir=cache.tmp, prefix="view-"))
         for name, entry in manifest.files.items():  # a tree of the payload names, for formats read by path
             (view / name).parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -279,11 +279,19 @@ def read_manifest(root: Path) -> Manifest:
 ManifestCheck = Callable[[Manifest, Callable[[str], bytes]], bool]
 
 
-def open_artifact(root: Path, *, verify: bool, check_manifest: ManifestCheck | None = None) -> Opened:
-    """Open, check and hand over every payload file; retry if a concurrent save swaps it."""
+WholeFiles = Callable[[Manifest], Collection[str]]
+
+
+def open_artifact(root: Path, *, verify: bool, check_manifest: ManifestCheck | None = None,
+                  whole: WholeFiles | None = None) -> Opened:
+    """Open, check and hand over every payload file; retry if a concurrent save swaps it.
+
+    `whole(manifest)` names the files to read whole into memory as they are hashed, whatever their
+    size (`hash_file`); files under 16 MiB always are.
+    """
     for _ in range(5):
         try:
-            return _open_once(root, verify=verify, check_manifest=check_manifest)
+            return _open_once(root, verify=verify, check_manifest=check_manifest, whole=whole)
         except _Swapped:
             continue
         except ArtifactNotFoundError:
@@ -293,7 +301,8 @@ def open_artifact(root: Path, *, verify: bool, check_manifest: ManifestCheck | N
     raise CorruptArtifactError(f"{root} kept changing while it was read (a writer saving in a loop?); try again")
 
 
-def _open_once(root: Path, *, verify: bool, check_manifest: ManifestCheck | None) -> Opened:
+def _open_once(root: Path, *, verify: bool, check_manifest: ManifestCheck | None,
+               whole: WholeFiles | None) -> Opened:
     dfd = _open_root(root)
     handles: dict[str, BinaryIO] = {}
     try:
@@ -317,8 +326,10 @@ def _open_once(root: Path, *, verify: bool, check_manifest: ManifestCheck | None
             if size != entry.size:
                 raise IntegrityError(name, f"{entry.size} bytes", f"{size} bytes")
         if verify:
-            for name, entry in manifest.files.items():  # small files are then read from the bytes hashed
-                digest, handles[name] = hash_file(handles[name], entry.size, algorithm_of(entry.digest))
+            kept = whole(manifest) if whole is not None else ()
+            for name, entry in manifest.files.items():  # small and kept files are then read from the bytes hashed
+                digest, handles[name] = hash_file(handles[name], entry.size, algorithm_of(entry.digest),
+                                                  whole=name in kept)
                 if digest != entry.digest:
                     raise IntegrityError(name, entry.digest, digest)
             extra = sorted(set(_walk(dfd)) - set(manifest.files) - RESERVED_NAMES)

@@ -151,6 +151,94 @@ def test_weights_are_standard_safetensors_aligned_and_equal_to_save_file(extra: 
     assert (8 + n) % 8 == 0
     for name, entry in json.loads(data[8:8 + n]).items():
         assert entry["data_offsets"][0] % tensors[name].element_size() == 0, name
+    # mlpersist's reader: views of the checked bytes, equal to safetensors' own reading of both files
+    from mlpersist.adapters.torch import read_safetensors
+
+    for which, theirs_read in (("ours", ours), ("theirs", theirs)):
+        buf = bytearray((tmp_path / f"{which}.safetensors").read_bytes())
+        mine = read_safetensors(buf, which)
+        if extra:  # complex64: not a dtype it views; the adapter has safetensors read it instead
+            assert mine is None
+            continue
+        assert mine is not None and set(mine) == set(theirs_read)
+        start = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
+        for name, t in mine.items():
+            assert t.dtype == theirs_read[name].dtype and t.shape == theirs_read[name].shape, name
+            assert torch.equal(raw(t), raw(theirs_read[name])), name
+            assert not t.numel() or start <= t.data_ptr() < start + len(buf), name  # a view, not a copy
+
+
+def _st(header: Any, data: bytes = b"", length: int | None = None) -> bytearray:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return bytearray((len(raw) if length is None else length).to_bytes(8, "little") + raw + data)
+
+
+F4 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+@pytest.mark.parametrize("buf", [
+    bytearray(b"\x01\x00"),                                               # shorter than the length field
+    _st({"a": F4}, bytes(8), length=10**9),                              # a header longer than the file
+    _st(b"{not json", bytes(8)),
+    _st(b'{"a": ' + json.dumps(F4).encode() + b', "a": ' + json.dumps(F4).encode() + b"}", bytes(8)),  # twice
+    _st([1, 2], bytes(8)),                                               # not an object
+    _st({"a": {"dtype": 7, "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+    _st({"a": {**F4, "shape": [-2]}}, bytes(8)),
+    _st({"a": {**F4, "shape": [2.0]}}, bytes(8)),
+    _st({"a": {**F4, "data_offsets": [0, 16]}}, bytes(8)),                # past the end of the data
+    _st({"a": {**F4, "data_offsets": [0, 4]}}, bytes(8)),                 # smaller than its shape
+    _st({"a": F4, "b": F4}, bytes(8)),                                   # two tensors on the same bytes
+    _st({"a": {**F4, "data_offsets": [8, 16]}}, bytes(16)),               # a gap before the first
+    _st({"a": F4}, bytes(12)),                                           # bytes after the last
+    _st({"a": F4, "__metadata__": [1]}, bytes(8)),
+], ids=["short", "long-header", "not-json", "duplicate", "array", "dtype-type", "negative-shape", "float-shape",
+        "past-end", "too-small", "overlap", "gap", "trailing", "metadata"])
+def test_malformed_safetensors_headers_are_corrupt_artifacts(buf: bytearray) -> None:
+    require("torch")
+    from mlpersist.adapters.torch import read_safetensors
+    from mlpersist.errors import CorruptArtifactError
+
+    with pytest.raises(CorruptArtifactError, match="not valid safetensors"):
+        read_safetensors(buf, "weights.safetensors")
+
+
+def test_weights_rewritten_in_place_during_or_after_the_load_do_not_change_the_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tensors view the bytes that were hashed, not the file: a writer racing the check, or writing
+    while the model is in use, changes the file only (safetensors' own loader maps the file, whose
+    pages would follow such a write)."""
+    torch = require("torch")
+    from mlpersist import _storage
+
+    torch.manual_seed(0)
+    model = tm().MLP(4, hidden=8).eval()
+    save_any(model, tmp_path / "m")
+    weights = tmp_path / "m" / "weights.safetensors"
+    n = int.from_bytes(weights.read_bytes()[:8], "little")
+    real = _storage.hash_file
+
+    def zero_data(path: Path) -> None:
+        with open(path, "r+b") as w:  # in place: the same inode, same size
+            w.seek(8 + n)
+            w.write(bytes(path.stat().st_size - 8 - n))
+
+    def check_then_rewrite(f: Any, size: int, algo: str | None = None, **kw: Any) -> Any:
+        out = real(f, size, algo, **kw)
+        if size == weights.stat().st_size and kw.get("whole"):
+            zero_data(weights)  # right after the check, before torch reads a byte
+        return out
+
+    monkeypatch.setattr(_storage, "hash_file", check_then_rewrite)
+    loaded = load_any(tmp_path / "m")
+    monkeypatch.undo()
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    assert not any(weights.read_bytes()[8 + n:])  # the file was zeroed meanwhile
+    save_any(model, tmp_path / "m2")
+    again = load_any(tmp_path / "m2")
+    zero_data(tmp_path / "m2" / "weights.safetensors")  # while the model is in use
+    for name, t in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], t), name
 
 
 def test_requires_grad_is_kept_and_the_model_comes_back_in_eval_mode(tmp_path: Path) -> None:

@@ -59,6 +59,17 @@ def test_a_large_file_hashes_the_same_mapped_as_read(tmp_path: Path, algo: str) 
         assert _digest.hash_fd(fd, len(data) + 1, algo) == expected
     finally:
         os.close(fd)
+    with open(tmp_path / "big", "rb") as f:  # a large file is hashed where it lies unless kept whole
+        digest, same = _digest.hash_file(f, len(data), algo)
+        assert digest == expected and same is f
+    with open(tmp_path / "big", "rb") as f:
+        digest, kept = _digest.hash_file(f, len(data), algo, whole=True)
+        assert digest == expected and isinstance(kept, _digest.Checked) and kept.data == data
+        (tmp_path / "big").write_bytes(bytes(len(data)))  # rewritten after the check: the kept bytes stay
+        assert kept.read(10) == data[:10] and kept.seek(-5, os.SEEK_END) and kept.read() == data[-5:]
+        assert kept.fileno() == f.fileno()
+        kept.close()
+        assert f.closed
 
 
 @pytest.mark.parametrize("where", [0, 512, -1], ids=["first", "middle", "last"])
@@ -101,8 +112,8 @@ def test_a_small_payload_rewritten_in_place_after_its_check_does_not_change_what
     assert tampered != original and len(tampered) == len(original)
     real = _storage.hash_file
 
-    def check_then_rewrite(f: Any, size: int, algo: str | None = None) -> Any:
-        out = real(f, size, algo)
+    def check_then_rewrite(f: Any, size: int, algo: str | None = None, **kw: Any) -> Any:
+        out = real(f, size, algo, **kw)
         if os.fstat(f.fileno()).st_ino == params.stat().st_ino:
             with open(params, "r+b") as w:  # in place: same inode, the handle already open sees it
                 w.write(tampered)
