@@ -280,6 +280,7 @@ ManifestCheck = Callable[[Manifest, Callable[[str], bytes]], bool]
 
 
 WholeFiles = Callable[[Manifest], Collection[str]]
+_ATTEMPTS = 20  # at most ~0.2 s of pauses in all
 
 
 def open_artifact(root: Path, *, verify: bool, check_manifest: ManifestCheck | None = None,
@@ -289,16 +290,21 @@ def open_artifact(root: Path, *, verify: bool, check_manifest: ManifestCheck | N
     `whole(manifest)` names the files to read whole into memory as they are hashed, whatever their
     size (`hash_file`); files under 16 MiB always are.
     """
-    for _ in range(5):
+    for attempt in range(_ATTEMPTS):
         try:
             return _open_once(root, verify=verify, check_manifest=check_manifest, whole=whole)
         except _Swapped:
-            continue
+            # replaced while we opened it: try again, after a short random pause that grows, so that
+            # readers of a model saved in a loop do not keep meeting the writer's swap in step with it
+            import random  # here: only readers that met a swap need it
+
+            time.sleep(random.uniform(0, 0.001 * attempt))
         except ArtifactNotFoundError:
             if not _replacing(root):
                 raise
             time.sleep(0.05)  # a non-atomic overwrite (no renameat2) is between its two renames
-    raise CorruptArtifactError(f"{root} kept changing while it was read (a writer saving in a loop?); try again")
+    raise CorruptArtifactError(f"{root} kept changing while it was read ({_ATTEMPTS} times: a writer saving in "
+                               "a loop?); try again")
 
 
 def _open_once(root: Path, *, verify: bool, check_manifest: ManifestCheck | None,
