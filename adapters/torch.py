@@ -375,8 +375,8 @@ _ST_TORCH = {code: dtype for dtype, code in _ST_DTYPES.items()}
 _MAX_HEADER = 100_000_000  # safetensors' own limit
 
 
-def read_safetensors(buf: bytearray, what: str) -> dict[str, torch.Tensor] | None:
-    """The tensors of the safetensors file held in `buf`, as views of it (no copy); None for an unknown dtype.
+def read_safetensors(buf: Any, what: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of the safetensors file in `buf` (writable bytes), as views of it; None for an unknown dtype.
 
     The header is checked as strictly as safetensors' own reader does: a JSON object of at most
     100 MB without duplicate names, known dtypes, shapes of non-negative integers, and data offsets

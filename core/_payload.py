@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ._policy import TrustPolicy
 from .errors import CorruptArtifactError
+
+if TYPE_CHECKING:
+    import mmap
 
 
 class Payload:
@@ -47,11 +50,13 @@ class Payload:
         """Return the whole content of `name`."""
         return self.open(name).read()
 
-    def checked_bytes(self, name: str) -> bytearray | None:
+    def checked_bytes(self, name: str) -> bytearray | mmap.mmap | None:
         """The very bytes that were hashed, if the core kept them, else None.
 
         The core keeps every file under 16 MiB, and any file the adapter names in its `read_whole`
-        class attribute (torch: its safetensors files, whose tensors then view these bytes). Read from
+        class attribute (torch: its safetensors files, whose tensors then view these bytes): a
+        `bytearray`, or for a large file on Linux a private mapping whose pages were all copied in
+        (writable, and no longer tied to the file). Read from
         them and a writer that rewrites the file after the check changes nothing that is loaded;
         `open` and `read_bytes` serve them too. Other large files are read where they lie.
         """

@@ -202,13 +202,18 @@ def test_malformed_safetensors_headers_are_corrupt_artifacts(buf: bytearray) -> 
         read_safetensors(buf, "weights.safetensors")
 
 
+@pytest.mark.parametrize("large", [False, True], ids=["read-into-memory", "private-mapping"])
 def test_weights_rewritten_in_place_during_or_after_the_load_do_not_change_the_model(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        large: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tensors view the bytes that were hashed, not the file: a writer racing the check, or writing
     while the model is in use, changes the file only (safetensors' own loader maps the file, whose
-    pages would follow such a write)."""
+    pages would follow such a write). `large`: the path of files of 16 MiB or more (a private mapping
+    copied in whole), taken here by lowering the threshold."""
     torch = require("torch")
-    from mlpersist import _storage
+    from mlpersist import _digest, _storage
+
+    if large:
+        monkeypatch.setattr(_digest, "_MAP_BYTES", 512)
 
     torch.manual_seed(0)
     model = tm().MLP(4, hidden=8).eval()
@@ -230,13 +235,14 @@ def test_weights_rewritten_in_place_during_or_after_the_load_do_not_change_the_m
 
     monkeypatch.setattr(_storage, "hash_file", check_then_rewrite)
     loaded = load_any(tmp_path / "m")
-    monkeypatch.undo()
+    monkeypatch.setattr(_storage, "hash_file", real)
     for name, t in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
     assert not any(weights.read_bytes()[8 + n:])  # the file was zeroed meanwhile
     save_any(model, tmp_path / "m2")
     again = load_any(tmp_path / "m2")
-    zero_data(tmp_path / "m2" / "weights.safetensors")  # while the model is in use
+    w2 = tmp_path / "m2" / "weights.safetensors"
+    w2.write_bytes(bytes(w2.stat().st_size))  # while the model is in use: truncated and rewritten (same inode)
     for name, t in model.state_dict().items():
         assert torch.equal(again.state_dict()[name], t), name
 
