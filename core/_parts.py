@@ -156,7 +156,7 @@ def read_whole(manifest: Manifest) -> frozenset[str]:
 def whole_names(adapter: str) -> tuple[str, ...]:
     """The `read_whole` payload names of an adapter.
 
-    None for a core part, or an adapter that cannot be had here (not registered, framework missing:
+    Empty for a core part, or an adapter that cannot be had here (not registered, framework missing:
     the load itself reports that).
     """
     if adapter in (BUNDLE, JSON_PART) or _registry.get_spec(adapter) is None:
