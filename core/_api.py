@@ -100,7 +100,8 @@ def write_artifact(root: Path, *, overwrite: bool, metadata: Any, fill: Callable
 def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iterable[str] = (),
              verify: bool = True, strict: bool = False, digest: str | None = None,
              public_key: KeySource | Iterable[KeySource] | None = None, check: bool | float = False,
-             storage_options: Mapping[str, Any] | None = None, progress: bool | None = None, **options: Any) -> Any:
+             storage_options: Mapping[str, Any] | None = None, progress: bool | None = None, mmap: bool = False,
+             **options: Any) -> Any:
     """Load the model saved at `path` (an artifact directory, or a model file saved without mlpersist).
 
     Args:
@@ -117,6 +118,10 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
             tolerance (1e-5, relative to max(1, |stored value|)), or a float tolerance (0.0: bit for bit).
         storage_options: for a URL, passed to fsspec (credentials, `endpoint_url`, ...).
         progress: a progress bar on stderr for a download; default: on a terminal, above 16 MiB.
+        mmap: map the large files an adapter otherwise copies into memory as it checks them (torch
+            weights) instead: faster, and the pages stay page cache the kernel can reclaim, but the model
+            then follows the file: a later write to it changes the weights, a truncation crashes the
+            process (SIGBUS). Only for files nothing modifies while they are in use.
         **options: passed to the adapter; for a bundle, `parts={key: {option: value}}`.
 
     Returns:
@@ -136,7 +141,8 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
     """
     model, report, tolerance = load_with_report(path, trusted=trusted, allow=allow, verify=verify, strict=strict,
                                                 digest=digest, public_key=public_key, check=check,
-                                                storage_options=storage_options, progress=progress, **options)
+                                                storage_options=storage_options, progress=progress, mmap=mmap,
+                                                **options)
     if tolerance is not None:
         if not report:
             raise PersistError(f"{path}: check=True, but it was saved without example= (nothing to rerun); "
@@ -151,7 +157,7 @@ def load_with_report(path: str | os.PathLike[str], *, trusted: bool = False, all
                      verify: bool = True, strict: bool = False, digest: str | None = None,
                      public_key: KeySource | Iterable[KeySource] | None = None, check: bool | float = False,
                      storage_options: Mapping[str, Any] | None = None, progress: bool | None = None,
-                     **options: Any) -> tuple[Any, list[_example.Diff], float | None]:
+                     mmap: bool = False, **options: Any) -> tuple[Any, list[_example.Diff], float | None]:
     """`load_any`, returning also the comparison of each stored example output and the tolerance used."""
     from . import _signing  # only loads need it: keeps `import mlpersist` light
 
@@ -159,25 +165,27 @@ def load_with_report(path: str | os.PathLike[str], *, trusted: bool = False, all
     where = _where(path, storage_options)
     keys = _signing.load_public_keys(public_key)
     policy = TrustPolicy.of(trusted, allow)
+    whole = None if mmap else _parts.read_whole
     if not isinstance(where, Path):
         from . import _remote
 
         try:
             opened = _remote.open_remote(where, verify=verify, check_manifest=_signing.checker(digest, keys),
-                                         progress=progress, whole=_parts.read_whole)
+                                         progress=progress, whole=whole)
         except ArtifactNotFoundError:
             with _remote.bare_file(where, progress) as local:  # a model file saved without mlpersist, at a URL
                 if local is None:
                     raise
-                return _load_bare(local, policy, digest=digest, signed_required=bool(keys), **options), [], tolerance
+                return _load_bare(local, policy, digest=digest, signed_required=bool(keys), mmap=mmap,
+                                  **options), [], tolerance
         return _load_opened(opened, policy, strict, tolerance, options)
     root = where
     if root.is_file():
-        model = _load_bare(root, policy, digest=digest, signed_required=bool(keys), **options)
+        model = _load_bare(root, policy, digest=digest, signed_required=bool(keys), mmap=mmap, **options)
         return model, [], tolerance
     try:
         opened = _storage.open_artifact(root, verify=verify, check_manifest=_signing.checker(digest, keys),
-                                        whole=_parts.read_whole)
+                                        whole=whole)
     except ArtifactNotFoundError:
         if not root.is_dir() or (root / MANIFEST_NAME).exists():
             raise
@@ -266,8 +274,8 @@ def verify(path: str | os.PathLike[str], *, digest: str | None = None,
         _storage.open_artifact(where, verify=True, check_manifest=check).close()
 
 
-def _bare_manifest(path: Path, source: str | None = None,
-                   pinned: str | None = None) -> tuple[Manifest, BinaryIO]:
+def _bare_manifest(path: Path, source: str | None = None, pinned: str | None = None,
+                   mmap: bool = False) -> tuple[Manifest, BinaryIO]:
     """Describe a bare model file as an artifact of one payload file, opened once (hashed as `pinned` is)."""
     algo = algorithm_of(pinned) if pinned else None
     if algo is not None and algo not in HEX_LENGTHS:
@@ -282,7 +290,7 @@ def _bare_manifest(path: Path, source: str | None = None,
         if not stat.S_ISREG(st.st_mode):
             raise CorruptArtifactError(f"{path} is not a regular file")
         # a small file, or one its adapter keeps whole, is then read from the bytes hashed
-        digest, f = hash_file(f, st.st_size, algo, whole=payload_name in _parts.whole_names(name))
+        digest, f = hash_file(f, st.st_size, algo, whole=not mmap and payload_name in _parts.whole_names(name))
         entry = FileEntry(st.st_size, digest)
         manifest = Manifest(FORMAT_VERSION, name, fmt, "unknown:unknown", spec.package, "unknown",
                             {payload_name: entry}, {}, _now(), _parts.mlpersist_version(),
@@ -293,12 +301,12 @@ def _bare_manifest(path: Path, source: str | None = None,
     return Manifest.from_json(manifest.to_json()), f
 
 
-def _load_bare(path: Path, policy: TrustPolicy, *, digest: str | None, signed_required: bool,
+def _load_bare(path: Path, policy: TrustPolicy, *, digest: str | None, signed_required: bool, mmap: bool,
                **options: Any) -> Any:
     if signed_required:
         raise SignatureError(str(path), "an artifact signed by a configured key",
                              "a bare file, which carries no signature (wrap it in an artifact and sign that)")
-    manifest, f = _bare_manifest(path, pinned=digest)
+    manifest, f = _bare_manifest(path, pinned=digest, mmap=mmap)
     try:
         (payload_name,) = manifest.files
         if digest is not None and manifest.files[payload_name].digest != digest:

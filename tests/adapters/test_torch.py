@@ -387,3 +387,26 @@ def test_program_formats_need_trust_and_load_without_the_source(fmt: str, tmp_pa
     """, env={"PYTHONPATH": str(Path(__file__).parents[1])})
     with torch.no_grad():
         assert float(proc.stdout) == pytest.approx(model(x).sum().item(), rel=1e-6)
+
+
+def test_mmap_true_maps_large_weights_and_the_model_then_follows_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented trade of `load_any(mmap=True)`: no copy, and a write to the file reaches the model."""
+    torch = require("torch")
+    from mlpersist import _digest
+
+    monkeypatch.setattr(_digest, "_MAP_BYTES", 512)  # these weights count as large (the 16 MiB rule)
+    torch.manual_seed(0)
+    model = tm().MLP(4, hidden=8).eval()
+    save_any(model, tmp_path / "m")
+    mapped, copied = load_any(tmp_path / "m", mmap=True), load_any(tmp_path / "m")
+    for loaded in (mapped, copied):
+        for name, t in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], t), name
+    weights = tmp_path / "m" / "weights.safetensors"
+    n = int.from_bytes(weights.read_bytes()[:8], "little")
+    with open(weights, "r+b") as w:  # in place, no truncation
+        w.seek(8 + n)
+        w.write(bytes(weights.stat().st_size - 8 - n))
+    assert not mapped.l1.weight.any()  # mapped: the weights followed the file
+    assert torch.equal(copied.l1.weight, model.l1.weight)  # the default: its own copy
