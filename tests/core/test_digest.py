@@ -62,6 +62,8 @@ def test_a_large_file_hashes_the_same_mapped_as_read(tmp_path: Path, algo: str) 
     with open(tmp_path / "big", "rb") as f:  # a large file is hashed where it lies unless kept whole
         digest, same = _digest.hash_file(f, len(data), algo)
         assert digest == expected and same is f
+    with open(tmp_path / "big", "rb") as f:  # shorter than declared, kept whole: hashed as it is, no crash
+        assert _digest.hash_file(f, len(data) + 1, algo, whole=True)[0] == expected
     with open(tmp_path / "big", "rb") as f:
         digest, kept = _digest.hash_file(f, len(data), algo, whole=True)
         assert digest == expected and isinstance(kept, _digest.Checked) and kept.data[:] == data
