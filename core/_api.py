@@ -275,8 +275,12 @@ def verify(path: str | os.PathLike[str], *, digest: str | None = None,
 
 
 def _bare_manifest(path: Path, source: str | None = None, pinned: str | None = None,
-                   mmap: bool = False) -> tuple[Manifest, BinaryIO]:
-    """Describe a bare model file as an artifact of one payload file, opened once (hashed as `pinned` is)."""
+                   whole: Callable[[str], tuple[str, ...]] | None = None) -> tuple[Manifest, BinaryIO]:
+    """Describe a bare model file as an artifact of one payload file, opened once (hashed as `pinned` is).
+
+    `whole(adapter)`: the payload names that adapter keeps whole (`_parts.whole_names`), asked by loads
+    only, since it imports the adapter (`inspect` imports no framework).
+    """
     algo = algorithm_of(pinned) if pinned else None
     if algo is not None and algo not in HEX_LENGTHS:
         raise PersistError(f"digest={pinned!r}: a bare file's pinned digest is one of "
@@ -290,7 +294,7 @@ def _bare_manifest(path: Path, source: str | None = None, pinned: str | None = N
         if not stat.S_ISREG(st.st_mode):
             raise CorruptArtifactError(f"{path} is not a regular file")
         # a small file, or one its adapter keeps whole, is then read from the bytes hashed
-        digest, f = hash_file(f, st.st_size, algo, whole=not mmap and payload_name in _parts.whole_names(name))
+        digest, f = hash_file(f, st.st_size, algo, whole=whole is not None and payload_name in whole(name))
         entry = FileEntry(st.st_size, digest)
         manifest = Manifest(FORMAT_VERSION, name, fmt, "unknown:unknown", spec.package, "unknown",
                             {payload_name: entry}, {}, _now(), _parts.mlpersist_version(),
@@ -306,7 +310,7 @@ def _load_bare(path: Path, policy: TrustPolicy, *, digest: str | None, signed_re
     if signed_required:
         raise SignatureError(str(path), "an artifact signed by a configured key",
                              "a bare file, which carries no signature (wrap it in an artifact and sign that)")
-    manifest, f = _bare_manifest(path, pinned=digest, mmap=mmap)
+    manifest, f = _bare_manifest(path, pinned=digest, whole=None if mmap else _parts.whole_names)
     try:
         (payload_name,) = manifest.files
         if digest is not None and manifest.files[payload_name].digest != digest:

@@ -78,7 +78,7 @@ class Cache:
         algo, _, hexpart = digest.partition(":")
         return self.root / "blobs" / algo / hexpart
 
-    def open(self, digest: str, size: int, *, verify: bool) -> BinaryIO | None:
+    def open(self, digest: str, size: int, *, verify: bool, whole: bool = False) -> BinaryIO | None:
         """The cached blob, opened, or None if absent (or damaged: then it is removed)."""
         path = self.path(digest)
         try:
@@ -87,8 +87,8 @@ class Cache:
             return None
         st = os.fstat(f.fileno())
         found = digest
-        if st.st_size == size and verify:  # a small blob is then read from the bytes hashed
-            found, f = hash_file(f, size, algorithm_of(digest))
+        if st.st_size == size and verify:  # a small or `whole` blob is then read from the bytes hashed
+            found, f = hash_file(f, size, algorithm_of(digest), whole=whole)
         if st.st_size != size or found != digest:
             f.close()
             with contextlib.suppress(OSError):

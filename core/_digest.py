@@ -82,7 +82,7 @@ def hash_fd(fd: int, size: int, algo: str | None = None) -> str:
     offset = 0
     while offset < size:
         want = buf[: min(len(buf), size - offset)]
-        n = os.preadv(fd, [want], offset) if hasattr(os, "preadv") else _pread_into(fd, want, offset)
+        n = _pread(fd, want, offset)
         if n <= 0:
             break  # shorter than declared: the digest will not match
         h.update(want[:n])
@@ -110,8 +110,7 @@ def hash_file(f: BinaryIO, size: int, algo: str | None = None, *, whole: bool = 
     got = 0
     with memoryview(data) as view:
         while got < size:  # hash each chunk as it arrives, while it is in the CPU cache
-            n = os.preadv(f.fileno(), [view[got:got + _CHUNK * 4]], got) if hasattr(os, "preadv") else \
-                _pread_into(f.fileno(), view[got:got + _CHUNK * 4], got)
+            n = _pread(f.fileno(), view[got:got + _CHUNK * 4], got)
             if n <= 0:
                 break  # shorter than declared: hashed as it is, the digest will not match
             h.update(view[got:got + n])
@@ -152,7 +151,7 @@ def _private_copy(fd: int, size: int, algo: str) -> tuple[str, mmap.mmap] | None
                 populate[0] = False  # an older kernel: the reads fault the pages in instead
         got = 0
         while got < length:
-            n = os.preadv(fd, [view[offset + got:offset + length]], offset + got)
+            n = _pread(fd, view[offset + got:offset + length], offset + got)
             if n <= 0:
                 return False  # shorter than declared
             got += n
@@ -209,7 +208,7 @@ class Checked(io.BufferedReader):
     It owns the file: closing it (or dropping it) closes the file too.
     """
 
-    def __init__(self, data: bytearray | mmap.mmap, file: BinaryIO) -> None:  # a buffer or a private mapping
+    def __init__(self, data: bytearray | mmap.mmap, file: BinaryIO) -> None:  # a buffer or an anonymous copy
         super().__init__(_Memory(data), buffer_size=1 << 20)
         self.data, self.file = data, file
 
@@ -230,7 +229,10 @@ def algorithm_of(digest: str) -> str:
     return digest.partition(":")[0]
 
 
-def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+def _pread(fd: int, view: memoryview, offset: int) -> int:
+    """Read into `view` from `offset` of `fd`, without a copy where the platform has preadv; bytes read."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
     data = os.pread(fd, len(view), offset)
     view[: len(data)] = data
     return len(data)

@@ -65,8 +65,7 @@ def _declared(name: str) -> _registry.AdapterSpec:
         cls = type(_registry.get_adapter(name))
     except PersistError:
         return spec
-    return spec.replace(sniff=tuple(getattr(cls, "sniff", ())),
-                               suffixes=tuple(getattr(cls, "suffixes", ())))
+    return spec.replace(sniff=tuple(getattr(cls, "sniff", ())), suffixes=tuple(getattr(cls, "suffixes", ())))
 
 
 def _match(path: Path, head: bytes, specs: list[tuple[str, _registry.AdapterSpec]]) -> tuple[str, str, str] | None:

@@ -15,7 +15,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -133,8 +133,8 @@ def open_remote(store: Store, *, verify: bool, check_manifest: ManifestCheck | N
                 progress: bool | None = None, whole: WholeFiles | None = None) -> Opened:
     """Read the manifest, take each payload file from the cache or download it into the cache, checked.
 
-    The files `whole(manifest)` names are then read whole into memory and hashed once more there
-    (`hash_file`), so the adapter gets the bytes that were checked.
+    The files `whole(manifest)` names are read whole into memory as they are checked (`hash_file`), so
+    the adapter gets the bytes that were checked.
     """
     cache = Cache()
     for _ in range(5):
@@ -145,24 +145,13 @@ def open_remote(store: Store, *, verify: bool, check_manifest: ManifestCheck | N
         signed = check_manifest is not None and check_manifest(
             manifest, lambda name: _read_small(store, name, missing_ok=True))
         try:
-            handles = _fetch(store, cache, manifest, verify=verify, progress=progress)
+            kept = whole(manifest) if whole is not None else ()
+            handles = _fetch(store, cache, manifest, verify=verify, progress=progress, kept=kept)
         except _Gone as gone:
             if _read_small(store, MANIFEST_NAME, missing_ok=True) != raw:
                 continue  # replaced while we read: load the new one
             entry = manifest.files[str(gone)]
             raise IntegrityError(str(gone), f"a blob of {entry.size} bytes", "no such object in the store") from None
-        try:
-            kept = whole(manifest) if whole is not None and verify else ()
-            for name, entry in manifest.files.items():
-                if name not in kept:
-                    continue
-                digest, handles[name] = hash_file(handles[name], entry.size, algorithm_of(entry.digest), whole=True)
-                if digest != entry.digest:
-                    raise IntegrityError(name, entry.digest, digest)
-        except BaseException:
-            for f in handles.values():
-                f.close()
-            raise
         view = Path(tempfile.mkdtemp(dir=cache.tmp, prefix="view-"))
         for name, entry in manifest.files.items():  # a tree of the payload names, for formats read by path
             (view / name).parent.mkdir(parents=True, exist_ok=True)
@@ -171,13 +160,18 @@ def open_remote(store: Store, *, verify: bool, check_manifest: ManifestCheck | N
     raise CorruptArtifactError(f"{store.url} kept changing while it was read (a writer saving in a loop?); try again")
 
 
-def _fetch(store: Store, cache: Cache, manifest: Manifest, *, verify: bool,
-           progress: bool | None) -> dict[str, BinaryIO]:
+def _fetch(store: Store, cache: Cache, manifest: Manifest, *, verify: bool, progress: bool | None,
+           kept: Collection[str] = ()) -> dict[str, BinaryIO]:
+    """Every payload file opened from the cache (checked there with `verify`) or downloaded into it.
+
+    A `kept` file is served from the bytes hashed: checked as it is read whole from the cache, or, when
+    it was just downloaded (checked as it streamed), read whole and checked once more.
+    """
     handles: dict[str, BinaryIO] = {}
     try:
         missing = {}
         for name, entry in manifest.files.items():
-            f = cache.open(entry.digest, entry.size, verify=verify)
+            f = cache.open(entry.digest, entry.size, verify=verify, whole=name in kept)
             if f is None:
                 missing[name] = entry
             else:
@@ -186,6 +180,11 @@ def _fetch(store: Store, cache: Cache, manifest: Manifest, *, verify: bool,
         try:
             for name, entry in missing.items():
                 handles[name] = _download(store, cache, name, entry, bar.update)
+                if verify and name in kept:
+                    digest, handles[name] = hash_file(handles[name], entry.size, algorithm_of(entry.digest),
+                                                      whole=True)
+                    if digest != entry.digest:  # changed on this disk since the download's check
+                        raise IntegrityError(name, entry.digest, digest)
         finally:
             bar.close()
         if missing:  # the cache grew: trim it (a load served from the cache leaves it as it was)

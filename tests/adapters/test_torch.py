@@ -410,3 +410,15 @@ def test_mmap_true_maps_large_weights_and_the_model_then_follows_the_file(
         w.write(bytes(weights.stat().st_size - 8 - n))
     assert not mapped.l1.weight.any()  # mapped: the weights followed the file
     assert torch.equal(copied.l1.weight, model.l1.weight)  # the default: its own copy
+
+
+def test_inspecting_a_bare_safetensors_file_imports_no_framework(tmp_path: Path) -> None:
+    torch = require("torch")
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(3)}, tmp_path / "w.safetensors")
+    out = run_python(f"""
+        import sys, mlpersist
+        print(mlpersist.inspect({str(tmp_path / 'w.safetensors')!r}).adapter, "torch" in sys.modules)
+    """)
+    assert out.stdout.split() == ["torch", "False"], out.stdout + out.stderr
