@@ -126,7 +126,7 @@ def test_weights_are_standard_safetensors_aligned_and_equal_to_save_file(extra: 
     torch = require("torch")
     from safetensors.torch import load_file, save_file
 
-    from mlpersist.adapters.torch import write_safetensors
+    from mlpersist.adapters._safetensors import write_safetensors
 
     g = torch.Generator().manual_seed(0)
     tensors = {f"t.{dt}": (torch.randn(3, 5, generator=g) * 50).to(getattr(torch, dt))
@@ -152,7 +152,7 @@ def test_weights_are_standard_safetensors_aligned_and_equal_to_save_file(extra: 
     for name, entry in json.loads(data[8:8 + n]).items():
         assert entry["data_offsets"][0] % tensors[name].element_size() == 0, name
     # mlpersist's reader: views of the checked bytes, equal to safetensors' own reading of both files
-    from mlpersist.adapters.torch import read_safetensors
+    from mlpersist.adapters._safetensors import read_safetensors
 
     for which, theirs_read in (("ours", ours), ("theirs", theirs)):
         buf = bytearray((tmp_path / f"{which}.safetensors").read_bytes())
@@ -195,7 +195,7 @@ F4 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
         "past-end", "too-small", "overlap", "gap", "trailing", "metadata"])
 def test_malformed_safetensors_headers_are_corrupt_artifacts(buf: bytearray) -> None:
     require("torch")
-    from mlpersist.adapters.torch import read_safetensors
+    from mlpersist.adapters._safetensors import read_safetensors
     from mlpersist.errors import CorruptArtifactError
 
     with pytest.raises(CorruptArtifactError, match="not valid safetensors"):
