@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from ._digest import algorithm_of, hash_file, new
+from . import _digest
+from ._digest import Checked, algorithm_of, hash_file, new
 from .errors import IntegrityError, PersistError
 
 DEFAULT_MAX_BYTES = 10 << 30
@@ -21,11 +22,12 @@ Reader = Callable[[], BinaryIO]  # opens the remote object for reading
 
 
 def pump(src: BinaryIO, dst: BinaryIO | None, update: Callable[[int], None],
-         algo: str | None = None) -> tuple[int, str]:
+         algo: str | None = None, keep: bytearray | None = None) -> tuple[int, str]:
     """Copy `src` to `dst` (None: only read it) in 4 MiB chunks, telling `update` each chunk's size.
 
     Every transfer to or from a store goes through here; with `algo`, the bytes are hashed on the way
-    (no second read). Returns the byte count and `<algo>:<hex>` (empty without `algo`).
+    (no second read), and `keep` collects them. Returns the byte count and `<algo>:<hex>` (empty
+    without `algo`).
     """
     h = new(algo) if algo else None
     got = 0
@@ -34,6 +36,8 @@ def pump(src: BinaryIO, dst: BinaryIO | None, update: Callable[[int], None],
             h.update(chunk)
         if dst is not None:
             dst.write(chunk)
+        if keep is not None:
+            keep += chunk
         got += len(chunk)
         update(len(chunk))
     return got, f"{algo}:{h.hexdigest()}" if h is not None else ""
@@ -99,17 +103,23 @@ class Cache:
         return f
 
     def fetch(self, digest: str, size: int, reader: Reader, progress: Callable[[int], None]) -> BinaryIO:
-        """Download a blob through `reader`, check its size and digest, store it, return it opened."""
+        """Download a blob through `reader`, check its size and digest, store it, return it opened.
+
+        A blob under 16 MiB is returned as the very bytes that were checked (kept in memory as they
+        streamed), as a local small file is: a later write to the cached file cannot reach the load.
+        """
         algo = algorithm_of(digest)
+        kept = bytearray() if size < _digest._MAP_BYTES else None
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix=f"{os.getpid()}-")
         try:
             with os.fdopen(fd, "wb") as out, reader() as src:
-                got, found = pump(src, out, progress, algo)
+                got, found = pump(src, out, progress, algo, kept)
                 out.flush()
                 os.fsync(out.fileno())
             if got != size or found != digest:
                 raise IntegrityError(digest, f"{size} bytes with digest {digest}", f"{got} bytes with digest {found}")
-            return self.adopt(Path(tmp_name), digest)
+            f = self.adopt(Path(tmp_name), digest)
+            return f if kept is None else Checked(kept, f)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ._cache import Cache, pump
-from ._digest import algorithm_of, hash_file
+from ._digest import Checked, algorithm_of, hash_file
 from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, RESERVED_NAMES, FileEntry, Manifest
 from ._progress import Progress
 from ._record import Record
@@ -164,8 +164,9 @@ def _fetch(store: Store, cache: Cache, manifest: Manifest, *, verify: bool, prog
            kept: Collection[str] = ()) -> dict[str, BinaryIO]:
     """Every payload file opened from the cache (checked there with `verify`) or downloaded into it.
 
-    A `kept` file is served from the bytes hashed: checked as it is read whole from the cache, or, when
-    it was just downloaded (checked as it streamed), read whole and checked once more.
+    A file under 16 MiB, and a `kept` one, is served from the bytes hashed: checked as it is read whole
+    from the cache, or, when just downloaded, kept in memory as it streamed and was checked (a large
+    `kept` one is read whole from the cache and checked once more).
     """
     handles: dict[str, BinaryIO] = {}
     try:
@@ -180,7 +181,7 @@ def _fetch(store: Store, cache: Cache, manifest: Manifest, *, verify: bool, prog
         try:
             for name, entry in missing.items():
                 handles[name] = _download(store, cache, name, entry, bar.update)
-                if verify and name in kept:
+                if verify and name in kept and not isinstance(handles[name], Checked):  # large: read it whole
                     digest, handles[name] = hash_file(handles[name], entry.size, algorithm_of(entry.digest),
                                                       whole=True)
                     if digest != entry.digest:  # changed on this disk since the download's check

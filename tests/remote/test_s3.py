@@ -135,6 +135,33 @@ def test_a_damaged_cache_file_is_fetched_again(s3: S3, bucket: str) -> None:
     f.close()
 
 
+def test_a_cache_file_rewritten_right_after_its_download_does_not_change_what_loads(
+        s3: S3, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytes checked as they streamed are the bytes loaded: a local writer that zeroes the cached
+    file in place the moment it lands (same size, same inode) changes the file, not the model."""
+    model, predict = sklearn_model()
+    url = f"s3://{bucket}/churn"
+    save_any(model, url, storage_options=s3.options)
+    _cache.Cache().evict(limit=0)
+    real, rewritten = _cache.Cache.adopt, []
+
+    def adopt_then_rewrite(self: _cache.Cache, file: Path, digest: str) -> Any:
+        f = real(self, file, digest)
+        path = self.path(digest)
+        os.chmod(path, 0o644)
+        with open(path, "r+b") as w:
+            w.write(bytes(path.stat().st_size))
+        rewritten.append(path)
+        return f
+
+    monkeypatch.setattr(_cache.Cache, "adopt", adopt_then_rewrite)
+    np.testing.assert_array_equal(predict(load_any(url, storage_options=s3.options)), predict(model))
+    (blob,) = rewritten
+    assert set(blob.read_bytes()) == {0}  # the rewrite did happen, before the adapter read anything
+    monkeypatch.undo()
+    np.testing.assert_array_equal(predict(load_any(url, storage_options=s3.options)), predict(model))  # refetched
+
+
 def test_a_tampered_blob_in_the_bucket_is_refused(s3: S3, bucket: str) -> None:
     model, _ = sklearn_model()
     url = f"s3://{bucket}/churn"
