@@ -36,6 +36,11 @@ class KerasAdapter:
     format_version: ClassVar[int] = 1
     dependencies: ClassVar[tuple[str, ...]] = ("keras", "tensorflow", "tensorflow-cpu", "torch", "jax", "numpy",
                                                "h5py")
+    # Keras reads only by path: it gets the very bytes whose config was vetted (a sealed in-memory copy;
+    # HDF5 wants a real path: a private temporary copy), so no write to the artifact between the check
+    # and Keras's read can slip it another config
+    read_by_path: ClassVar[tuple[str, ...]] = (_FILES["keras"],)
+    read_whole: ClassVar[tuple[str, ...]] = (_FILES["h5"],)
 
     def save(self, model: Any, dest: Path, *, format: str, **options: Any) -> Mapping[str, Any]:
         """`model.save(model.keras)`, or a one-way `model.export(...)` for serving."""
@@ -62,7 +67,7 @@ class KerasAdapter:
         config = _h5_config(payload.open(name)) if format == "h5" else _vet_zip(payload.open(name))
         if not trusted:
             vet_config(config, custom_objects or {}, legacy=format == "h5")
-        with _named_link(payload.local_path(name), name) as path:
+        with _keras_path(payload, name) as path:
             try:
                 return keras.models.load_model(path, custom_objects=custom_objects, compile=compile,
                                                safe_mode=not trusted)
@@ -294,12 +299,23 @@ def _json(raw: bytes, what: str) -> Any:
 
 
 @contextmanager
-def _named_link(path: Path, name: str) -> Iterator[str]:
-    """Keras picks its reader by file suffix: give the checked file (often /proc/self/fd/N) its proper name."""
-    if path.name == name:
+def _keras_path(payload: Payload, name: str) -> Iterator[str]:
+    """A path to the checked bytes of `name` under its own name (Keras picks its reader by suffix).
+
+    A .keras file: a link to `payload.local_path` (a sealed in-memory copy). HDF5 resolves the real
+    path of what it opens, which such a copy has not: an .h5 file's checked bytes are written to a
+    private temporary directory instead.
+    """
+    data = payload.checked_bytes(name) if name.endswith(".h5") else None
+    path = payload.local_path(name) if data is None else None
+    if path is not None and path.name == name:
         yield str(path)
         return
-    with tempfile.TemporaryDirectory(prefix="mlpersist-keras-") as tmp:
-        link = os.path.join(tmp, name)
-        os.symlink(path, link)
-        yield link
+    with tempfile.TemporaryDirectory(prefix="mlpersist-keras-") as tmp:  # mode 0700
+        target = os.path.join(tmp, name)
+        if data is None:
+            os.symlink(str(path), target)
+        else:
+            with open(target, "xb") as f:
+                f.write(data)
+        yield target

@@ -30,6 +30,8 @@ class TorchAdapter:
     # read whole into memory as they are checked: the tensors are views of those very bytes, which no
     # later write to the file can change (a mapped file's pages would follow it)
     read_whole: ClassVar[tuple[str, ...]] = ("weights.safetensors", "optimizer.safetensors")
+    # programs torch reads only by path (trusted loads): a sealed in-memory copy of the checked bytes
+    read_by_path: ClassVar[tuple[str, ...]] = tuple(_FILES.values())
 
     def save(self, model: Any, dest: Path, *, format: str, init_kwargs: Mapping[str, Any] | None = None,
              optimizer: Any = None, extra: Any = None, example: Any = None) -> Mapping[str, Any]:

@@ -275,7 +275,7 @@ def verify(path: str | os.PathLike[str], *, digest: str | None = None,
 
 
 def _bare_manifest(path: Path, source: str | None = None, pinned: str | None = None,
-                   whole: Callable[[str], tuple[str, ...]] | None = None) -> tuple[Manifest, BinaryIO]:
+                   whole: Callable[[str], Mapping[str, str]] | None = None) -> tuple[Manifest, BinaryIO]:
     """Describe a bare model file as an artifact of one payload file, opened once (hashed as `pinned` is).
 
     `whole(adapter)`: the payload names that adapter keeps whole (`_parts.whole_names`), asked by loads
@@ -294,7 +294,7 @@ def _bare_manifest(path: Path, source: str | None = None, pinned: str | None = N
         if not stat.S_ISREG(st.st_mode):
             raise CorruptArtifactError(f"{path} is not a regular file")
         # a small file, or one its adapter keeps whole, is then read from the bytes hashed
-        digest, f = hash_file(f, st.st_size, algo, whole=whole is not None and payload_name in whole(name))
+        digest, f = hash_file(f, st.st_size, algo, whole=whole(name).get(payload_name) if whole else None)
         entry = FileEntry(st.st_size, digest)
         manifest = Manifest(FORMAT_VERSION, name, fmt, "unknown:unknown", spec.package, "unknown",
                             {payload_name: entry}, {}, _now(), _parts.mlpersist_version(),

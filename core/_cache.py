@@ -82,7 +82,7 @@ class Cache:
         algo, _, hexpart = digest.partition(":")
         return self.root / "blobs" / algo / hexpart
 
-    def open(self, digest: str, size: int, *, verify: bool, whole: bool = False) -> BinaryIO | None:
+    def open(self, digest: str, size: int, *, verify: bool, whole: str | None = None) -> BinaryIO | None:
         """The cached blob, opened, or None if absent (or damaged: then it is removed)."""
         path = self.path(digest)
         try:

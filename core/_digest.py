@@ -90,18 +90,24 @@ def hash_fd(fd: int, size: int, algo: str | None = None) -> str:
     return f"{algo}:{h.hexdigest()}"
 
 
-def hash_file(f: BinaryIO, size: int, algo: str | None = None, *, whole: bool = False) -> tuple[str, BinaryIO]:
+def hash_file(f: BinaryIO, size: int, algo: str | None = None, *, whole: str | None = None) -> tuple[str, BinaryIO]:
     """Return `<algo>:<hex>` of the first `size` bytes of `f`, and the handle to read them from afterwards.
 
-    A file under 16 MiB, or any file with `whole` (an adapter that keeps the bytes as its model's
-    memory: torch weights), is read once into memory, hashed there, and the handle returned serves
-    exactly those bytes: a writer that changes the file after the check changes nothing that is
-    loaded through it. Another large file is hashed where it lies (`hash_fd`) and `f` is returned.
+    A file under 16 MiB, or any file with `whole`, is read once into memory, hashed there, and the
+    handle returned (a `Checked`) serves exactly those bytes: a writer that changes the file after the
+    check changes nothing that is loaded through it. `whole="memory"` is for an adapter that keeps
+    the bytes as its model's memory (torch weights: an anonymous copy); `whole="file"` for a file a
+    framework reads only by path (Keras: a sealed in-memory file, whose path `Checked.path()` gives).
+    Another large file is hashed where it lies (`hash_fd`) and `f` is returned.
     """
     algo = algo or algorithm()
     if size >= _MAP_BYTES and not whole:
         return hash_fd(f.fileno(), size, algo), f
     if size >= _MAP_BYTES:
+        if whole == "file":
+            named = _named_copy(f.fileno(), size, algo)
+            if named is not None:
+                return named[0], Checked(named[1], f, named=named[2])
         private = _private_copy(f.fileno(), size, algo)
         if private is not None:
             return private[0], Checked(private[1], f)
@@ -202,15 +208,99 @@ class _Memory(io.RawIOBase):
         return self._pos
 
 
+def _named_copy(fd: int, size: int, algo: str) -> tuple[str, mmap.mmap, int] | None:
+    """A copy of the file in a sealed in-memory file (memfd), its digest, and a read-only mapping of it.
+
+    For frameworks that read only by path: `/proc/self/fd/N` of the copy opens exactly the bytes that
+    were hashed, and its seals refuse any write, even through that path. A second thread copies the
+    next 64 MiB in the kernel (sendfile) while this one hashes the previous 64 MiB from the mapping.
+    None off Linux, or if the file is shorter than `size`: the caller copies it the other way.
+    """
+    if not hasattr(os, "memfd_create"):
+        return None
+    import mmap
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        named = os.memfd_create("mlpersist-checked", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError:
+        return None
+    step = _WINDOW * 4
+
+    def fill(offset: int) -> bool:  # in order, one at a time: the copy's own position follows `offset`
+        length, got = min(step, size - offset), 0
+        while got < length:
+            n = os.sendfile(named, fd, offset + got, length - got)
+            if n <= 0:
+                return False  # shorter than declared
+            got += n
+        return True
+
+    try:
+        os.ftruncate(named, size)
+        # private and read-only: it still sees the copy's pages, and does not block the write seal (EBUSY)
+        mapped = mmap.mmap(named, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        h = new(algo)
+        with memoryview(mapped) as view, ThreadPoolExecutor(1, thread_name_prefix="mlpersist-copy") as pool:
+            ahead = pool.submit(fill, 0)
+            for offset in range(0, size, step):
+                if not ahead.result():
+                    break
+                if offset + step < size:
+                    ahead = pool.submit(fill, offset + step)
+                h.update(view[offset:offset + step])
+            else:
+                _seal(named)
+                return f"{algo}:{h.hexdigest()}", mapped, named
+        mapped.close()
+    except (OSError, ValueError):
+        pass
+    os.close(named)
+    return None
+
+
+def _seal(named: int) -> None:
+    import fcntl
+
+    fcntl.fcntl(named, fcntl.F_ADD_SEALS,
+                fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+
+
+def _sealed_file(data: bytearray | mmap.mmap) -> int | None:
+    """A sealed in-memory file holding `data`, or None where there is none (off Linux)."""
+    if not hasattr(os, "memfd_create"):
+        return None
+    named = os.memfd_create("mlpersist-checked", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        with memoryview(data) as view:
+            done = 0
+            while done < len(view):
+                done += os.write(named, view[done:])
+        _seal(named)
+    except BaseException:
+        os.close(named)
+        raise
+    return named
+
+
 class Checked(io.BufferedReader):
     """The hashed bytes of a payload file, served from memory; `fileno()` and `name` are the file's.
 
-    It owns the file: closing it (or dropping it) closes the file too.
+    It owns the file (and its sealed copy, if any): closing it (or dropping it) closes them too.
     """
 
-    def __init__(self, data: bytearray | mmap.mmap, file: BinaryIO) -> None:  # a buffer or an anonymous copy
-        super().__init__(_Memory(data), buffer_size=1 << 20)
-        self.data, self.file = data, file
+    def __init__(self, data: bytearray | mmap.mmap, file: BinaryIO, named: int | None = None) -> None:
+        super().__init__(_Memory(data), buffer_size=1 << 20)  # a buffer, an anonymous copy, or a sealed file's
+        self.data, self.file, self._named = data, file, named
+
+    def path(self) -> str | None:
+        """A path that opens exactly these bytes, or None off Linux.
+
+        It is a sealed in-memory file: the copy itself, or one made on first use from bytes held otherwise.
+        """
+        if self._named is None:
+            self._named = _sealed_file(self.data)
+        return None if self._named is None else f"/proc/self/fd/{self._named}"
 
     @property
     def name(self) -> str:
@@ -222,6 +312,9 @@ class Checked(io.BufferedReader):
     def close(self) -> None:
         super().close()
         self.file.close()
+        if self._named is not None:
+            os.close(self._named)
+            self._named = None
 
 
 def algorithm_of(digest: str) -> str:

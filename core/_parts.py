@@ -144,27 +144,32 @@ def part_of(manifest: Manifest) -> Part:
                 manifest.framework_version, manifest.info, manifest.example, manifest.parts)
 
 
-def read_whole(manifest: Manifest) -> frozenset[str]:
-    """The payload files whose adapters keep them whole in memory (their `read_whole`), as manifest names.
+def read_whole(manifest: Manifest) -> dict[str, str]:
+    """The payload files whose adapters keep them whole, as manifest names, with how (see `whole_names`).
 
     Asked before the files are checked, so that these are hashed as they are read into memory.
     """
-    return frozenset(f"{part.dir}/{name}" if part.dir else name for part in walk(part_of(manifest))
-                     for name in whole_names(part.adapter))
+    return {f"{part.dir}/{name}" if part.dir else name: kind for part in walk(part_of(manifest))
+            for name, kind in whole_names(part.adapter).items()}
 
 
-def whole_names(adapter: str) -> tuple[str, ...]:
-    """The `read_whole` payload names of an adapter.
+def whole_names(adapter: str) -> dict[str, str]:
+    """An adapter's payload names kept whole at any size, each with how: "memory" or "file".
+
+    Its `read_whole` names are kept as memory the model views (torch weights), its `read_by_path`
+    ones as a sealed in-memory file a framework reads by path (Keras).
 
     Empty for a core part, or an adapter that cannot be had here (not registered, framework missing:
     the load itself reports that).
     """
     if adapter in (BUNDLE, JSON_PART) or _registry.get_spec(adapter) is None:
-        return ()
+        return {}
     try:
-        return tuple(getattr(type(_registry.get_adapter(adapter)), "read_whole", ()))
+        cls = type(_registry.get_adapter(adapter))
     except (PersistError, ImportError):
-        return ()
+        return {}
+    return {**dict.fromkeys(getattr(cls, "read_by_path", ()), "file"),
+            **dict.fromkeys(getattr(cls, "read_whole", ()), "memory")}
 
 
 def walk(part: Part) -> Iterator[Part]:

@@ -56,9 +56,10 @@ class Payload:
         The core keeps every file under 16 MiB, and any file the adapter names in its `read_whole`
         class attribute (torch: its safetensors files, whose tensors then view these bytes): a
         `bytearray`, or for a large file on Linux an anonymous memory mapping holding its copy (both
-        writable, and tied to no file). Read from them and a writer that rewrites the file after the
-        check changes nothing that is loaded; `open` and `read_bytes` serve them too. Other large files
-        are read where they lie.
+        writable, and tied to no file); and any file in `read_by_path` (a read-only mapping of its
+        sealed copy). Read from them and a writer that rewrites the file after the check changes
+        nothing that is loaded; `open` and `read_bytes` serve them too. Other large files are read
+        where they lie.
         """
         from ._digest import Checked
 
@@ -68,10 +69,17 @@ class Payload:
     def local_path(self, name: str) -> Path:
         """A path that opens the very file that was checked (for frameworks that only take paths).
 
-        On Linux this is `/proc/self/fd/N` of the checked handle, so a file swapped after the check
-        is never read; elsewhere it is the file's path in the artifact.
+        On Linux, for a file whose bytes the core kept (under 16 MiB, or named in the adapter's
+        `read_by_path` or `read_whole`), it is `/proc/self/fd/N` of a sealed in-memory file holding
+        exactly those bytes: no later write to the artifact reaches the framework. For another large
+        file it is `/proc/self/fd/N` of the checked handle, so a file swapped after the check is never
+        read; elsewhere it is the file's path in the artifact.
         """
+        from ._digest import Checked
+
         f = self.open(name)
+        if isinstance(f, Checked) and (named := f.path()) is not None:
+            return Path(named)
         proc = Path(f"/proc/self/fd/{f.fileno()}")
         if proc.exists():
             return proc

@@ -15,7 +15,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -145,7 +145,7 @@ def open_remote(store: Store, *, verify: bool, check_manifest: ManifestCheck | N
         signed = check_manifest is not None and check_manifest(
             manifest, lambda name: _read_small(store, name, missing_ok=True))
         try:
-            kept = whole(manifest) if whole is not None else ()
+            kept = whole(manifest) if whole is not None else {}
             handles = _fetch(store, cache, manifest, verify=verify, progress=progress, kept=kept)
         except _Gone as gone:
             if _read_small(store, MANIFEST_NAME, missing_ok=True) != raw:
@@ -161,7 +161,7 @@ def open_remote(store: Store, *, verify: bool, check_manifest: ManifestCheck | N
 
 
 def _fetch(store: Store, cache: Cache, manifest: Manifest, *, verify: bool, progress: bool | None,
-           kept: Collection[str] = ()) -> dict[str, BinaryIO]:
+           kept: Mapping[str, str] | None = None) -> dict[str, BinaryIO]:
     """Every payload file opened from the cache (checked there with `verify`) or downloaded into it.
 
     A file under 16 MiB, and a `kept` one, is served from the bytes hashed: checked as it is read whole
@@ -169,10 +169,11 @@ def _fetch(store: Store, cache: Cache, manifest: Manifest, *, verify: bool, prog
     `kept` one is read whole from the cache and checked once more).
     """
     handles: dict[str, BinaryIO] = {}
+    kept = kept or {}
     try:
         missing = {}
         for name, entry in manifest.files.items():
-            f = cache.open(entry.digest, entry.size, verify=verify, whole=name in kept)
+            f = cache.open(entry.digest, entry.size, verify=verify, whole=kept.get(name))
             if f is None:
                 missing[name] = entry
             else:
@@ -183,7 +184,7 @@ def _fetch(store: Store, cache: Cache, manifest: Manifest, *, verify: bool, prog
                 handles[name] = _download(store, cache, name, entry, bar.update)
                 if verify and name in kept and not isinstance(handles[name], Checked):  # large: read it whole
                     digest, handles[name] = hash_file(handles[name], entry.size, algorithm_of(entry.digest),
-                                                      whole=True)
+                                                      whole=kept[name])
                     if digest != entry.digest:  # changed on this disk since the download's check
                         raise IntegrityError(name, entry.digest, digest)
         finally:

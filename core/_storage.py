@@ -9,7 +9,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -279,7 +279,7 @@ def read_manifest(root: Path) -> Manifest:
 ManifestCheck = Callable[[Manifest, Callable[[str], bytes]], bool]
 
 
-WholeFiles = Callable[[Manifest], Collection[str]]
+WholeFiles = Callable[[Manifest], Mapping[str, str]]  # payload name -> how it is kept whole
 _ATTEMPTS = 20  # at most ~0.2 s of pauses in all
 
 
@@ -332,10 +332,10 @@ def _open_once(root: Path, *, verify: bool, check_manifest: ManifestCheck | None
             if size != entry.size:
                 raise IntegrityError(name, f"{entry.size} bytes", f"{size} bytes")
         if verify:
-            kept = whole(manifest) if whole is not None else ()
+            kept = whole(manifest) if whole is not None else {}
             for name, entry in manifest.files.items():  # small and kept files are then read from the bytes hashed
                 digest, handles[name] = hash_file(handles[name], entry.size, algorithm_of(entry.digest),
-                                                  whole=name in kept)
+                                                  whole=kept.get(name))
                 if digest != entry.digest:
                     raise IntegrityError(name, entry.digest, digest)
             extra = sorted(set(_walk(dfd)) - set(manifest.files) - RESERVED_NAMES)

@@ -231,6 +231,43 @@ def test_a_bare_keras_file_and_a_legacy_h5_file_load_under_the_same_rules(tmp_pa
     same(load_any(tmp_path / "legacy.h5"), model)
 
 
+@pytest.mark.parametrize("how", ["artifact", "artifact-large", "bare-h5"])
+def test_a_file_rewritten_in_place_right_after_its_check_does_not_reach_keras(
+        how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keras reads by path: it gets a sealed copy of the bytes that were hashed and vetted, so another
+    model written over the file in place (same inode) between the check and Keras's read is not what
+    loads. `artifact-large` takes the path of files over 16 MiB (the copy made in the kernel)."""
+    from mlpersist import _api, _digest, _storage
+
+    model, other = sequential(), sequential()
+    other.set_weights([w * 2.0 + 1.0 for w in other.get_weights()])
+    if how == "bare-h5":
+        target, module = tmp_path / "legacy.h5", _api
+        model.save(str(target))
+        other.save(str(tmp_path / "other.h5"))
+        replacement = (tmp_path / "other.h5").read_bytes()
+    else:
+        save_any(model, tmp_path / "m")
+        target, module = tmp_path / "m" / "model.keras", _storage
+        other.save(str(tmp_path / "other.keras"))
+        replacement = (tmp_path / "other.keras").read_bytes()
+    if how == "artifact-large":
+        monkeypatch.setattr(_digest, "_MAP_BYTES", 1024)
+    real = module.hash_file
+
+    def check_then_rewrite(f: Any, size: int, algo: str | None = None, **kw: Any) -> Any:
+        out = real(f, size, algo, **kw)
+        if os.fstat(f.fileno()).st_ino == target.stat().st_ino:
+            with open(target, "r+b") as w:  # in place: the handle already open sees it
+                w.write(replacement)
+                w.truncate()
+        return out
+
+    monkeypatch.setattr(module, "hash_file", check_then_rewrite)
+    same(load_any(target if how == "bare-h5" else tmp_path / "m"), model)
+    assert target.read_bytes() == replacement  # the rewrite did happen, before Keras read anything
+
+
 def test_a_legacy_h5_with_a_lambda_is_refused(tmp_path: Path) -> None:
     k = keras()
     inp = k.Input((4,))

@@ -145,3 +145,46 @@ def test_only_small_payloads_are_kept_in_memory(tmp_path: Path, dummy: DummyMode
         assert payload.read_bytes("sub/extra.bin") == bytes(range(256)) * 4
     finally:
         opened.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="sealed in-memory files are Linux's")
+@pytest.mark.parametrize("size", [1000, 3 << 20], ids=["small", "large"])
+def test_a_file_read_by_path_is_a_sealed_copy_of_the_checked_bytes(tmp_path: Path, size: int,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`whole="file"` (a framework that reads by path): the path opens the bytes hashed, not the file; a
+    rewrite of the file after the check does not reach it, and nothing can write to the copy."""
+    monkeypatch.setattr(_digest, "_MAP_BYTES", 1 << 20)  # 3 MiB takes the large path: the copy made in the kernel
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    f = open(tmp_path / "f", "rb")  # noqa: SIM115 - the Checked handle owns it
+    digest, checked = _digest.hash_file(f, size, "blake3", whole="file")
+    try:
+        assert digest == "blake3:" + blake3(data).hexdigest()
+        assert isinstance(checked, _digest.Checked)
+        with open(tmp_path / "f", "r+b") as w:  # in place, after the check: same inode
+            w.write(bytes(size))
+        path = checked.path()
+        assert path is not None and path.startswith("/proc/self/fd/")
+        with open(path, "rb") as copy:
+            assert copy.read() == data
+        assert checked.read() == data
+        fd = os.open(path, os.O_RDWR)
+        try:
+            with pytest.raises(PermissionError):  # sealed: F_SEAL_WRITE
+                os.pwrite(fd, b"x", 0)
+            with pytest.raises(PermissionError):  # F_SEAL_SHRINK
+                os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+    finally:
+        checked.close()
+
+
+def test_a_file_read_by_path_shorter_than_declared_is_hashed_as_it_is(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_digest, "_MAP_BYTES", 1 << 10)
+    (tmp_path / "f").write_bytes(b"a" * 4000)
+    with open(tmp_path / "f", "rb") as f:
+        digest, checked = _digest.hash_file(f, 8000, "blake3", whole="file")
+        assert digest == "blake3:" + blake3(b"a" * 4000).hexdigest()  # not the declared size: a mismatch
+        checked.close()
