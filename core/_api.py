@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import _parts, _registry, _storage
-from ._digest import HEX_LENGTHS, algorithm_of, hash_file
+from ._checked import hash_file
+from ._digest import HEX_LENGTHS, algorithm_of
 from ._dispatch import detect, sniff
 from ._manifest import FORMAT_VERSION, MANIFEST_NAME, FileEntry, Manifest, Part, check_json_value
 from ._payload import Payload

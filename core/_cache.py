@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import _digest
-from ._digest import Checked, algorithm_of, hash_file, new
+from ._checked import Checked, hash_file
+from ._digest import algorithm_of, new
 from .errors import IntegrityError, PersistError
 
 DEFAULT_MAX_BYTES = 10 << 30
@@ -109,7 +110,7 @@ class Cache:
         streamed), as a local small file is: a later write to the cached file cannot reach the load.
         """
         algo = algorithm_of(digest)
-        kept = bytearray() if size < _digest._MAP_BYTES else None
+        kept = bytearray() if size < _digest.MAP_BYTES else None
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix=f"{os.getpid()}-")
         try:
             with os.fdopen(fd, "wb") as out, reader() as src:

@@ -10,21 +10,16 @@ stays SHA-256.
 
 from __future__ import annotations
 
-import io
 import os
-import sys
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import Protocol
 
 from .errors import PersistError
 
-if TYPE_CHECKING:
-    import mmap
-
 HEX_LENGTHS = {"sha256": 64, "blake3": 64}  # algorithm -> hex length: the digests a manifest may hold
 DEFAULT = "blake3"
-_CHUNK = 4 << 20
-_MAP_BYTES = 16 << 20  # from this size a file is hashed from read-only mappings, on every core
-_WINDOW = 16 << 20  # mapped at a time (a multiple of every page size); as fast as 64 MiB here, a quarter the RSS
+CHUNK = 4 << 20
+MAP_BYTES = 16 << 20  # from this size a file is hashed from read-only mappings, on every core
+WINDOW = 16 << 20  # mapped at a time (a multiple of every page size); as fast as 64 MiB here, a quarter the RSS
 
 
 class Hasher(Protocol):
@@ -66,23 +61,23 @@ def hash_fd(fd: int, size: int, algo: str | None = None) -> str:
     """
     algo = algo or algorithm()
     h = new(algo)
-    if size >= _MAP_BYTES and algo == "blake3":
+    if size >= MAP_BYTES and algo == "blake3":
         import mmap
 
         try:
-            for offset in range(0, size, _WINDOW):  # one window mapped at a time: RSS grows by 16 MiB at most
-                length = min(_WINDOW, size - offset)
+            for offset in range(0, size, WINDOW):  # one window mapped at a time: RSS grows by 16 MiB at most
+                length = min(WINDOW, size - offset)
                 with mmap.mmap(fd, length, offset=offset, access=mmap.ACCESS_READ) as mapped, \
                         memoryview(mapped) as view:
                     h.update(view)
             return f"{algo}:{h.hexdigest()}"
         except (ValueError, OSError):  # shorter than declared, or not mappable: read it instead
             h = new(algo)
-    buf = memoryview(bytearray(min(_CHUNK, max(size, 1))))
+    buf = memoryview(bytearray(min(CHUNK, max(size, 1))))
     offset = 0
     while offset < size:
         want = buf[: min(len(buf), size - offset)]
-        n = _pread(fd, want, offset)
+        n = pread(fd, want, offset)
         if n <= 0:
             break  # shorter than declared: the digest will not match
         h.update(want[:n])
@@ -90,239 +85,12 @@ def hash_fd(fd: int, size: int, algo: str | None = None) -> str:
     return f"{algo}:{h.hexdigest()}"
 
 
-def hash_file(f: BinaryIO, size: int, algo: str | None = None, *, whole: str | None = None) -> tuple[str, BinaryIO]:
-    """Return `<algo>:<hex>` of the first `size` bytes of `f`, and the handle to read them from afterwards.
-
-    A file under 16 MiB, or any file with `whole`, is read once into memory, hashed there, and the
-    handle returned (a `Checked`) serves exactly those bytes: a writer that changes the file after the
-    check changes nothing that is loaded through it. `whole="memory"` is for an adapter that keeps
-    the bytes as its model's memory (torch weights: an anonymous copy); `whole="file"` for a file a
-    framework reads only by path (Keras: a sealed in-memory file, whose path `Checked.path()` gives).
-    Another large file is hashed where it lies (`hash_fd`) and `f` is returned.
-    """
-    algo = algo or algorithm()
-    if size >= _MAP_BYTES and not whole:
-        return hash_fd(f.fileno(), size, algo), f
-    if size >= _MAP_BYTES:
-        if whole == "file":
-            named = _named_copy(f.fileno(), size, algo)
-            if named is not None:
-                return named[0], Checked(named[1], f, named=named[2])
-        private = _private_copy(f.fileno(), size, algo)
-        if private is not None:
-            return private[0], Checked(private[1], f)
-    h = new(algo)
-    data = bytearray(size)  # writable: a framework may keep views of it as its tensors
-    got = 0
-    with memoryview(data) as view:
-        while got < size:  # hash each chunk as it arrives, while it is in the CPU cache
-            n = _pread(f.fileno(), view[got:got + _CHUNK * 4], got)
-            if n <= 0:
-                break  # shorter than declared: hashed as it is, the digest will not match
-            h.update(view[got:got + n])
-            got += n
-    del data[got:]
-    return f"{algo}:{h.hexdigest()}", Checked(data, f)
-
-
-_POPULATE_WRITE = 23  # madvise(2) MADV_POPULATE_WRITE, Linux 5.14+
-
-
-def _private_copy(fd: int, size: int, algo: str) -> tuple[str, mmap.mmap] | None:
-    """A copy of the file in fresh anonymous memory (writable, tied to no file), and its digest.
-
-    Nothing done to the file afterwards reaches the copy: not a write in place, not a truncation
-    (which would discard even the copied-on-write pages of a private file mapping). A second thread
-    has the kernel allocate 64 MiB of pages at once and reads the file into them, while this one
-    hashes the previous 64 MiB: faster here than a `bytearray`, which is zeroed page by page first.
-    None off Linux, or if the file is shorter than `size`: the caller reads it the plain way.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    import mmap
-    from concurrent.futures import ThreadPoolExecutor
-
-    try:
-        copy = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    except (OSError, ValueError):
-        return None
-    step, populate = _WINDOW * 4, [True]
-
-    def fill(view: memoryview, offset: int) -> bool:
-        length = min(step, size - offset)
-        if populate[0]:
-            try:
-                copy.madvise(_POPULATE_WRITE, offset, length)  # all pages at once, not one fault each
-            except OSError:
-                populate[0] = False  # an older kernel: the reads fault the pages in instead
-        got = 0
-        while got < length:
-            n = _pread(fd, view[offset + got:offset + length], offset + got)
-            if n <= 0:
-                return False  # shorter than declared
-            got += n
-        return True
-
-    h = new(algo)
-    with memoryview(copy) as view, ThreadPoolExecutor(1, thread_name_prefix="mlpersist-copy") as pool:
-        ahead = pool.submit(fill, view, 0)
-        for offset in range(0, size, step):
-            if not ahead.result():
-                break
-            if offset + step < size:
-                ahead = pool.submit(fill, view, offset + step)  # read the next window while this one is hashed
-            h.update(view[offset:offset + step])
-        else:
-            return f"{algo}:{h.hexdigest()}", copy
-    copy.close()
-    return None
-
-
-class _Memory(io.RawIOBase):
-    """A read-only, seekable raw stream over bytes in memory (reads copy slices; the bytes are not copied)."""
-
-    def __init__(self, data: bytearray | mmap.mmap) -> None:
-        self._view, self._pos = memoryview(data), 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        with memoryview(buffer) as out:
-            n = max(0, min(out.nbytes, len(self._view) - self._pos))
-            out.cast("B")[:n] = self._view[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-
-def _named_copy(fd: int, size: int, algo: str) -> tuple[str, mmap.mmap, int] | None:
-    """A copy of the file in a sealed in-memory file (memfd), its digest, and a read-only mapping of it.
-
-    For frameworks that read only by path: `/proc/self/fd/N` of the copy opens exactly the bytes that
-    were hashed, and its seals refuse any write, even through that path. A second thread copies the
-    next 64 MiB in the kernel (sendfile) while this one hashes the previous 64 MiB from the mapping.
-    None off Linux, or if the file is shorter than `size`: the caller copies it the other way.
-    """
-    if not hasattr(os, "memfd_create"):
-        return None
-    import mmap
-    from concurrent.futures import ThreadPoolExecutor
-
-    try:
-        named = os.memfd_create("mlpersist-checked", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    except OSError:
-        return None
-    step = _WINDOW * 4
-
-    def fill(offset: int) -> bool:  # in order, one at a time: the copy's own position follows `offset`
-        length, got = min(step, size - offset), 0
-        while got < length:
-            n = os.sendfile(named, fd, offset + got, length - got)
-            if n <= 0:
-                return False  # shorter than declared
-            got += n
-        return True
-
-    try:
-        os.ftruncate(named, size)
-        # private and read-only: it still sees the copy's pages, and does not block the write seal (EBUSY)
-        mapped = mmap.mmap(named, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
-        h = new(algo)
-        with memoryview(mapped) as view, ThreadPoolExecutor(1, thread_name_prefix="mlpersist-copy") as pool:
-            ahead = pool.submit(fill, 0)
-            for offset in range(0, size, step):
-                if not ahead.result():
-                    break
-                if offset + step < size:
-                    ahead = pool.submit(fill, offset + step)
-                h.update(view[offset:offset + step])
-            else:
-                _seal(named)
-                return f"{algo}:{h.hexdigest()}", mapped, named
-        mapped.close()
-    except (OSError, ValueError):
-        pass
-    os.close(named)
-    return None
-
-
-def _seal(named: int) -> None:
-    import fcntl
-
-    fcntl.fcntl(named, fcntl.F_ADD_SEALS,
-                fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-
-
-def _sealed_file(data: bytearray | mmap.mmap) -> int | None:
-    """A sealed in-memory file holding `data`, or None where there is none (off Linux)."""
-    if not hasattr(os, "memfd_create"):
-        return None
-    named = os.memfd_create("mlpersist-checked", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        with memoryview(data) as view:
-            done = 0
-            while done < len(view):
-                done += os.write(named, view[done:])
-        _seal(named)
-    except BaseException:
-        os.close(named)
-        raise
-    return named
-
-
-class Checked(io.BufferedReader):
-    """The hashed bytes of a payload file, served from memory; `fileno()` and `name` are the file's.
-
-    It owns the file (and its sealed copy, if any): closing it (or dropping it) closes them too.
-    """
-
-    def __init__(self, data: bytearray | mmap.mmap, file: BinaryIO, named: int | None = None) -> None:
-        super().__init__(_Memory(data), buffer_size=1 << 20)  # a buffer, an anonymous copy, or a sealed file's
-        self.data, self.file, self._named = data, file, named
-
-    def path(self) -> str | None:
-        """A path that opens exactly these bytes, or None off Linux.
-
-        It is a sealed in-memory file: the copy itself, or one made on first use from bytes held otherwise.
-        """
-        if self._named is None:
-            self._named = _sealed_file(self.data)
-        return None if self._named is None else f"/proc/self/fd/{self._named}"
-
-    @property
-    def name(self) -> str:
-        return str(self.file.name)
-
-    def fileno(self) -> int:
-        return self.file.fileno()
-
-    def close(self) -> None:
-        super().close()
-        self.file.close()
-        if self._named is not None:
-            os.close(self._named)
-            self._named = None
-
-
 def algorithm_of(digest: str) -> str:
     """The algorithm part of `<algo>:<hex>`."""
     return digest.partition(":")[0]
 
 
-def _pread(fd: int, view: memoryview, offset: int) -> int:
+def pread(fd: int, view: memoryview, offset: int) -> int:
     """Read into `view` from `offset` of `fd`, without a copy where the platform has preadv; bytes read."""
     if hasattr(os, "preadv"):
         return os.preadv(fd, [view], offset)

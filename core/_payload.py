@@ -61,7 +61,7 @@ class Payload:
         nothing that is loaded; `open` and `read_bytes` serve them too. Other large files are read
         where they lie.
         """
-        from ._digest import Checked
+        from ._checked import Checked
 
         f = self.open(name)
         return f.data if isinstance(f, Checked) else None
@@ -75,7 +75,7 @@ class Payload:
         file it is `/proc/self/fd/N` of the checked handle, so a file swapped after the check is never
         read; elsewhere it is the file's path in the artifact.
         """
-        from ._digest import Checked
+        from ._checked import Checked
 
         f = self.open(name)
         if isinstance(f, Checked) and (named := f.path()) is not None:

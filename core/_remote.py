@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ._cache import Cache, pump
-from ._digest import Checked, algorithm_of, hash_file
+from ._checked import Checked, hash_file
+from ._digest import algorithm_of
 from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, RESERVED_NAMES, FileEntry, Manifest
 from ._progress import Progress
 from ._record import Record

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ._digest import algorithm, algorithm_of, hash_fd, hash_file
+from ._checked import hash_file
+from ._digest import algorithm, algorithm_of, hash_fd
 from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, RESERVED_NAMES, FileEntry, Manifest, check_name
 from .errors import ArtifactExistsError, ArtifactNotFoundError, CorruptArtifactError, IntegrityError, PersistError
 

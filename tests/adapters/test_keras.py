@@ -252,7 +252,7 @@ def test_a_file_rewritten_in_place_right_after_its_check_does_not_reach_keras(
         other.save(str(tmp_path / "other.keras"))
         replacement = (tmp_path / "other.keras").read_bytes()
     if how == "artifact-large":
-        monkeypatch.setattr(_digest, "_MAP_BYTES", 1024)
+        monkeypatch.setattr(_digest, "MAP_BYTES", 1024)
     real = module.hash_file
 
     def check_then_rewrite(f: Any, size: int, algo: str | None = None, **kw: Any) -> Any:

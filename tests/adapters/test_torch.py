@@ -213,7 +213,7 @@ def test_weights_rewritten_in_place_during_or_after_the_load_do_not_change_the_m
     from mlpersist import _digest, _storage
 
     if large:
-        monkeypatch.setattr(_digest, "_MAP_BYTES", 512)
+        monkeypatch.setattr(_digest, "MAP_BYTES", 512)
 
     torch.manual_seed(0)
     model = tm().MLP(4, hidden=8).eval()
@@ -395,7 +395,7 @@ def test_mmap_true_maps_large_weights_and_the_model_then_follows_the_file(
     torch = require("torch")
     from mlpersist import _digest
 
-    monkeypatch.setattr(_digest, "_MAP_BYTES", 512)  # these weights count as large (the 16 MiB rule)
+    monkeypatch.setattr(_digest, "MAP_BYTES", 512)  # these weights count as large (the 16 MiB rule)
     torch.manual_seed(0)
     model = tm().MLP(4, hidden=8).eval()
     save_any(model, tmp_path / "m")

@@ -12,7 +12,7 @@ import pytest
 from blake3 import blake3
 from mlp_testkit import DummyModel
 
-from mlpersist import IntegrityError, PersistError, _digest, inspect, load_any, save_any, verify
+from mlpersist import IntegrityError, PersistError, _checked, _digest, inspect, load_any, save_any, verify
 
 INPUTS = [0.0, 1.5, -2.0]
 
@@ -48,7 +48,7 @@ def test_an_unknown_digest_setting_is_refused_and_nothing_is_left(tmp_path: Path
 
 @pytest.mark.parametrize("algo", ["blake3", "sha256"])
 def test_a_large_file_hashes_the_same_mapped_as_read(tmp_path: Path, algo: str) -> None:
-    data = os.urandom(max(_digest._MAP_BYTES, 2 * _digest._WINDOW) + 12345)  # three windows, the last partial
+    data = os.urandom(max(_digest.MAP_BYTES, 2 * _digest.WINDOW) + 12345)  # three windows, the last partial
     (tmp_path / "big").write_bytes(data)
     expected = f"{algo}:" + (blake3(data) if algo == "blake3" else hashlib.sha256(data)).hexdigest()
     fd = os.open(tmp_path / "big", os.O_RDONLY)
@@ -60,13 +60,13 @@ def test_a_large_file_hashes_the_same_mapped_as_read(tmp_path: Path, algo: str) 
     finally:
         os.close(fd)
     with open(tmp_path / "big", "rb") as f:  # a large file is hashed where it lies unless kept whole
-        digest, same = _digest.hash_file(f, len(data), algo)
+        digest, same = _checked.hash_file(f, len(data), algo)
         assert digest == expected and same is f
     with open(tmp_path / "big", "rb") as f:  # shorter than declared, kept whole: hashed as it is, no crash
-        assert _digest.hash_file(f, len(data) + 1, algo, whole=True)[0] == expected
+        assert _checked.hash_file(f, len(data) + 1, algo, whole="memory")[0] == expected
     with open(tmp_path / "big", "rb") as f:
-        digest, kept = _digest.hash_file(f, len(data), algo, whole=True)
-        assert digest == expected and isinstance(kept, _digest.Checked) and kept.data[:] == data
+        digest, kept = _checked.hash_file(f, len(data), algo, whole="memory")
+        assert digest == expected and isinstance(kept, _checked.Checked) and kept.data[:] == data
         (tmp_path / "big").write_bytes(bytes(len(data)))  # rewritten after the check: the kept bytes stay
         assert kept.read(10) == data[:10] and kept.seek(-5, os.SEEK_END) and kept.read() == data[-5:]
         assert kept.fileno() == f.fileno()
@@ -77,7 +77,7 @@ def test_a_large_file_hashes_the_same_mapped_as_read(tmp_path: Path, algo: str) 
 @pytest.mark.parametrize("where", [0, 512, -1], ids=["first", "middle", "last"])
 def test_a_changed_byte_of_a_large_payload_is_caught(tmp_path: Path, dummy: DummyModel, where: int,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_digest, "_MAP_BYTES", 512)  # the dummy's 1 KiB extra.bin takes the mapped path
+    monkeypatch.setattr(_digest, "MAP_BYTES", 512)  # the dummy's 1 KiB extra.bin takes the mapped path
     save_any(dummy, tmp_path / "a")
     extra = tmp_path / "a" / "sub" / "extra.bin"
     data = bytearray(extra.read_bytes())
@@ -136,7 +136,7 @@ def test_only_small_payloads_are_kept_in_memory(tmp_path: Path, dummy: DummyMode
     from mlpersist._policy import TrustPolicy
 
     save_any(dummy, tmp_path / "a")
-    monkeypatch.setattr(_digest, "_MAP_BYTES", 512)  # params.json (~30 bytes) stays small, extra.bin (1 KiB) not
+    monkeypatch.setattr(_digest, "MAP_BYTES", 512)  # params.json (~30 bytes) stays small, extra.bin (1 KiB) not
     opened = _storage.open_artifact(tmp_path / "a", verify=True)
     try:
         payload = Payload(opened.handles, TrustPolicy())
@@ -153,14 +153,14 @@ def test_a_file_read_by_path_is_a_sealed_copy_of_the_checked_bytes(tmp_path: Pat
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """`whole="file"` (a framework that reads by path): the path opens the bytes hashed, not the file; a
     rewrite of the file after the check does not reach it, and nothing can write to the copy."""
-    monkeypatch.setattr(_digest, "_MAP_BYTES", 1 << 20)  # 3 MiB takes the large path: the copy made in the kernel
+    monkeypatch.setattr(_digest, "MAP_BYTES", 1 << 20)  # 3 MiB takes the large path: the copy made in the kernel
     data = os.urandom(size)
     (tmp_path / "f").write_bytes(data)
     f = open(tmp_path / "f", "rb")  # noqa: SIM115 - the Checked handle owns it
-    digest, checked = _digest.hash_file(f, size, "blake3", whole="file")
+    digest, checked = _checked.hash_file(f, size, "blake3", whole="file")
     try:
         assert digest == "blake3:" + blake3(data).hexdigest()
-        assert isinstance(checked, _digest.Checked)
+        assert isinstance(checked, _checked.Checked)
         with open(tmp_path / "f", "r+b") as w:  # in place, after the check: same inode
             w.write(bytes(size))
         path = checked.path()
@@ -182,9 +182,9 @@ def test_a_file_read_by_path_is_a_sealed_copy_of_the_checked_bytes(tmp_path: Pat
 
 def test_a_file_read_by_path_shorter_than_declared_is_hashed_as_it_is(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_digest, "_MAP_BYTES", 1 << 10)
+    monkeypatch.setattr(_digest, "MAP_BYTES", 1 << 10)
     (tmp_path / "f").write_bytes(b"a" * 4000)
     with open(tmp_path / "f", "rb") as f:
-        digest, checked = _digest.hash_file(f, 8000, "blake3", whole="file")
+        digest, checked = _checked.hash_file(f, 8000, "blake3", whole="file")
         assert digest == "blake3:" + blake3(b"a" * 4000).hexdigest()  # not the declared size: a mismatch
         checked.close()
