@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from . import _parts, _registry, _storage
+from . import _parts, _reading, _registry, _storage
 from ._checked import hash_file
 from ._digest import HEX_LENGTHS, algorithm_of
 from ._dispatch import detect, sniff
@@ -185,7 +185,7 @@ def load_with_report(path: str | os.PathLike[str], *, trusted: bool = False, all
         model = _load_bare(root, policy, digest=digest, signed_required=bool(keys), mmap=mmap, **options)
         return model, [], tolerance
     try:
-        opened = _storage.open_artifact(root, verify=verify, check_manifest=_signing.checker(digest, keys),
+        opened = _reading.open_artifact(root, verify=verify, check_manifest=_signing.checker(digest, keys),
                                         whole=whole)
     except ArtifactNotFoundError:
         if not root.is_dir() or (root / MANIFEST_NAME).exists():
@@ -194,7 +194,7 @@ def load_with_report(path: str | os.PathLike[str], *, trusted: bool = False, all
     return _load_opened(opened, policy, strict, tolerance, options)
 
 
-def _load_opened(opened: _storage.Opened, policy: TrustPolicy, strict: bool, tolerance: float | None,
+def _load_opened(opened: _reading.Opened, policy: TrustPolicy, strict: bool, tolerance: float | None,
                  options: dict[str, Any]) -> tuple[Any, list[_example.Diff], float | None]:
     try:
         if opened.signed:  # signed by a key the caller configured: the caller trusts its author
@@ -243,7 +243,7 @@ def inspect(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] 
         manifest, f = _bare_manifest(root)
         f.close()
         return manifest
-    return _storage.read_manifest(root)
+    return _reading.read_manifest(root)
 
 
 def verify(path: str | os.PathLike[str], *, digest: str | None = None,
@@ -272,7 +272,7 @@ def verify(path: str | os.PathLike[str], *, digest: str | None = None,
 
         _remote.verify_remote(where, check_manifest=check)
     else:
-        _storage.open_artifact(where, verify=True, check_manifest=check).close()
+        _reading.open_artifact(where, verify=True, check_manifest=check).close()
 
 
 def _bare_manifest(path: Path, source: str | None = None, pinned: str | None = None,

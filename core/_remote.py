@@ -25,8 +25,8 @@ from ._checked import Checked, hash_file
 from ._digest import algorithm_of
 from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, RESERVED_NAMES, FileEntry, Manifest
 from ._progress import Progress
+from ._reading import ManifestCheck, Opened, WholeFiles
 from ._record import Record
-from ._storage import ManifestCheck, Opened, WholeFiles
 from .errors import (
     ArtifactNotFoundError,
     CorruptArtifactError,

@@ -237,7 +237,7 @@ def test_a_file_rewritten_in_place_right_after_its_check_does_not_reach_keras(
     """Keras reads by path: it gets a sealed copy of the bytes that were hashed and vetted, so another
     model written over the file in place (same inode) between the check and Keras's read is not what
     loads. `artifact-large` takes the path of files over 16 MiB (the copy made in the kernel)."""
-    from mlpersist import _api, _digest, _storage
+    from mlpersist import _api, _digest, _reading
 
     model, other = sequential(), sequential()
     other.set_weights([w * 2.0 + 1.0 for w in other.get_weights()])
@@ -248,7 +248,7 @@ def test_a_file_rewritten_in_place_right_after_its_check_does_not_reach_keras(
         replacement = (tmp_path / "other.h5").read_bytes()
     else:
         save_any(model, tmp_path / "m")
-        target, module = tmp_path / "m" / "model.keras", _storage
+        target, module = tmp_path / "m" / "model.keras", _reading
         other.save(str(tmp_path / "other.keras"))
         replacement = (tmp_path / "other.keras").read_bytes()
     if how == "artifact-large":

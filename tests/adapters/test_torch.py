@@ -210,7 +210,7 @@ def test_weights_rewritten_in_place_during_or_after_the_load_do_not_change_the_m
     pages would follow such a write). `large`: the path of files of 16 MiB or more (a private mapping
     copied in whole), taken here by lowering the threshold."""
     torch = require("torch")
-    from mlpersist import _digest, _storage
+    from mlpersist import _digest, _reading
 
     if large:
         monkeypatch.setattr(_digest, "MAP_BYTES", 512)
@@ -220,7 +220,7 @@ def test_weights_rewritten_in_place_during_or_after_the_load_do_not_change_the_m
     save_any(model, tmp_path / "m")
     weights = tmp_path / "m" / "weights.safetensors"
     n = int.from_bytes(weights.read_bytes()[:8], "little")
-    real = _storage.hash_file
+    real = _reading.hash_file
 
     def zero_data(path: Path) -> None:
         with open(path, "r+b") as w:  # in place: the same inode, same size
@@ -233,9 +233,9 @@ def test_weights_rewritten_in_place_during_or_after_the_load_do_not_change_the_m
             zero_data(weights)  # right after the check, before torch reads a byte
         return out
 
-    monkeypatch.setattr(_storage, "hash_file", check_then_rewrite)
+    monkeypatch.setattr(_reading, "hash_file", check_then_rewrite)
     loaded = load_any(tmp_path / "m")
-    monkeypatch.setattr(_storage, "hash_file", real)
+    monkeypatch.setattr(_reading, "hash_file", real)
     for name, t in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
     assert not any(weights.read_bytes()[8 + n:])  # the file was zeroed meanwhile

@@ -105,14 +105,14 @@ def test_a_small_payload_rewritten_in_place_after_its_check_does_not_change_what
         tmp_path: Path, dummy: DummyModel, monkeypatch: pytest.MonkeyPatch) -> None:
     """The bytes hashed are the bytes the adapter reads: a writer racing the load (simulated right after
     the check of params.json, same size, different numbers) changes the file, not the model."""
-    from mlpersist import _storage
+    from mlpersist import _reading
 
     save_any(dummy, tmp_path / "a")
     params = tmp_path / "a" / "params.json"
     original = params.read_bytes()
     tampered = original.replace(b"3.0", b"9.0")
     assert tampered != original and len(tampered) == len(original)
-    real = _storage.hash_file
+    real = _reading.hash_file
 
     def check_then_rewrite(f: Any, size: int, algo: str | None = None, **kw: Any) -> Any:
         out = real(f, size, algo, **kw)
@@ -121,7 +121,7 @@ def test_a_small_payload_rewritten_in_place_after_its_check_does_not_change_what
                 w.write(tampered)
         return out
 
-    monkeypatch.setattr(_storage, "hash_file", check_then_rewrite)
+    monkeypatch.setattr(_reading, "hash_file", check_then_rewrite)
     assert load_any(tmp_path / "a").predict(INPUTS) == dummy.predict(INPUTS)
     assert params.read_bytes() == tampered  # the rewrite did happen, after the check
     monkeypatch.undo()
@@ -131,13 +131,13 @@ def test_a_small_payload_rewritten_in_place_after_its_check_does_not_change_what
 
 def test_only_small_payloads_are_kept_in_memory(tmp_path: Path, dummy: DummyModel,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlpersist import _storage
+    from mlpersist import _reading
     from mlpersist._payload import Payload
     from mlpersist._policy import TrustPolicy
 
     save_any(dummy, tmp_path / "a")
     monkeypatch.setattr(_digest, "MAP_BYTES", 512)  # params.json (~30 bytes) stays small, extra.bin (1 KiB) not
-    opened = _storage.open_artifact(tmp_path / "a", verify=True)
+    opened = _reading.open_artifact(tmp_path / "a", verify=True)
     try:
         payload = Payload(opened.handles, TrustPolicy())
         assert payload.checked_bytes("params.json") == (tmp_path / "a" / "params.json").read_bytes()
