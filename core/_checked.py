@@ -197,16 +197,22 @@ def _seal(named: int) -> None:
 
 
 def _sealed_file(data: bytearray | mmap.mmap) -> int | None:
-    """A sealed in-memory file holding `data`, or None where there is none (off Linux)."""
+    """A sealed in-memory file holding `data`, or None where none can be made (off Linux, out of memory)."""
     if not hasattr(os, "memfd_create"):
         return None
-    named = os.memfd_create("mlpersist-checked", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        named = os.memfd_create("mlpersist-checked", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError:
+        return None
     try:
         with memoryview(data) as view:
             done = 0
             while done < len(view):
                 done += os.write(named, view[done:])
         _seal(named)
+    except OSError:
+        os.close(named)
+        return None
     except BaseException:
         os.close(named)
         raise
@@ -224,7 +230,7 @@ class Checked(io.BufferedReader):
         self.data, self.file, self._named = data, file, named
 
     def path(self) -> str | None:
-        """A path that opens exactly these bytes, or None off Linux.
+        """A path that opens exactly these bytes, or None off Linux (or if no in-memory file can be made).
 
         It is a sealed in-memory file: the copy itself, or one made on first use from bytes held otherwise.
         """

@@ -188,3 +188,31 @@ def test_a_file_read_by_path_shorter_than_declared_is_hashed_as_it_is(tmp_path: 
         digest, checked = _checked.hash_file(f, 8000, "blake3", whole="file")
         assert digest == "blake3:" + blake3(b"a" * 4000).hexdigest()  # not the declared size: a mismatch
         checked.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="sealed in-memory files are Linux's")
+def test_without_in_memory_files_a_file_read_by_path_falls_back_to_the_checked_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """memfd_create refused (a sandbox, no memory): the bytes are still checked and served from memory,
+    and the path falls back to the file that was checked."""
+    import errno
+
+    from mlpersist._payload import Payload
+    from mlpersist._policy import TrustPolicy
+
+    def refuse(*args: Any) -> int:
+        raise OSError(errno.ENOMEM, "refused")
+
+    monkeypatch.setattr(os, "memfd_create", refuse)
+    monkeypatch.setattr(_digest, "MAP_BYTES", 1 << 10)
+    data = os.urandom(5000)
+    (tmp_path / "f").write_bytes(data)
+    for size in (5000, 100):  # the large path (copy made in the kernel), then a small one (copy on first use)
+        f = open(tmp_path / "f", "rb")  # noqa: SIM115 - the Checked handle owns it
+        digest, checked = _checked.hash_file(f, size, "blake3", whole="file")
+        assert digest == "blake3:" + blake3(data[:size]).hexdigest()
+        assert isinstance(checked, _checked.Checked) and bytes(checked.data) == data[:size]
+        assert checked.path() is None
+        path = Payload({"f": checked}, TrustPolicy()).local_path("f")
+        assert os.path.samefile(path, tmp_path / "f")
+        checked.close()
