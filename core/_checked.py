@@ -37,7 +37,7 @@ def hash_file(f: BinaryIO, size: int, algo: str | None = None, *, whole: str | N
         if whole == "file":
             named = _named_copy(f.fileno(), size, algo)
             if named is not None:
-                return named[0], Checked(named[1], f, named=named[2])
+                return named[0], Checked(None, f, named=named[1])
         private = _private_copy(f.fileno(), size, algo)
         if private is not None:
             return private[0], Checked(private[1], f)
@@ -138,12 +138,13 @@ class _Memory(io.RawIOBase):
         return self._pos
 
 
-def _named_copy(fd: int, size: int, algo: str) -> tuple[str, mmap.mmap, int] | None:
-    """A copy of the file in a sealed in-memory file (memfd), its digest, and a read-only mapping of it.
+def _named_copy(fd: int, size: int, algo: str) -> tuple[str, int] | None:
+    """The digest of the file, and a copy of it in a sealed in-memory file (memfd), made as it is hashed.
 
     For frameworks that read only by path: `/proc/self/fd/N` of the copy opens exactly the bytes that
     were hashed, and its seals refuse any write, even through that path. A second thread copies the
-    next 64 MiB in the kernel (sendfile) while this one hashes the previous 64 MiB from the mapping.
+    next 64 MiB in the kernel (sendfile) while this one hashes the previous 64 MiB from a read-only
+    mapping of the copy, unmapped as soon as it is hashed (the copy is not kept in this process's RSS).
     None off Linux, or if the file is shorter than `size`: the caller copies it the other way.
     """
     if not hasattr(os, "memfd_create"):
@@ -168,21 +169,22 @@ def _named_copy(fd: int, size: int, algo: str) -> tuple[str, mmap.mmap, int] | N
 
     try:
         os.ftruncate(named, size)
-        # private and read-only: it still sees the copy's pages, and does not block the write seal (EBUSY)
-        mapped = mmap.mmap(named, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
         h = new(algo)
-        with memoryview(mapped) as view, ThreadPoolExecutor(1, thread_name_prefix="mlpersist-copy") as pool:
+        with ThreadPoolExecutor(1, thread_name_prefix="mlpersist-copy") as pool:
             ahead = pool.submit(fill, 0)
             for offset in range(0, size, step):
                 if not ahead.result():
                     break
                 if offset + step < size:
                     ahead = pool.submit(fill, offset + step)
-                h.update(view[offset:offset + step])
+                # private and read-only: sees the copy's pages, and leaves no shared mapping to block the seal
+                with mmap.mmap(named, min(step, size - offset), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ,
+                               offset=offset) as window, memoryview(window) as view:
+                    h.update(view)
             else:
                 _seal(named)
-                return f"{algo}:{h.hexdigest()}", mapped, named
-        mapped.close()
+                os.lseek(named, 0, os.SEEK_SET)  # sendfile left the copy's position at its end
+                return f"{algo}:{h.hexdigest()}", named
     except (OSError, ValueError):
         pass
     os.close(named)
@@ -225,8 +227,15 @@ class Checked(io.BufferedReader):
     It owns the file (and its sealed copy, if any): closing it (or dropping it) closes them too.
     """
 
-    def __init__(self, data: bytearray | mmap.mmap, file: BinaryIO, named: int | None = None) -> None:
-        super().__init__(_Memory(data), buffer_size=1 << 20)  # a buffer, an anonymous copy, or a sealed file's
+    def __init__(self, data: bytearray | mmap.mmap | None, file: BinaryIO, named: int | None = None) -> None:
+        """`data`: a buffer or an anonymous copy; or None, and `named`: a sealed in-memory file read instead."""
+        if data is not None:
+            raw: io.RawIOBase = _Memory(data)
+        elif named is not None:
+            raw = io.FileIO(named, "rb", closefd=False)
+        else:
+            raise ValueError("Checked needs the bytes or a sealed file holding them")
+        super().__init__(raw, buffer_size=1 << 20)
         self.data, self.file, self._named = data, file, named
 
     def path(self) -> str | None:
@@ -234,7 +243,7 @@ class Checked(io.BufferedReader):
 
         It is a sealed in-memory file: the copy itself, or one made on first use from bytes held otherwise.
         """
-        if self._named is None:
+        if self._named is None and self.data is not None:
             self._named = _sealed_file(self.data)
         return None if self._named is None else f"/proc/self/fd/{self._named}"
 

@@ -56,10 +56,10 @@ class Payload:
         The core keeps every file under 16 MiB, and any file the adapter names in its `read_whole`
         class attribute (torch: its safetensors files, whose tensors then view these bytes): a
         `bytearray`, or for a large file on Linux an anonymous memory mapping holding its copy (both
-        writable, and tied to no file); and any file in `read_by_path` (a read-only mapping of its
-        sealed copy). Read from them and a writer that rewrites the file after the check changes
-        nothing that is loaded; `open` and `read_bytes` serve them too. Other large files are read
-        where they lie.
+        writable, and tied to no file). Read from them and a writer that rewrites the file after the
+        check changes nothing that is loaded; `open` and `read_bytes` serve them too. A large file in
+        the adapter's `read_by_path` gives None here: `open`, `read_bytes` and `local_path` serve its
+        sealed copy. Other large files are read where they lie.
         """
         from ._checked import Checked
 
