@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import _digest
@@ -70,7 +71,6 @@ def _private_copy(fd: int, size: int, algo: str) -> tuple[str, mmap.mmap] | None
     if not sys.platform.startswith("linux"):
         return None
     import mmap
-    from concurrent.futures import ThreadPoolExecutor
 
     try:
         copy = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -94,18 +94,32 @@ def _private_copy(fd: int, size: int, algo: str) -> tuple[str, mmap.mmap] | None
         return True
 
     h = new(algo)
-    with memoryview(copy) as view, ThreadPoolExecutor(1, thread_name_prefix="mlpersist-copy") as pool:
-        ahead = pool.submit(fill, view, 0)
-        for offset in range(0, size, step):
-            if not ahead.result():
-                break
-            if offset + step < size:
-                ahead = pool.submit(fill, view, offset + step)  # read the next window while this one is hashed
-            h.update(view[offset:offset + step])
-        else:
-            return f"{algo}:{h.hexdigest()}", copy
+    with memoryview(copy) as view:
+        whole = _pipelined(size, step, lambda offset: fill(view, offset),
+                           lambda offset, length: h.update(view[offset:offset + length]))
+    if whole:
+        return f"{algo}:{h.hexdigest()}", copy
     copy.close()
     return None
+
+
+def _pipelined(size: int, step: int, fill: Callable[[int], bool], hashed: Callable[[int, int], object]) -> bool:
+    """Fill `size` bytes `step` at a time on a second thread, one window ahead of `hashed` on this one.
+
+    Both calls release the GIL (a read or a copy in the kernel; BLAKE3), so they run side by side.
+    False if a fill came up short (the file is shorter than declared).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="mlpersist-copy") as pool:
+        ahead = pool.submit(fill, 0)
+        for offset in range(0, size, step):
+            if not ahead.result():
+                return False
+            if offset + step < size:
+                ahead = pool.submit(fill, offset + step)  # fill the next window while this one is hashed
+            hashed(offset, min(step, size - offset))
+    return True
 
 
 class _Memory(io.RawIOBase):
@@ -147,14 +161,10 @@ def _named_copy(fd: int, size: int, algo: str) -> tuple[str, int] | None:
     mapping of the copy, unmapped as soon as it is hashed (the copy is not kept in this process's RSS).
     None off Linux, or if the file is shorter than `size`: the caller copies it the other way.
     """
-    if not hasattr(os, "memfd_create"):
-        return None
     import mmap
-    from concurrent.futures import ThreadPoolExecutor
 
-    try:
-        named = os.memfd_create("mlpersist-checked", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    except OSError:
+    named = _memfd()
+    if named is None:
         return None
     step = WINDOW * 4
 
@@ -167,28 +177,34 @@ def _named_copy(fd: int, size: int, algo: str) -> tuple[str, int] | None:
             got += n
         return True
 
+    h = new(algo)
+
+    def hashed(offset: int, length: int) -> None:
+        # private and read-only: sees the copy's pages, and leaves no shared mapping to block the seal
+        with mmap.mmap(named, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, offset=offset) as window, \
+                memoryview(window) as view:
+            h.update(view)
+
     try:
         os.ftruncate(named, size)
-        h = new(algo)
-        with ThreadPoolExecutor(1, thread_name_prefix="mlpersist-copy") as pool:
-            ahead = pool.submit(fill, 0)
-            for offset in range(0, size, step):
-                if not ahead.result():
-                    break
-                if offset + step < size:
-                    ahead = pool.submit(fill, offset + step)
-                # private and read-only: sees the copy's pages, and leaves no shared mapping to block the seal
-                with mmap.mmap(named, min(step, size - offset), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ,
-                               offset=offset) as window, memoryview(window) as view:
-                    h.update(view)
-            else:
-                _seal(named)
-                os.lseek(named, 0, os.SEEK_SET)  # sendfile left the copy's position at its end
-                return f"{algo}:{h.hexdigest()}", named
+        if _pipelined(size, step, fill, hashed):
+            _seal(named)
+            os.lseek(named, 0, os.SEEK_SET)  # sendfile left the copy's position at its end
+            return f"{algo}:{h.hexdigest()}", named
     except (OSError, ValueError):
         pass
     os.close(named)
     return None
+
+
+def _memfd() -> int | None:
+    """A new, empty in-memory file that can be sealed, or None where none can be made (off Linux, no memory)."""
+    if not hasattr(os, "memfd_create"):
+        return None
+    try:
+        return os.memfd_create("mlpersist-checked", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError:
+        return None
 
 
 def _seal(named: int) -> None:
@@ -200,11 +216,8 @@ def _seal(named: int) -> None:
 
 def _sealed_file(data: bytearray | mmap.mmap) -> int | None:
     """A sealed in-memory file holding `data`, or None where none can be made (off Linux, out of memory)."""
-    if not hasattr(os, "memfd_create"):
-        return None
-    try:
-        named = os.memfd_create("mlpersist-checked", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    except OSError:
+    named = _memfd()
+    if named is None:
         return None
     try:
         with memoryview(data) as view:
@@ -212,11 +225,10 @@ def _sealed_file(data: bytearray | mmap.mmap) -> int | None:
             while done < len(view):
                 done += os.write(named, view[done:])
         _seal(named)
-    except OSError:
+    except BaseException as exc:
         os.close(named)
-        return None
-    except BaseException:
-        os.close(named)
+        if isinstance(exc, OSError):
+            return None
         raise
     return named
 
