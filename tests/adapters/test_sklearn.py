@@ -216,6 +216,40 @@ def test_a_bare_joblib_file_loads_under_the_same_rules(compress: int, tmp_path: 
     assert inspect(tmp_path / "model.joblib").adapter == "sklearn"
 
 
+def _array_zoo() -> dict[str, Any]:
+    """Arrays of every layout the joblib reader has to rebuild: orders, byte orders, records, empties."""
+    np = require("numpy")
+    rng = np.random.default_rng(0)
+    grid = rng.standard_normal((7, 5))
+    return {
+        "c": grid, "fortran": np.asfortranarray(grid), "big_endian": grid.astype(">f8"),
+        "fortran_big_endian": np.asfortranarray(grid.astype(">i4")),
+        "records": np.array([(1, 2.5, b"ab"), (-3, 0.0, b"")], dtype=[("i", "<i8"), ("f", ">f4"), ("s", "S3")]),
+        "empty": np.zeros((0, 3)), "scalar": np.array(4.25), "bools": rng.random(11) > 0.5,
+        "complex": rng.standard_normal(6) + 1j, "strings": np.array(["a", "bcd", ""]),
+        "ints_3d": np.arange(24).reshape(2, 3, 4),
+        "non_contiguous": grid[::2, 1::2], "objects": np.array([1, "two", None], dtype=object),
+    }
+
+
+@pytest.mark.parametrize("compress", [0, 3])
+def test_joblib_arrays_load_exactly_as_joblib_reads_them(compress: int, tmp_path: Path) -> None:
+    joblib = require("joblib")
+    zoo = _array_zoo()
+    joblib.dump(zoo, tmp_path / "model.joblib", compress=compress)
+    expected = joblib.load(tmp_path / "model.joblib")
+    loaded = load_any(tmp_path / "model.joblib")
+    assert loaded.keys() == zoo.keys()
+    for key, want in expected.items():
+        got = loaded[key]
+        assert (got.dtype, got.shape, got.flags.f_contiguous, got.flags.writeable) == (
+            want.dtype, want.shape, want.flags.f_contiguous, want.flags.writeable), key
+        if got.dtype.hasobject:  # their bytes are pointers
+            assert got.tolist() == want.tolist() == zoo[key].tolist()
+        else:
+            assert got.tobytes() == want.tobytes() == zoo[key].astype(want.dtype).tobytes(), key
+
+
 def test_a_bare_pickle_file_loads_under_the_same_rules(tmp_path: Path) -> None:
     np = require("numpy")
     from sklearn.linear_model import LogisticRegression

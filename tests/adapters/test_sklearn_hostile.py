@@ -279,6 +279,42 @@ def test_p09_pre_010_prefix_inside_an_artifact_is_corrupt(tmp_path: Path) -> Non
         load_any(as_artifact(tmp_path, b"ZF0x00000010" + b"\x00" * 20))
 
 
+def _joblib_array_file(tmp_path: Path) -> tuple[bytes, int, int]:
+    """A joblib file holding one array; the offsets of its padding length byte and of its data."""
+    np, joblib = require("numpy"), require("joblib")
+    array = np.arange(1000, dtype="<i8")
+    joblib.dump({"a": array}, tmp_path / "whole.joblib")
+    raw = (tmp_path / "whole.joblib").read_bytes()
+    start = raw.index(array.tobytes())
+    # joblib aligns array data: a byte giving the padding's length, then that many 0xFF bytes
+    pad_at = next(start - n - 1 for n in range(16) if raw[start - n - 1] == n and raw[start - n:start] == b"\xff" * n)
+    return raw, pad_at, start
+
+
+@pytest.mark.parametrize(("where", "message"), [("before the padding", "padding"), ("in the padding", "padding"),
+                                                ("at the data", "more than the file holds"),
+                                                ("in the data", "more than the file holds")])
+def test_a_joblib_file_cut_inside_an_array_is_corrupt(where: str, message: str, tmp_path: Path) -> None:
+    raw, pad_at, start = _joblib_array_file(tmp_path)
+    cut = {"before the padding": pad_at, "in the padding": pad_at + 1,
+           "at the data": start, "in the data": start + 4000}[where]
+    if where == "in the padding" and start == pad_at + 1:
+        pytest.skip("this joblib file needed no padding")
+    for path in (bare(tmp_path, raw[:cut]), as_artifact(tmp_path, raw[:cut])):
+        with watched(), pytest.raises(CorruptArtifactError, match=message):
+            load_any(path)
+
+
+def test_a_compressed_joblib_file_cut_inside_an_array_is_corrupt(tmp_path: Path) -> None:
+    import zlib
+
+    raw, _, start = _joblib_array_file(tmp_path)
+    payload = zlib.compress(raw[:start + 4000])  # joblib's zlib format: the stream, compressed (no size to check)
+    for path in (bare(tmp_path, payload), as_artifact(tmp_path, payload)):
+        with watched(), pytest.raises(CorruptArtifactError, match="ends inside an array's data"):
+            load_any(path)
+
+
 # --- P11: BUILD, SETITEM, APPEND aimed where they do not belong ---------------------------------------
 
 def test_p11_build_on_a_global_class_is_refused_and_the_class_unchanged(tmp_path: Path, sentinel: Path) -> None:

@@ -1,0 +1,98 @@
+"""joblib files through the guarded unpickler: its compressed streams and its arrays written after their headers."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from typing import Any, BinaryIO
+
+from ._safepickle import Guard, PlainUnpickler, State, guarded_dispatch
+from .errors import CorruptArtifactError
+
+
+def decompressed(fileobj: BinaryIO, what: str) -> BinaryIO:
+    """`fileobj` itself, or a reader of its decompressed stream (joblib's compressed formats).
+
+    Raises:
+        mlpersist.errors.CorruptArtifactError: joblib's pre-0.10 format, whose side files are never opened.
+
+    """
+    from joblib.numpy_pickle_utils import _COMPRESSORS, _ZFILE_PREFIX, _buffered_read_file, _detect_compressor
+
+    kind = _detect_compressor(fileobj)
+    if kind == "compat":
+        raise CorruptArtifactError(f"{what} uses joblib's pre-0.10 format, whose side files mlpersist never "
+                                   f"opens (prefix {_ZFILE_PREFIX!r}); re-save it with a current joblib")
+    if kind in _COMPRESSORS:
+        return _buffered_read_file(_COMPRESSORS[kind].decompressor_file(fileobj))  # type: ignore[no-any-return]
+    return fileobj
+
+
+_JOBLIB_CLASS: type | None = None
+
+
+def unpickler_class() -> type:
+    """The guarded subclass of joblib's reader, built once (joblib is imported only when needed)."""
+    global _JOBLIB_CLASS
+    if _JOBLIB_CLASS is None:
+        from joblib.numpy_pickle import NumpyArrayWrapper, NumpyUnpickler
+
+        class _Joblib(Guard, NumpyUnpickler):  # type: ignore[misc]
+            dispatch = guarded_dispatch(NumpyUnpickler.dispatch)
+
+            def __init__(self, file: BinaryIO, state: State) -> None:
+                NumpyUnpickler.__init__(self, "", file, ensure_native_byte_order=True)
+                self._s, self._file = state, file
+
+            def load_build(self) -> None:
+                Guard.load_build(self)
+                top = self.stack[-1]
+                if isinstance(top, NumpyArrayWrapper):
+                    self.stack[-1] = _read_wrapped(self, top)
+
+        _Joblib.dispatch[pickle.BUILD[0]] = _Joblib.load_build
+        _JOBLIB_CLASS = _Joblib
+    return _JOBLIB_CLASS
+
+
+def _read_wrapped(up: Any, wrapper: Any) -> Any:
+    """Read the array after a NumpyArrayWrapper, refusing shapes the file cannot hold.
+
+    joblib's own `read_array`, minus its per-array numpy scalar arithmetic and chunked copies: the
+    bytes go straight into the new array (a forest is hundreds of small arrays).
+    """
+    import numpy as np
+    from joblib.numpy_pickle_utils import _ensure_native_byte_order
+
+    s: State = up._s
+    shape, dtype = getattr(wrapper, "shape", None), getattr(wrapper, "dtype", None)
+    if (not isinstance(dtype, np.dtype) or not isinstance(shape, tuple)
+            or not all(type(n) is int and n >= 0 for n in shape) or getattr(wrapper, "order", None) not in ("C", "F")
+            or getattr(wrapper, "subclass", None) is not np.ndarray):
+        raise CorruptArtifactError(f"{s.what}: malformed joblib array header")
+    f = up.file_handle
+    if dtype.hasobject:  # the inner stream goes through the same guarded unpickler (joblib GHSA-m62q-453p-gv66)
+        return PlainUnpickler(f, s).load()
+    if getattr(wrapper, "numpy_array_alignment_bytes", None) is not None:  # joblib >= 1.2: padding, its length first
+        pad = f.read(1)
+        if len(pad) != 1 or len(f.read(pad[0])) != pad[0]:
+            raise CorruptArtifactError(f"{s.what}: the file ends inside an array's padding")
+    count = math.prod(shape)
+    need = dtype.itemsize * count
+    if s.raw_stream and need > s.remaining(f):
+        raise CorruptArtifactError(f"{s.what}: an array declares {need} bytes, more than the file holds")
+    flat = np.empty(count, dtype=dtype)
+    if need and _read_into(f, flat.view(np.uint8)) != need:
+        raise CorruptArtifactError(f"{s.what}: the file ends inside an array's data")
+    array = flat.reshape(shape[::-1]).transpose() if wrapper.order == "F" else flat.reshape(shape)
+    return _ensure_native_byte_order(array)
+
+
+def _read_into(f: Any, buf: Any) -> int:
+    """Fill `buf` from `f`; the count read (short at the end of the file)."""
+    readinto = getattr(f, "readinto", None)
+    if readinto is not None:
+        return int(readinto(buf))
+    data = f.read(len(buf))
+    buf[:len(data)] = memoryview(data)
+    return len(data)
