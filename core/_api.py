@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
-from . import _parts, _reading, _registry, _storage
-from ._checked import hash_file
-from ._digest import HEX_LENGTHS, algorithm_of
-from ._dispatch import detect, sniff
-from ._manifest import FORMAT_VERSION, MANIFEST_NAME, FileEntry, Manifest, Part, check_json_value
-from ._payload import Payload
+from . import _bare, _location, _parts, _reading, _storage
+from ._dispatch import detect
+from ._manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, Part, check_json_value
 from ._policy import TrustPolicy
-from .errors import (
-    ArtifactNotFoundError,
-    CorruptArtifactError,
-    IntegrityError,
-    PersistError,
-    SignatureError,
-)
+from .errors import ArtifactNotFoundError, PersistError
 
 if TYPE_CHECKING:
     from . import _example
-    from ._remote import Store
     from ._signing import KeySource
+
 
 def save_any(model: Any, path: str | os.PathLike[str], *, overwrite: bool = False, metadata: Any = None,
              format: str | None = None, example: Any = None, storage_options: Mapping[str, Any] | None = None,
@@ -59,7 +49,7 @@ def save_any(model: Any, path: str | os.PathLike[str], *, overwrite: bool = Fals
         mlpersist.errors.StorageError: a remote store refused or failed (credentials, missing bucket, network).
 
     """
-    where = _where(path, storage_options)
+    where = _location.where(path, storage_options)
     check_json_value(metadata, "metadata")
     if type(model) is not dict:
         detect(model)  # refuse an unsupported model before touching the disk or the network
@@ -87,7 +77,7 @@ def write_artifact(root: Path, *, overwrite: bool, metadata: Any, fill: Callable
         manifest = Manifest(
             format_version=FORMAT_VERSION, adapter=part.adapter, format=part.format, model_class=part.model_class,
             framework=part.framework, framework_version=part.framework_version, files=staging.seal(),
-            environment=_parts.environment(_parts.adapters_in(part)), created_at=_now(),
+            environment=_parts.environment(_parts.adapters_in(part)), created_at=_parts.created_at(),
             mlpersist_version=_parts.mlpersist_version(), metadata=metadata, info=part.info, example=part.example,
             parts=part.parts)
         raw = manifest.to_json()
@@ -163,7 +153,7 @@ def load_with_report(path: str | os.PathLike[str], *, trusted: bool = False, all
     from . import _signing  # only loads need it: keeps `import mlpersist` light
 
     tolerance = _tolerance(check)
-    where = _where(path, storage_options)
+    where = _location.where(path, storage_options)
     keys = _signing.load_public_keys(public_key)
     policy = TrustPolicy.of(trusted, allow)
     whole = None if mmap else _parts.read_whole
@@ -177,12 +167,12 @@ def load_with_report(path: str | os.PathLike[str], *, trusted: bool = False, all
             with _remote.bare_file(where, progress) as local:  # a model file saved without mlpersist, at a URL
                 if local is None:
                     raise
-                return _load_bare(local, policy, digest=digest, signed_required=bool(keys), mmap=mmap,
+                return _bare.load_file(local, policy, digest=digest, signed_required=bool(keys), mmap=mmap,
                                   **options), [], tolerance
         return _load_opened(opened, policy, strict, tolerance, options)
     root = where
     if root.is_file():
-        model = _load_bare(root, policy, digest=digest, signed_required=bool(keys), mmap=mmap, **options)
+        model = _bare.load_file(root, policy, digest=digest, signed_required=bool(keys), mmap=mmap, **options)
         return model, [], tolerance
     try:
         opened = _reading.open_artifact(root, verify=verify, check_manifest=_signing.checker(digest, keys),
@@ -190,7 +180,7 @@ def load_with_report(path: str | os.PathLike[str], *, trusted: bool = False, all
     except ArtifactNotFoundError:
         if not root.is_dir() or (root / MANIFEST_NAME).exists():
             raise
-        return _load_bare_dir(root, policy, signed_required=bool(keys), **options), [], tolerance
+        return _bare.load_dir(root, policy, signed_required=bool(keys), **options), [], tolerance
     return _load_opened(opened, policy, strict, tolerance, options)
 
 
@@ -226,7 +216,7 @@ def inspect(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] 
         mlpersist.errors.CorruptArtifactError: the manifest is malformed.
 
     """
-    root = _where(path, storage_options)
+    root = _location.where(path, storage_options)
     if not isinstance(root, Path):
         from . import _remote
 
@@ -236,11 +226,11 @@ def inspect(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] 
             with _remote.bare_file(root) as local:
                 if local is None:
                     raise
-                manifest, f = _bare_manifest(local, source=root.url)
+                manifest, f = _bare.bare_manifest(local, source=root.url)
                 f.close()
                 return manifest
     if root.is_file():
-        manifest, f = _bare_manifest(root)
+        manifest, f = _bare.bare_manifest(root)
         f.close()
         return manifest
     return _reading.read_manifest(root)
@@ -266,110 +256,10 @@ def verify(path: str | os.PathLike[str], *, digest: str | None = None,
     from . import _signing
 
     check = _signing.checker(digest, _signing.load_public_keys(public_key))
-    where = _where(path, storage_options)
+    where = _location.where(path, storage_options)
     if not isinstance(where, Path):
         from . import _remote
 
         _remote.verify_remote(where, check_manifest=check)
     else:
         _reading.open_artifact(where, verify=True, check_manifest=check).close()
-
-
-def _bare_manifest(path: Path, source: str | None = None, pinned: str | None = None,
-                   whole: Callable[[str], Mapping[str, str]] | None = None) -> tuple[Manifest, BinaryIO]:
-    """Describe a bare model file as an artifact of one payload file, opened once (hashed as `pinned` is).
-
-    `whole(adapter)`: the payload names that adapter keeps whole (`_parts.whole_names`), asked by loads
-    only, since it imports the adapter (`inspect` imports no framework).
-    """
-    algo = algorithm_of(pinned) if pinned else None
-    if algo is not None and algo not in HEX_LENGTHS:
-        raise PersistError(f"digest={pinned!r}: a bare file's pinned digest is one of "
-                           f"{', '.join(a + ':<hex>' for a in sorted(HEX_LENGTHS))}")
-    name, fmt, payload_name = sniff(path)
-    spec = _registry.get_spec(name)
-    assert spec is not None
-    f: BinaryIO = open(path, "rb")  # noqa: SIM115 - handed to the caller, closed there
-    try:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise CorruptArtifactError(f"{path} is not a regular file")
-        # a small file, or one its adapter keeps whole, is then read from the bytes hashed
-        digest, f = hash_file(f, st.st_size, algo, whole=whole(name).get(payload_name) if whole else None)
-        entry = FileEntry(st.st_size, digest)
-        manifest = Manifest(FORMAT_VERSION, name, fmt, "unknown:unknown", spec.package, "unknown",
-                            {payload_name: entry}, {}, _now(), _parts.mlpersist_version(),
-                            {"source": source or str(path)}, {"bare": True})
-    except BaseException:
-        f.close()
-        raise
-    return Manifest.from_json(manifest.to_json()), f
-
-
-def _load_bare(path: Path, policy: TrustPolicy, *, digest: str | None, signed_required: bool, mmap: bool,
-               **options: Any) -> Any:
-    if signed_required:
-        raise SignatureError(str(path), "an artifact signed by a configured key",
-                             "a bare file, which carries no signature (wrap it in an artifact and sign that)")
-    manifest, f = _bare_manifest(path, pinned=digest, whole=None if mmap else _parts.whole_names)
-    try:
-        (payload_name,) = manifest.files
-        if digest is not None and manifest.files[payload_name].digest != digest:
-            raise IntegrityError(str(path), f"pinned digest {digest}", manifest.files[payload_name].digest)
-        adapter = _parts.adapter_for(_parts.part_of(manifest), strict=False)
-        return adapter.load(Payload({payload_name: f}, policy), manifest.info, format=manifest.format, **options)
-    finally:
-        f.close()
-
-
-def _load_bare_dir(root: Path, policy: TrustPolicy, *, signed_required: bool, **options: Any) -> Any:
-    """A model directory saved without mlpersist (a TensorFlow SavedModel): recognised, then trust rules."""
-    name, fmt, payload_name = sniff(root)
-    if signed_required:
-        raise SignatureError(str(root), "an artifact signed by a configured key",
-                             "a bare directory, which carries no signature (wrap it with mlpersist convert and sign)")
-    spec = _registry.get_spec(name)
-    assert spec is not None
-    adapter = _parts.adapter_for(Part(name, "", fmt, "unknown:unknown", spec.package, "unknown"), strict=False)
-    return adapter.load(Payload({}, policy, dirs={payload_name: root}), {"bare": True}, format=fmt, **options)
-
-
-def _where(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> Path | Store:
-    """A local artifact path, or the store of an fsspec URL."""
-    text = _text(path)
-    if _is_url(text):
-        from . import _remote
-
-        return _remote.open_store(text, storage_options)
-    if storage_options:
-        raise PersistError(f"{text}: storage_options= applies to URLs (s3://..., memory://...), not local paths")
-    return _local(text)
-
-
-def _local(path: str | os.PathLike[str], what: str = "") -> Path:
-    text = _text(path)
-    if text.startswith("file://"):
-        text = text[len("file://"):]
-    elif _is_url(text):
-        raise PersistError(f"{text}: {what or 'this call'} takes a local path; URLs are for save_any, load_any, "
-                           "inspect and verify")
-    if not text:
-        raise PersistError("path is empty")
-    return Path(os.path.abspath(text))
-
-
-def _is_url(text: str) -> bool:
-    """A URL fsspec must open (`file://` is a local path: it keeps the local, rename-based commit)."""
-    return ("://" in text or "::" in text) and not text.startswith("file://")
-
-
-def _text(path: str | os.PathLike[str]) -> str:
-    text = os.fspath(path)
-    return os.fsdecode(text) if isinstance(text, bytes) else text
-
-
-def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-

@@ -8,8 +8,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import _parts, _registry
-from ._api import _local, _where, write_artifact
+from . import _location, _parts, _registry
+from ._api import write_artifact
 from ._dispatch import sniff
 from ._manifest import MANIFEST_NAME, Manifest, Part
 from ._payload import Payload
@@ -30,7 +30,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, trusted
         mlpersist.errors.PersistError: `src` is already an artifact, or any error `load_any` would raise.
 
     """
-    source, where = _local(src, "convert's source"), _where(dst, storage_options)
+    source, where = _location.local(src, "convert's source"), _location.where(dst, storage_options)
     if source.is_dir() and (source / MANIFEST_NAME).exists():
         raise PersistError(f"{source} is already an mlpersist artifact: nothing to convert (`mlpersist verify` "
                            "checks it; save_any(load_any(...)) re-saves it)")

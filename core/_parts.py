@@ -311,3 +311,10 @@ def version(dist: str) -> str | None:
         return _v(dist)
     except PackageNotFoundError:
         return None
+
+
+def created_at() -> str:
+    """The current UTC time as a manifest records it (`created_at`)."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -237,12 +237,12 @@ def test_a_file_rewritten_in_place_right_after_its_check_does_not_reach_keras(
     """Keras reads by path: it gets a sealed copy of the bytes that were hashed and vetted, so another
     model written over the file in place (same inode) between the check and Keras's read is not what
     loads. `artifact-large` takes the path of files over 16 MiB (the copy made in the kernel)."""
-    from mlpersist import _api, _digest, _reading
+    from mlpersist import _bare, _digest, _reading
 
     model, other = sequential(), sequential()
     other.set_weights([w * 2.0 + 1.0 for w in other.get_weights()])
     if how == "bare-h5":
-        target, module = tmp_path / "legacy.h5", _api
+        target, module = tmp_path / "legacy.h5", _bare
         model.save(str(target))
         other.save(str(tmp_path / "other.h5"))
         replacement = (tmp_path / "other.h5").read_bytes()
