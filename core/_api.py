@@ -7,10 +7,11 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _bare, _location, _parts, _reading, _storage
+from . import _bare, _environment, _location, _parts, _reading, _storage
 from ._dispatch import detect
-from ._manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, Part, check_json_value
+from ._manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, Part
 from ._policy import TrustPolicy
+from ._strictjson import check_json_value
 from .errors import ArtifactNotFoundError, PersistError
 
 if TYPE_CHECKING:
@@ -77,8 +78,8 @@ def write_artifact(root: Path, *, overwrite: bool, metadata: Any, fill: Callable
         manifest = Manifest(
             format_version=FORMAT_VERSION, adapter=part.adapter, format=part.format, model_class=part.model_class,
             framework=part.framework, framework_version=part.framework_version, files=staging.seal(),
-            environment=_parts.environment(_parts.adapters_in(part)), created_at=_parts.created_at(),
-            mlpersist_version=_parts.mlpersist_version(), metadata=metadata, info=part.info, example=part.example,
+            environment=_environment.environment(_parts.adapters_in(part)), created_at=_environment.created_at(),
+            mlpersist_version=_environment.mlpersist_version(), metadata=metadata, info=part.info, example=part.example,
             parts=part.parts)
         raw = manifest.to_json()
         staging.commit(raw)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import _parts, _registry
+from . import _environment, _parts, _registry
 from ._checked import hash_file
 from ._digest import HEX_LENGTHS, algorithm_of
 from ._dispatch import sniff
@@ -41,7 +41,7 @@ def bare_manifest(path: Path, source: str | None = None, pinned: str | None = No
         digest, f = hash_file(f, st.st_size, algo, whole=whole(name).get(payload_name) if whole else None)
         entry = FileEntry(st.st_size, digest)
         manifest = Manifest(FORMAT_VERSION, name, fmt, "unknown:unknown", spec.package, "unknown",
-                            {payload_name: entry}, {}, _parts.created_at(), _parts.mlpersist_version(),
+                            {payload_name: entry}, {}, _environment.created_at(), _environment.mlpersist_version(),
                             {"source": source or str(path)}, {"bare": True})
     except BaseException:
         f.close()

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import _location, _parts, _registry
+from . import _environment, _location, _parts, _registry
 from ._api import write_artifact
 from ._dispatch import sniff
 from ._manifest import MANIFEST_NAME, Manifest, Part
@@ -53,7 +53,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, trusted
         cls = type(model)
         info = {"adapter_format_version": adapter.format_version, "bare": True, "converted_from": source.name}
         return Part(name, "", fmt, f"{cls.__module__}:{cls.__qualname__}", spec.package,
-                    _parts.framework_version(spec) or "unknown", info)
+                    _environment.framework_version(spec) or "unknown", info)
 
     if not isinstance(where, Path):
         from . import _upload

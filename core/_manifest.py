@@ -10,7 +10,8 @@ from typing import Any
 
 from ._digest import HEX_LENGTHS
 from ._record import Record
-from .errors import CorruptArtifactError, PersistError
+from ._strictjson import MAX_BYTES, parse_json
+from .errors import CorruptArtifactError
 
 # Bump runbook: add a reader for the old version next to _from_v1 (keep it, with a test on a
 # file of that version), change FORMAT_VERSION, document the change in docs/format.md.
@@ -19,7 +20,7 @@ SUPPORTED_VERSIONS = frozenset({1})
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
-MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_MANIFEST_BYTES = MAX_BYTES  # the bound parse_json enforces
 MAX_FILES = 10_000
 MAX_FILE_SIZE = 1 << 50  # 1 PiB: anything larger is a hostile or broken manifest
 REQUIRED = ("format_version", "adapter", "format", "class", "framework", "files", "environment",
@@ -259,18 +260,6 @@ def _check_example(example: Any, where: str, files: Mapping[str, FileEntry], pre
             raise _bad(where, "files listed in the manifest", repr(name)[:80])
 
 
-def parse_json(raw: bytes, what: str) -> Any:
-    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, bounded size and depth."""
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise CorruptArtifactError(f"{what}: {len(raw)} bytes, more than the {MAX_MANIFEST_BYTES} allowed")
-    try:
-        text = raw.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeError, huge ints are ValueErrors
-        raise CorruptArtifactError(f"{what} is not valid JSON ({str(exc)[:120]}); "
-                                   "the artifact is damaged: re-save or re-fetch it") from None
-
-
 def parse_files(files: Any) -> Mapping[str, FileEntry]:
     """Validate the `files` map: canonical names, integer sizes, known digests."""
     if not isinstance(files, dict):
@@ -329,29 +318,3 @@ def _is_identifier(s: str) -> bool:
 def _bad(where: str, expected: str, found: str) -> CorruptArtifactError:
     return CorruptArtifactError(f"{MANIFEST_NAME}: {where} should be {expected}, found {found}; "
                                 "the artifact is damaged or was not written by mlpersist")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def check_json_value(value: Any, what: str) -> None:
-    """Refuse metadata that would not survive a JSON round trip."""
-    try:
-        text = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise PersistError(f"{what} must be JSON-serialisable (dict, list, str, int, finite float, bool, None): "
-                           f"{exc}") from None
-    if json.loads(text) != value:
-        raise PersistError(f"{what} does not survive a JSON round trip (tuple or non-str key?): "
-                           "pass lists and str keys")
-

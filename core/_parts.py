@@ -7,19 +7,18 @@ lists every file, so one digest check and one atomic commit cover the whole bund
 
 from __future__ import annotations
 
-import functools
 import re
-import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from . import _registry
+from . import _environment, _registry
 from ._dispatch import detect
-from ._manifest import BUNDLE, JSON_PART, MAX_DEPTH, Manifest, Part, check_json_value
+from ._manifest import BUNDLE, JSON_PART, MAX_DEPTH, Manifest, Part
 from ._payload import Payload
 from ._policy import TrustPolicy
+from ._strictjson import check_json_value
 from .errors import (
     CorruptArtifactError,
     PersistError,
@@ -31,7 +30,6 @@ from .errors import (
 if TYPE_CHECKING:
     from . import _example
 
-_ENV_CACHE: dict[str, dict[str, Any]] = {}
 _SAFE_DIR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -67,7 +65,7 @@ def save_part(model: Any, dest: Path, *, fmt: str | None, options: dict[str, Any
         stored = _example.save(model, adapter, example, dest, where)
     cls = type(model)
     return Part(name, prefix.rstrip("/"), fmt, f"{cls.__module__}:{cls.__qualname__}", spec.package,
-                framework_version(spec) or "unknown", info, stored)
+                _environment.framework_version(spec) or "unknown", info, stored)
 
 
 def _takes_example(adapter: Any) -> bool:
@@ -111,7 +109,7 @@ def _save_bundle(bundle: dict[Any, Any], dest: Path, *, fmt: str | None, options
         (dest / directory).mkdir()
         parts[key] = save_part(value, dest / directory, fmt=sub_options.pop("format", None), options=sub_options,
                                example=example.get(key), prefix=f"{prefix}{directory}/", where=here)
-    return Part(BUNDLE, prefix.rstrip("/"), BUNDLE, "builtins:dict", "mlpersist", mlpersist_version(),
+    return Part(BUNDLE, prefix.rstrip("/"), BUNDLE, "builtins:dict", "mlpersist", _environment.mlpersist_version(),
                 {"adapter_format_version": 1, "order": list(parts)}, None, parts)
 
 
@@ -245,7 +243,7 @@ def adapter_for(part: Part, *, strict: bool) -> _registry.Adapter:
             f"{part.framework_version}), which is not registered here; install the package that provides it")
     if not _registry.installed(spec):
         raise _registry.missing_framework(spec, part.framework_version)
-    here = framework_version(spec)
+    here = _environment.framework_version(spec)
     if here is not None and part.framework_version not in (here, "unknown"):
         message = (f"the artifact was saved with {spec.package} {part.framework_version} and is loaded with "
                    f"{here}; results may differ. To match: pip install '{spec.package}=="
@@ -259,62 +257,3 @@ def adapter_for(part: Part, *, strict: bool) -> _registry.Adapter:
         raise CorruptArtifactError(f"the {part.adapter} payload has format version {written!r}, newer than "
                                    f"this mlpersist reads ({adapter.format_version}); upgrade mlpersist")
     return adapter
-
-
-def environment(names: list[str]) -> dict[str, Any]:
-    """Python, platform and the versions of the frameworks (and their dependencies) of these adapters."""
-    packages: dict[str, str] = {}
-    for name in dict.fromkeys(names):
-        if name not in _ENV_CACHE:
-            spec = _registry.get_spec(name)
-            assert spec is not None
-            deps = getattr(_registry.get_adapter(name), "dependencies", ())
-            found = {d: v for d in deps if (v := version(d)) is not None}
-            for dist in (spec.package, *spec.alt_packages):  # under the name pip installed it (xgboost-cpu)
-                if (v := version(dist)) is not None:
-                    found[dist] = v
-                    break
-            _ENV_CACHE[name] = found
-        packages.update(_ENV_CACHE[name])
-    if "" not in _ENV_CACHE:  # platform.platform() reads files: once per process
-        import platform
-
-        _ENV_CACHE[""] = {"python": platform.python_version(), "implementation": sys.implementation.name,
-                          "platform": platform.platform(), "machine": platform.machine()}
-    return {**_ENV_CACHE[""], "packages": packages}
-
-
-def framework_version(spec: _registry.AdapterSpec) -> str | None:
-    """The installed version of the adapter's framework, under any of its distribution names."""
-    for dist in (spec.package, *spec.alt_packages):
-        if (v := version(dist)) is not None:
-            return v
-    return None
-
-
-def mlpersist_version() -> str:
-    """The installed mlpersist version."""
-    return version("mlpersist") or "unknown"
-
-
-@functools.cache
-def version(dist: str) -> str | None:
-    """The installed version of distribution `dist`, or None.
-
-    Looked up once per process, like `environment`: importlib.metadata scans sys.path and parses
-    METADATA, a millisecond or more per call, on every save and load otherwise.
-    """
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as _v
-
-    try:
-        return _v(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def created_at() -> str:
-    """The current UTC time as a manifest records it (`created_at`)."""
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

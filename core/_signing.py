@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from ._manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, parse_json
+from ._manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
+from ._strictjson import parse_json
 from .errors import IntegrityError, MissingFrameworkError, PersistError, SignatureError
 
 if TYPE_CHECKING:
