@@ -63,9 +63,10 @@ def _private_copy(fd: int, size: int, algo: str) -> tuple[str, mmap.mmap] | None
     """A copy of the file in fresh anonymous memory (writable, tied to no file), and its digest.
 
     Nothing done to the file afterwards reaches the copy: not a write in place, not a truncation
-    (which would discard even the copied-on-write pages of a private file mapping). A second thread
-    has the kernel allocate 64 MiB of pages at once and reads the file into them, while this one
-    hashes the previous 64 MiB: faster here than a `bytearray`, which is zeroed page by page first.
+    (which would discard even the copied-on-write pages of a private file mapping). Two threads each
+    take a 64 MiB window in turn: have the kernel allocate its pages at once, read the file into them,
+    then hash it once the previous window is hashed. Allocating fresh pages is most of the cost (more
+    than the read and the hash together on a VM), so it runs on both cores, not on one fill thread.
     None off Linux, or if the file is shorter than `size`: the caller reads it the plain way.
     """
     if not sys.platform.startswith("linux"):
@@ -76,15 +77,11 @@ def _private_copy(fd: int, size: int, algo: str) -> tuple[str, mmap.mmap] | None
         copy = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except (OSError, ValueError):
         return None
-    step, populate = WINDOW * 4, [True]
+    step, populate = WINDOW * 4, _populator(copy)
 
     def fill(view: memoryview, offset: int) -> bool:
         length = min(step, size - offset)
-        if populate[0]:
-            try:
-                copy.madvise(_POPULATE_WRITE, offset, length)  # all pages at once, not one fault each
-            except OSError:
-                populate[0] = False  # an older kernel: the reads fault the pages in instead
+        populate(offset, length)  # all pages at once, not one fault each; a no-op where it cannot
         got = 0
         while got < length:
             n = pread(fd, view[offset + got:offset + length], offset + got)
@@ -96,30 +93,85 @@ def _private_copy(fd: int, size: int, algo: str) -> tuple[str, mmap.mmap] | None
     h = new(algo)
     with memoryview(copy) as view:
         whole = _pipelined(size, step, lambda offset: fill(view, offset),
-                           lambda offset, length: h.update(view[offset:offset + length]))
+                           lambda offset, length: h.update(view[offset:offset + length]), in_order=False)
     if whole:
         return f"{algo}:{h.hexdigest()}", copy
     copy.close()
     return None
 
 
-def _pipelined(size: int, step: int, fill: Callable[[int], bool], hashed: Callable[[int, int], object]) -> bool:
-    """Fill `size` bytes `step` at a time on a second thread, one window ahead of `hashed` on this one.
+def _populator(copy: mmap.mmap) -> Callable[[int, int], None]:
+    """`populate(offset, length)`: allocate that range of `copy`'s pages now, without holding the GIL.
 
-    Both calls release the GIL (a read or a copy in the kernel; BLAKE3), so they run side by side.
-    False if a fill came up short (the file is shorter than declared).
+    `mmap.madvise` holds the GIL through the whole call (tens of ms per window), which would stop the
+    other thread between its reads and hashes; libc's `madvise` through ctypes releases it. Where
+    ctypes or MADV_POPULATE_WRITE (Linux 5.14) is missing, the reads fault the pages in instead.
+    """
+    try:
+        import ctypes
+
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+        cell = ctypes.c_char.from_buffer(copy)
+        base = ctypes.addressof(cell)
+        del cell  # no export left on `copy`: it can still be closed
+    except (ImportError, OSError, AttributeError, TypeError, ValueError):
+        return lambda offset, length: None
+    works = [True]
+
+    def populate(offset: int, length: int) -> None:
+        if works[0] and madvise(base + offset, length, _POPULATE_WRITE) != 0:
+            works[0] = False  # an older kernel: the reads fault the pages in instead
+
+    return populate
+
+
+def _pipelined(size: int, step: int, fill: Callable[[int], bool], hashed: Callable[[int, int], object], *,
+               in_order: bool = True) -> bool:
+    """Fill `size` bytes `step` at a time on other threads, and hash each window in order once filled.
+
+    `in_order`: the fills run one at a time, one window ahead of the hashing on this thread (a copy
+    whose position follows the offset); otherwise two threads each fill a window, then hash it after
+    the previous one. The fills and the hash release the GIL, so they run side by side. False if a fill
+    came up short (the file is shorter than declared).
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(1, thread_name_prefix="mlpersist-copy") as pool:
-        ahead = pool.submit(fill, 0)
-        for offset in range(0, size, step):
-            if not ahead.result():
-                return False
-            if offset + step < size:
-                ahead = pool.submit(fill, offset + step)  # fill the next window while this one is hashed
-            hashed(offset, min(step, size - offset))
-    return True
+    if in_order:
+        with ThreadPoolExecutor(1, thread_name_prefix="mlpersist-copy") as pool:
+            ahead = pool.submit(fill, 0)
+            for offset in range(0, size, step):
+                if not ahead.result():
+                    return False
+                if offset + step < size:
+                    ahead = pool.submit(fill, offset + step)  # fill the next window while this one is hashed
+                hashed(offset, min(step, size - offset))
+        return True
+    import threading
+
+    offsets = range(0, size, step)
+    hashed_up_to = [threading.Event() for _ in offsets]  # [i] is set once window i is hashed, or abandoned
+    failed = [False]
+
+    def window(i: int) -> None:
+        try:
+            ok = not failed[0] and fill(offsets[i])
+            if i:
+                hashed_up_to[i - 1].wait()
+            if ok and not failed[0]:
+                hashed(offsets[i], min(step, size - offsets[i]))
+            else:
+                failed[0] = True
+        except BaseException:
+            failed[0] = True
+            raise
+        finally:
+            hashed_up_to[i].set()
+
+    with ThreadPoolExecutor(2, thread_name_prefix="mlpersist-copy") as pool:
+        for done in [pool.submit(window, i) for i in range(len(offsets))]:
+            done.result()  # an OSError of a read fails the copy here
+    return not failed[0]
 
 
 class _Memory(io.RawIOBase):

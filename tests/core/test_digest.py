@@ -147,6 +147,33 @@ def test_only_small_payloads_are_kept_in_memory(tmp_path: Path, dummy: DummyMode
         opened.close()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the anonymous copy is Linux's")
+@pytest.mark.parametrize("populate", [True, False], ids=["pages-allocated-ahead", "pages-faulted-by-reads"])
+def test_an_anonymous_copy_filled_two_windows_at_a_time_hashes_them_in_order(
+        tmp_path: Path, populate: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`whole="memory"` copies the file window by window on two threads: the digest must still be of the
+    bytes in file order, the copy exact, and a file shorter than declared must not be taken as whole."""
+    import mmap
+
+    monkeypatch.setattr(_digest, "MAP_BYTES", 1 << 10)
+    monkeypatch.setattr(_checked, "WINDOW", 1024)  # 4 KiB windows: ~50 of them, the last partial
+    if not populate:
+        monkeypatch.setattr(_checked, "_POPULATE_WRITE", -1)  # madvise refuses it, as an older kernel would
+    data = os.urandom(200_000 + 123)
+    (tmp_path / "f").write_bytes(data)
+    expected = "blake3:" + blake3(data).hexdigest()
+    for _ in range(5):  # the threads' interleaving varies from run to run
+        with open(tmp_path / "f", "rb") as f:
+            digest, kept = _checked.hash_file(f, len(data), "blake3", whole="memory")
+            assert digest == expected
+            assert isinstance(kept, _checked.Checked) and isinstance(kept.data, mmap.mmap) and kept.data[:] == data
+            kept.close()
+    with open(tmp_path / "f", "rb") as f:  # declared longer than it is: windows come up short, plain read
+        digest, kept = _checked.hash_file(f, len(data) + 50_000, "blake3", whole="memory")
+        assert digest == expected and isinstance(kept.data, bytearray)
+        kept.close()
+
+
 @pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="sealed in-memory files are Linux's")
 @pytest.mark.parametrize("size", [1000, 3 << 20], ids=["small", "large"])
 def test_a_file_read_by_path_is_a_sealed_copy_of_the_checked_bytes(tmp_path: Path, size: int,
