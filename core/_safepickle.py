@@ -71,8 +71,11 @@ def _run(fileobj: BinaryIO, policy: TrustPolicy, *, what: str, joblib_format: bo
 
 
 def _guarded_call(fn: Any, state: State) -> Any:
+    from . import _gc
+
     try:
-        return fn()
+        with _gc.paused():  # an estimator is thousands of small objects
+            return fn()
     except (UntrustedContentError, CorruptArtifactError):
         raise
     except RecursionError:

@@ -27,11 +27,14 @@ def loads(data: bytes | bytearray | memoryview, what: str) -> Any:
         mlpersist.errors.CorruptArtifactError: truncated, malformed, too deep, or trailing bytes.
 
     """
-    reader = _Reader(bytes(data), what)
-    value = reader.value(reader.marker(), 0)
-    if reader.pos != len(reader.buf):
-        raise reader.bad(f"{len(reader.buf) - reader.pos} trailing bytes")
-    return value
+    from . import _gc
+
+    with _gc.paused():  # thousands of dicts and arrays, no cycles
+        reader = _Reader(bytes(data), what)
+        value = reader.value(reader.marker(), 0)
+        if reader.pos != len(reader.buf):
+            raise reader.bad(f"{len(reader.buf) - reader.pos} trailing bytes")
+        return value
 
 
 @functools.cache
