@@ -80,7 +80,7 @@ class XGBoostAdapter:
 def parse(raw: bytes, format: str, what: str) -> Any:
     """Read the model document ourselves: bounded, no native code."""
     if format == "ubj":
-        return ubjson_loads(raw, what)
+        return ubjson_loads(raw, what, lazy=True)  # typed arrays read when checked (most are not)
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -131,8 +131,10 @@ def _check_trees(trees: list[Any], n_features: int) -> None:
     if bad is not None:
         _refuse(bad)
     for i, tree in enumerate(trees):
+        if not len(tree.get("categories_segments", ())):
+            continue  # no categorical split: nothing to read
         segments, sizes_ = np.asarray(tree.get("categories_segments", [])), np.asarray(tree.get("categories_sizes", []))
-        if len(segments) and not (len(segments) == len(sizes_) and bool(np.all(
+        if not (len(segments) == len(sizes_) and bool(np.all(
                 (segments >= 0) & (sizes_ >= 0) & (segments + sizes_ <= len(tree.get("categories", [])))))):
             _refuse(i)
 

@@ -304,7 +304,25 @@ def test_the_ubjson_reader_reads_what_an_independent_encoder_wrote(doc: dict[str
                                                                    noop: bool) -> None:
     from mlpersist._ubjson import loads
 
-    assert _same(loads(_encode(doc, wide, counted, noop), "doc"), doc)
+    raw = _encode(doc, wide, counted, noop)
+    assert _same(loads(raw, "doc"), doc)
+    assert _same(_read_arrays(loads(raw, "doc", lazy=True)), doc)  # the arrays the XGBoost check reads
+
+
+def _read_arrays(value: Any) -> Any:
+    """A lazily parsed document with every typed array read (numpy.asarray), as the XGBoost check does."""
+    np = require("numpy")
+    from mlpersist._ubjson import TypedArray
+
+    if isinstance(value, TypedArray):
+        array = np.asarray(value)
+        assert len(value) == len(array)
+        return array
+    if isinstance(value, dict):
+        return {k: _read_arrays(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_read_arrays(v) for v in value]
+    return value
 
 
 @pytest.mark.parametrize("raw", [
@@ -337,5 +355,7 @@ def test_counted_typed_and_noop_objects_read_as_written() -> None:
     assert loads(b"{$Z#U\x02U\x01aU\x01b", "doc") == {"a": None, "b": None}  # one value type: no values
     assert loads(b"{#U\x01NU\x01aNT", "doc") == {"a": True}
     assert loads(b"{N}", "doc") == {}
-    got = loads(b"{U\x01a[$I#U\x02\x01\x02\xff\xffU\x01bN[$U#U\x01\x07}", "doc")
-    assert got["a"].tolist() == [258, -1] and got["b"].tolist() == [7]
+    raw = b"{U\x01a[$I#U\x02\x01\x02\xff\xffU\x01bN[$U#U\x01\x07U\x01c[[$D#U\x01" + struct.pack(">d", 0.5) + b"]}"
+    for lazy in (False, True):  # the inline path (after a key), the general one (inside a list)
+        got = _read_arrays(loads(raw, "doc", lazy=lazy))
+        assert got["a"].tolist() == [258, -1] and got["b"].tolist() == [7] and got["c"][0].tolist() == [0.5]
