@@ -107,15 +107,18 @@ def _populator(copy: mmap.mmap) -> Callable[[int, int], None]:
     other thread between its reads and hashes; libc's `madvise` through ctypes releases it. Where
     ctypes or MADV_POPULATE_WRITE (Linux 5.14) is missing, the reads fault the pages in instead.
     """
+    from ._storage import libc_function
+
     try:
         import ctypes
 
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-        madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+        madvise = libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
         cell = ctypes.c_char.from_buffer(copy)
         base = ctypes.addressof(cell)
         del cell  # no export left on `copy`: it can still be closed
-    except (ImportError, OSError, AttributeError, TypeError, ValueError):
+    except (ImportError, TypeError, ValueError):
+        madvise = None
+    if madvise is None:
         return lambda offset, length: None
     works = [True]
 
