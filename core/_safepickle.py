@@ -105,6 +105,8 @@ class _Refused:
 
 
 class State:
+    """What one guarded read knows: the policy, the globals it handed out and refused, the file's size."""
+
     def __init__(self, policy: TrustPolicy, what: str, seen: list[tuple[str, bool]] | None) -> None:
         self.policy, self.what, self.seen = policy, what, seen
         self.refused: list[str] = []
@@ -163,7 +165,7 @@ class Guard:
 
         A frame is only a read-ahead hint: here the stream is already buffered (in memory, mostly), so
         FRAME just skips its length, and each opcode costs one C call to read instead of three Python
-        calls (a third of a forest's load time). Every opcode still goes through the guarded dispatch.
+        calls (a tenth of a forest's load time). Every opcode still goes through the guarded dispatch.
         """
         file: Any = self._file
         self.read, self.readline = file.read, file.readline
