@@ -12,7 +12,7 @@ import pytest
 from blake3 import blake3
 from mlp_testkit import DummyModel
 
-from mlpersist import IntegrityError, PersistError, _checked, _digest, inspect, load_any, save_any, verify
+from mlpersist import IntegrityError, PersistError, _checked, _copies, _digest, inspect, load_any, save_any, verify
 
 INPUTS = [0.0, 1.5, -2.0]
 
@@ -156,9 +156,9 @@ def test_an_anonymous_copy_filled_two_windows_at_a_time_hashes_them_in_order(
     import mmap
 
     monkeypatch.setattr(_digest, "MAP_BYTES", 1 << 10)
-    monkeypatch.setattr(_checked, "WINDOW", 1024)  # 4 KiB windows: ~50 of them, the last partial
+    monkeypatch.setattr(_copies, "WINDOW", 1024)  # 4 KiB windows: ~50 of them, the last partial
     if not populate:
-        monkeypatch.setattr(_checked, "_POPULATE_WRITE", -1)  # madvise refuses it, as an older kernel would
+        monkeypatch.setattr(_copies, "_POPULATE_WRITE", -1)  # madvise refuses it, as an older kernel would
     data = os.urandom(200_000 + 123)
     (tmp_path / "f").write_bytes(data)
     expected = "blake3:" + blake3(data).hexdigest()
