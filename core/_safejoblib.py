@@ -82,17 +82,7 @@ def _read_wrapped(up: Any, wrapper: Any) -> Any:
     if s.raw_stream and need > s.remaining(f):
         raise CorruptArtifactError(f"{s.what}: an array declares {need} bytes, more than the file holds")
     flat = np.empty(count, dtype=dtype)
-    if need and _read_into(f, flat.view(np.uint8)) != need:
+    if need and f.readinto(flat.view(np.uint8)) != need:  # a BufferedReader: fills it, or the file ended
         raise CorruptArtifactError(f"{s.what}: the file ends inside an array's data")
     array = flat.reshape(shape[::-1]).transpose() if wrapper.order == "F" else flat.reshape(shape)
     return _ensure_native_byte_order(array)
-
-
-def _read_into(f: Any, buf: Any) -> int:
-    """Fill `buf` from `f`; the count read (short at the end of the file)."""
-    readinto = getattr(f, "readinto", None)
-    if readinto is not None:
-        return int(readinto(buf))
-    data = f.read(len(buf))
-    buf[:len(data)] = memoryview(data)
-    return len(data)

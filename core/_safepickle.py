@@ -61,11 +61,14 @@ def _run(fileobj: BinaryIO, policy: TrustPolicy, *, what: str, joblib_format: bo
             up = NumpyUnpickler("", decompressed(fileobj, what), ensure_native_byte_order=True)
             return _guarded_call(up.load, state), []
         return _guarded_call(lambda: pickle.load(fileobj), state), []
-    from . import _safejoblib  # joblib is imported only for joblib files
+    if joblib_format:
+        from . import _safejoblib  # joblib is imported only for joblib files
 
-    stream = _safejoblib.decompressed(fileobj, what) if joblib_format else fileobj
+        stream = _safejoblib.decompressed(fileobj, what)
+        up = _safejoblib.unpickler_class()(stream, state)
+    else:
+        stream, up = fileobj, PlainUnpickler(fileobj, state)
     state.raw_stream = stream is fileobj
-    up = _safejoblib.unpickler_class()(stream, state) if joblib_format else PlainUnpickler(stream, state)
     obj = _guarded_call(up.load, state)
     return obj, state.refused
 
@@ -168,8 +171,7 @@ class Guard:
         calls (a tenth of a forest's load time). Every opcode still goes through the guarded dispatch.
         """
         file: Any = self._file
-        self.read, self.readline = file.read, file.readline
-        self.readinto = getattr(file, "readinto", None) or self._readinto
+        self.read, self.readline, self.readinto = file.read, file.readline, file.readinto
         self.metastack, self.stack = [], []
         self.append = self.stack.append
         self.proto = 0
@@ -182,11 +184,6 @@ class Guard:
                 dispatch[key[0]](self)
         except pickle._Stop as stop:  # type: ignore[attr-defined]
             return stop.value
-
-    def _readinto(self, buf: Any) -> int:
-        data = self.read(len(buf))
-        buf[:len(data)] = data
-        return len(data)
 
     def load_frame(self) -> None:
         if len(self.read(8)) != 8:
