@@ -176,9 +176,11 @@ def _load_program(payload: Payload, format: str, dev: torch.device) -> Any:
         raise UntrustedContentError(f"a {format} artifact is a program (it runs when called, and torch reads it "
                                     "with its own unpickler); load it only with trusted=True, or from an artifact "
                                     "signed by a key you configured", [format])
-    path = str(payload.local_path(_FILES[format]))
     if format == "torchscript":
+        path = str(payload.local_path(_FILES[format]))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             return torch.jit.load(path, map_location=dev).eval()  # type: ignore[no-untyped-call]
-    return torch.export.load(path).module().to(dev)
+    # the checked stream: given a path, torch.export wants it to end in .pt2 (a /proc/self/fd path does
+    # not), else it logs "Unable to load package" and falls back to its legacy reader
+    return torch.export.load(payload.open(_FILES[format])).module().to(dev)
