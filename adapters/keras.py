@@ -25,9 +25,10 @@ class KerasAdapter:
     format_version: ClassVar[int] = 1
     dependencies: ClassVar[tuple[str, ...]] = ("keras", "tensorflow", "tensorflow-cpu", "torch", "jax", "numpy",
                                                "h5py")
-    # Keras reads only by path: it gets the very bytes whose config was vetted (a sealed in-memory copy;
-    # HDF5 wants a real path: a private temporary copy), so no write to the artifact between the check
-    # and Keras's read can slip it another config
+    # Keras reads only by path: it gets the very bytes whose config was vetted (a large .keras file where
+    # it lies, under a read lease, else a sealed in-memory copy; HDF5 wants a real path: a private
+    # temporary copy), so no write to the artifact between the check and Keras's read can slip it
+    # another config
     read_by_path: ClassVar[tuple[str, ...]] = (_FILES["keras"],)
     read_whole: ClassVar[tuple[str, ...]] = (_FILES["h5"],)
 
@@ -83,7 +84,7 @@ def _load_saved_model(payload: Payload, call_endpoint: str) -> Any:
 def _keras_path(payload: Payload, name: str) -> Iterator[str]:
     """A path to the checked bytes of `name` under its own name (Keras picks its reader by suffix).
 
-    A .keras file: a link to `payload.local_path` (a sealed in-memory copy). HDF5 resolves the real
+    A .keras file: a link to `payload.local_path` (the leased file or a sealed copy). HDF5 resolves the real
     path of what it opens, which such a copy has not: an .h5 file's checked bytes are written to a
     private temporary directory instead.
     """

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _bare, _environment, _location, _parts, _reading, _storage
+from . import _bare, _checked, _environment, _location, _parts, _reading, _storage
 from ._dispatch import detect
 from ._manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, Part
 from ._policy import TrustPolicy
@@ -151,6 +151,22 @@ def load_with_report(path: str | os.PathLike[str], *, trusted: bool = False, all
                      storage_options: Mapping[str, Any] | None = None, progress: bool | None = None,
                      mmap: bool = False, **options: Any) -> tuple[Any, list[_example.Diff], float | None]:
     """`load_any`, returning also the comparison of each stored example output and the tolerance used."""
+    def attempt() -> tuple[Any, list[_example.Diff], float | None]:
+        return _load_with_report(path, trusted=trusted, allow=allow, verify=verify, strict=strict, digest=digest,
+                                 public_key=public_key, check=check, storage_options=storage_options,
+                                 progress=progress, mmap=mmap, **options)
+
+    try:
+        return attempt()
+    except _checked.LeaseBroken:  # a file read where it lies (Keras) was opened for writing meanwhile
+        with _checked.copies_only():  # again, from copies of its bytes, which must still match the manifest
+            return attempt()
+
+
+def _load_with_report(path: str | os.PathLike[str], *, trusted: bool, allow: Iterable[str], verify: bool,
+                      strict: bool, digest: str | None, public_key: KeySource | Iterable[KeySource] | None,
+                      check: bool | float, storage_options: Mapping[str, Any] | None, progress: bool | None,
+                      mmap: bool, **options: Any) -> tuple[Any, list[_example.Diff], float | None]:
     from . import _signing  # only loads need it: keeps `import mlpersist` light
 
     tolerance = _tolerance(check)

@@ -1,22 +1,50 @@
 """What loads is what was checked: a payload's bytes hashed once as they are read, then served from memory.
 
 A file under 16 MiB is read into a `bytearray`; a larger one an adapter keeps whole is copied into
-anonymous memory (`read_whole`: the model's own memory views it) or into a sealed in-memory file
-(`read_by_path`: a framework opens its path). Either way no write to the artifact after the check
-reaches what is loaded.
+anonymous memory (`read_whole`: the model's own memory views it). A larger one a framework opens by path
+(`read_by_path`) is read where it lies under a read lease (`_leases`: if someone opens it for writing
+before the framework is done, `unchanged` raises and the load is done again), or where no lease can be
+had, copied into a sealed in-memory file. Either way no write to the artifact after the check reaches
+what is loaded.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from . import _copies, _digest
+from . import _copies, _digest, _leases
 from ._digest import CHUNK, algorithm, hash_fd, new, pread
 
 if TYPE_CHECKING:
     import mmap
+
+_LEASES = ContextVar("mlpersist_leases", default=True)  # False while a load is done again from copies
+
+
+class LeaseBroken(Exception):
+    """A file read under a lease was opened for writing before its framework was done: load again."""
+
+
+@contextmanager
+def copies_only() -> Iterator[None]:
+    """Within it (this thread), files read by path are copied, never read under a lease."""
+    token = _LEASES.set(False)
+    try:
+        yield
+    finally:
+        _LEASES.reset(token)
+
+
+def unchanged(handles: Iterable[BinaryIO]) -> None:
+    """Raise `LeaseBroken` if a file read under a lease may have been written to since it was hashed."""
+    for f in handles:
+        if isinstance(f, Checked) and f.leased and not _leases.held(f.fileno()):
+            raise LeaseBroken(f.name)
 
 
 def hash_file(f: BinaryIO, size: int, algo: str | None = None, *, whole: str | None = None) -> tuple[str, BinaryIO]:
@@ -26,13 +54,17 @@ def hash_file(f: BinaryIO, size: int, algo: str | None = None, *, whole: str | N
     handle returned (a `Checked`) serves exactly those bytes: a writer that changes the file after the
     check changes nothing that is loaded through it. `whole="memory"` is for an adapter that keeps
     the bytes as its model's memory (torch weights: an anonymous copy); `whole="file"` for a file a
-    framework reads only by path (Keras: a sealed in-memory file, whose path `Checked.path()` gives).
-    Another large file is hashed where it lies (`hash_fd`) and `f` is returned.
+    framework reads only by path (Keras), whose path `Checked.path()` gives: a large one is hashed where
+    it lies under a read lease (call `unchanged` once the framework has read it), or copied into a
+    sealed in-memory file where no lease can be had. Another large file is hashed where it lies
+    (`hash_fd`) and `f` is returned.
     """
     algo = algo or algorithm()
     if size >= _digest.MAP_BYTES and not whole:
         return hash_fd(f.fileno(), size, algo), f
     if size >= _digest.MAP_BYTES:
+        if whole == "file" and _LEASES.get() and _leases.take(f.fileno()):
+            return hash_fd(f.fileno(), size, algo), Checked(None, f, named=os.dup(f.fileno()), leased=True)
         if whole == "file":
             named = _copies.named_copy(f.fileno(), size, algo)
             if named is not None:
@@ -87,11 +119,16 @@ class _Memory(io.RawIOBase):
 class Checked(io.BufferedReader):
     """The hashed bytes of a payload file, served from memory; `fileno()` and `name` are the file's.
 
-    It owns the file (and its sealed copy, if any): closing it (or dropping it) closes them too.
+    It owns the file (and its sealed copy, if any): closing it (or dropping it) closes them too, and
+    releases the file's lease, if it was read under one.
     """
 
-    def __init__(self, data: bytearray | mmap.mmap | None, file: BinaryIO, named: int | None = None) -> None:
-        """`data`: a buffer or an anonymous copy; or None, and `named`: a sealed in-memory file read instead."""
+    def __init__(self, data: bytearray | mmap.mmap | None, file: BinaryIO, named: int | None = None,
+                 leased: bool = False) -> None:
+        """`data`: a buffer or an anonymous copy; or None, and `named`: a sealed in-memory file read instead.
+
+        With `leased`, `named` is a descriptor of the file itself, which holds a read lease.
+        """
         if data is not None:
             raw: io.RawIOBase = _Memory(data)
         elif named is not None:
@@ -99,12 +136,13 @@ class Checked(io.BufferedReader):
         else:
             raise ValueError("Checked needs the bytes or a sealed file holding them")
         super().__init__(raw, buffer_size=1 << 20)
-        self.data, self.file, self._named = data, file, named
+        self.data, self.file, self._named, self.leased = data, file, named, leased
 
     def path(self) -> str | None:
         """A path that opens exactly these bytes, or None off Linux (or if no in-memory file can be made).
 
-        It is a sealed in-memory file: the copy itself, or one made on first use from bytes held otherwise.
+        It is the leased file itself, or a sealed in-memory file: the copy, or one made on first use from
+        bytes held otherwise.
         """
         if self._named is None and self.data is not None:
             self._named = _copies.sealed_file(self.data)

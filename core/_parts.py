@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import _environment, _registry
+from ._checked import unchanged
 from ._dispatch import detect
 from ._manifest import BUNDLE, JSON_PART, MAX_DEPTH, Manifest, Part
 from ._payload import Payload
@@ -226,6 +227,7 @@ def load_part(part: Part, handles: Mapping[str, BinaryIO], ctx: LoadContext, opt
     payload = Payload({n: h for n, h in handles.items() if n not in examples}, ctx.policy,
                       ctx.root / part.dir if ctx.root is not None else None)
     model = adapter.load(payload, part.info, format=part.format, **options)
+    unchanged(handles.values())  # a file read under a lease, opened for writing meanwhile: load again
     if ctx.check is not None and part.example is not None:
         from . import _example
 

@@ -58,8 +58,8 @@ class Payload:
         `bytearray`, or for a large file on Linux an anonymous memory mapping holding its copy (both
         writable, and tied to no file). Read from them and a writer that rewrites the file after the
         check changes nothing that is loaded; `open` and `read_bytes` serve them too. A large file in
-        the adapter's `read_by_path` gives None here: `open`, `read_bytes` and `local_path` serve its
-        sealed copy. Other large files are read where they lie.
+        the adapter's `read_by_path` gives None here: `open`, `read_bytes` and `local_path` serve it
+        where it lies under a read lease, or its sealed copy. Other large files are read where they lie.
         """
         from ._checked import Checked
 
@@ -70,10 +70,13 @@ class Payload:
         """A path that opens the very file that was checked (for frameworks that only take paths).
 
         On Linux, for a file whose bytes the core kept (under 16 MiB, or named in the adapter's
-        `read_by_path` or `read_whole`), it is `/proc/self/fd/N` of a sealed in-memory file holding
-        exactly those bytes: no later write to the artifact reaches the framework. For another large
-        file it is `/proc/self/fd/N` of the checked handle, so a file swapped after the check is never
-        read; elsewhere it is the file's path in the artifact.
+        `read_whole`), it is `/proc/self/fd/N` of a sealed in-memory file holding exactly those bytes:
+        no later write to the artifact reaches the framework. For a large file named in `read_by_path`
+        it is `/proc/self/fd/N` of the checked file under a read lease (a writer waits until the load is
+        over, and if one asked meanwhile the core loads again from a sealed copy), or of a sealed copy
+        where no lease can be had. For another large file it is `/proc/self/fd/N` of the checked
+        handle, so a file swapped after the check is never read; elsewhere it is the file's path in
+        the artifact.
         """
         from ._checked import Checked
 

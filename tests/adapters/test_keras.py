@@ -14,6 +14,7 @@ from mlp_testkit import require, run_python
 
 from mlpersist import (
     CorruptArtifactError,
+    IntegrityError,
     UntrustedContentError,
     load_any,
     save_any,
@@ -231,12 +232,13 @@ def test_a_bare_keras_file_and_a_legacy_h5_file_load_under_the_same_rules(tmp_pa
     same(load_any(tmp_path / "legacy.h5"), model)
 
 
-@pytest.mark.parametrize("how", ["artifact", "artifact-large", "bare-h5"])
+@pytest.mark.parametrize("how", ["artifact", "artifact-large-copied", "bare-h5"])
 def test_a_file_rewritten_in_place_right_after_its_check_does_not_reach_keras(
         how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keras reads by path: it gets a sealed copy of the bytes that were hashed and vetted, so another
-    model written over the file in place (same inode) between the check and Keras's read is not what
-    loads. `artifact-large` takes the path of files over 16 MiB (the copy made in the kernel)."""
+    """Keras reads by path: it gets a copy of the bytes that were hashed and vetted, so another model
+    written over the file in place (same inode) between the check and Keras's read is not what loads.
+    `artifact-large-copied` takes the path of a file over 16 MiB that a writer holds open (no read lease
+    can be had: the copy is made in the kernel, sealed)."""
     from mlpersist import _bare, _digest, _reading
 
     model, other = sequential(), sequential()
@@ -251,21 +253,72 @@ def test_a_file_rewritten_in_place_right_after_its_check_does_not_reach_keras(
         target, module = tmp_path / "m" / "model.keras", _reading
         other.save(str(tmp_path / "other.keras"))
         replacement = (tmp_path / "other.keras").read_bytes()
-    if how == "artifact-large":
+    if how == "artifact-large-copied":
         monkeypatch.setattr(_digest, "MAP_BYTES", 1024)
     real = module.hash_file
 
+    with open(target, "r+b") as writer:  # in place: the handle already open sees it
+        def check_then_rewrite(f: Any, size: int, algo: str | None = None, **kw: Any) -> Any:
+            out = real(f, size, algo, **kw)
+            if os.fstat(f.fileno()).st_ino == target.stat().st_ino:
+                writer.write(replacement)
+                writer.truncate()
+                writer.flush()
+            return out
+
+        monkeypatch.setattr(module, "hash_file", check_then_rewrite)
+        same(load_any(target if how == "bare-h5" else tmp_path / "m"), model)
+    assert target.read_bytes() == replacement  # the rewrite did happen, before Keras read anything
+
+
+def test_a_large_file_keras_reads_in_place_cannot_be_written_before_keras_is_done(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No writer holds the file: it is hashed where it lies under a read lease, and Keras reads it there.
+    A writer that comes right after the check is made to wait until Keras has read it (a non-blocking open
+    is refused); its request breaks the lease, so the model Keras built is dropped and the load done again
+    from a copy, which no longer matches the manifest once the writer is through: an IntegrityError, and
+    never the other model."""
+    import errno
+    import threading
+
+    from mlpersist import _copies, _digest, _reading
+
+    monkeypatch.setattr(_digest, "MAP_BYTES", 1024)
+    model, other = sequential(), sequential()
+    other.set_weights([w * 2.0 + 1.0 for w in other.get_weights()])
+    save_any(model, tmp_path / "m")
+    target = tmp_path / "m" / "model.keras"
+    other.save(str(tmp_path / "other.keras"))
+    replacement = (tmp_path / "other.keras").read_bytes()
+    real_hash, real_copy, written = _reading.hash_file, _copies.named_copy, threading.Event()
+    refused: list[int] = []
+
+    def rewrite() -> None:
+        with open(target, "r+b") as w:  # waits for the lease to be released
+            w.write(replacement)
+            w.truncate()
+        written.set()
+
     def check_then_rewrite(f: Any, size: int, algo: str | None = None, **kw: Any) -> Any:
-        out = real(f, size, algo, **kw)
-        if os.fstat(f.fileno()).st_ino == target.stat().st_ino:
-            with open(target, "r+b") as w:  # in place: the handle already open sees it
-                w.write(replacement)
-                w.truncate()
+        out = real_hash(f, size, algo, **kw)
+        if os.fstat(f.fileno()).st_ino == target.stat().st_ino and not refused:
+            try:
+                os.close(os.open(target, os.O_WRONLY | os.O_NONBLOCK))
+            except BlockingIOError as exc:
+                refused.append(exc.errno)
+            threading.Thread(target=rewrite, daemon=True).start()
         return out
 
-    monkeypatch.setattr(module, "hash_file", check_then_rewrite)
-    same(load_any(target if how == "bare-h5" else tmp_path / "m"), model)
-    assert target.read_bytes() == replacement  # the rewrite did happen, before Keras read anything
+    def copy_once_written(*args: Any) -> Any:  # the load done again copies the file once the writer is through
+        assert written.wait(60)
+        return real_copy(*args)
+
+    monkeypatch.setattr(_reading, "hash_file", check_then_rewrite)
+    monkeypatch.setattr(_copies, "named_copy", copy_once_written)
+    with pytest.raises(IntegrityError, match=r"model\.keras"):
+        load_any(tmp_path / "m")
+    assert refused == [errno.EWOULDBLOCK]
+    assert target.read_bytes() == replacement
 
 
 def test_a_legacy_h5_with_a_lambda_is_refused(tmp_path: Path) -> None:
