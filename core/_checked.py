@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from . import _copies, _digest, _leases
+from . import _copies, _digest
 from ._digest import CHUNK, algorithm, hash_fd, new, pread
 
 if TYPE_CHECKING:
@@ -43,8 +43,11 @@ def copies_only() -> Iterator[None]:
 def unchanged(handles: Iterable[BinaryIO]) -> None:
     """Raise `LeaseBroken` if a file read under a lease may have been written to since it was hashed."""
     for f in handles:
-        if isinstance(f, Checked) and f.leased and not _leases.held(f.fileno()):
-            raise LeaseBroken(f.name)
+        if isinstance(f, Checked) and f.leased:
+            from . import _leases  # imported already, by the lease's taking
+
+            if not _leases.held(f.fileno()):
+                raise LeaseBroken(f.name)
 
 
 def hash_file(f: BinaryIO, size: int, algo: str | None = None, *, whole: str | None = None) -> tuple[str, BinaryIO]:
@@ -63,8 +66,11 @@ def hash_file(f: BinaryIO, size: int, algo: str | None = None, *, whole: str | N
     if size >= _digest.MAP_BYTES and not whole:
         return hash_fd(f.fileno(), size, algo), f
     if size >= _digest.MAP_BYTES:
-        if whole == "file" and _LEASES.get() and _leases.take(f.fileno()):
-            return hash_fd(f.fileno(), size, algo), Checked(None, f, named=os.dup(f.fileno()), leased=True)
+        if whole == "file" and _LEASES.get():
+            from . import _leases  # here: only large files read by path need it
+
+            if _leases.take(f.fileno()):
+                return hash_fd(f.fileno(), size, algo), Checked(None, f, named=os.dup(f.fileno()), leased=True)
         if whole == "file":
             named = _copies.named_copy(f.fileno(), size, algo)
             if named is not None:

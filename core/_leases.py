@@ -14,7 +14,6 @@ where one cannot be had, the caller copies instead.
 
 from __future__ import annotations
 
-import signal
 import sys
 
 
@@ -23,6 +22,7 @@ def take(fd: int) -> bool:
     if sys.platform != "linux":
         return False
     import fcntl
+    import signal  # here: `import mlpersist` need not pay for its enums
 
     try:
         # a lease being broken signals its holder, with SIGIO by default, whose default action ends the
