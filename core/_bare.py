@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import _environment, _parts, _registry
-from ._checked import hash_file, unchanged
+from ._checked import hash_file, held_throughout
 from ._digest import HEX_LENGTHS, algorithm_of
 from ._dispatch import sniff
 from ._manifest import FORMAT_VERSION, FileEntry, Manifest, Part
@@ -61,9 +61,8 @@ def load_file(path: Path, policy: TrustPolicy, *, digest: str | None, signed_req
         if digest is not None and manifest.files[payload_name].digest != digest:
             raise IntegrityError(str(path), f"pinned digest {digest}", manifest.files[payload_name].digest)
         adapter = _parts.adapter_for(_parts.part_of(manifest), strict=False)
-        model = adapter.load(Payload({payload_name: f}, policy), manifest.info, format=manifest.format, **options)
-        unchanged([f])  # a file read under a lease, opened for writing meanwhile: load again
-        return model
+        with held_throughout([f]):  # a file read under a lease, opened for writing meanwhile: load again
+            return adapter.load(Payload({payload_name: f}, policy), manifest.info, format=manifest.format, **options)
     finally:
         f.close()
 

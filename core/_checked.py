@@ -40,6 +40,18 @@ def copies_only() -> Iterator[None]:
         _LEASES.reset(token)
 
 
+@contextmanager
+def held_throughout(handles: Iterable[BinaryIO]) -> Iterator[None]:
+    """Around a framework's reading of `handles`: whatever it did, raise `LeaseBroken` if a lease broke.
+
+    A failure too: after a lease's break time (45 s) a writer gets in, and its bytes may be what failed.
+    """
+    try:
+        yield
+    finally:
+        unchanged(handles)
+
+
 def unchanged(handles: Iterable[BinaryIO]) -> None:
     """Raise `LeaseBroken` if a file read under a lease may have been written to since it was hashed."""
     for f in handles:

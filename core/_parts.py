@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import _environment, _registry
-from ._checked import unchanged
+from ._checked import held_throughout
 from ._dispatch import detect
 from ._manifest import BUNDLE, JSON_PART, MAX_DEPTH, Manifest, Part
 from ._payload import Payload
@@ -226,8 +226,8 @@ def load_part(part: Part, handles: Mapping[str, BinaryIO], ctx: LoadContext, opt
         examples = _example.files(part.example)
     payload = Payload({n: h for n, h in handles.items() if n not in examples}, ctx.policy,
                       ctx.root / part.dir if ctx.root is not None else None)
-    model = adapter.load(payload, part.info, format=part.format, **options)
-    unchanged(handles.values())  # a file read under a lease, opened for writing meanwhile: load again
+    with held_throughout(handles.values()):  # a file read under a lease, opened for writing meanwhile: again
+        model = adapter.load(payload, part.info, format=part.format, **options)
     if ctx.check is not None and part.example is not None:
         from . import _example
 

@@ -14,7 +14,16 @@ import pytest
 from blake3 import blake3
 from mlp_testkit import run_python
 
-from mlpersist import IntegrityError, _checked, _copies, _digest, load_any, register_adapter, save_any
+from mlpersist import (
+    CorruptArtifactError,
+    IntegrityError,
+    _checked,
+    _copies,
+    _digest,
+    load_any,
+    register_adapter,
+    save_any,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="read leases and memfds are Linux's")
 
@@ -123,6 +132,33 @@ def test_a_broken_lease_makes_the_load_start_again_from_a_sealed_copy(saved: tup
     assert first == str(target.resolve()) and read_first == data  # the file itself, under the lease
     assert second.startswith("/memfd:") and read_second == data  # then a sealed copy
     assert not _refused(target)  # nothing keeps a lease once the load is over
+
+
+def test_a_load_that_fails_after_its_lease_broke_is_done_again_from_a_copy(saved: tuple[Path, bytes]) -> None:
+    """Past the lease's break time a writer gets in, and what it wrote may be why the framework failed:
+    the failure is not reported as the artifact's, the load is done again from a copy."""
+    target, data = saved
+
+    def break_then_fail(path: Path) -> None:
+        assert _refused(target)
+        raise CorruptArtifactError("the framework could not read what it found")
+
+    ByPathAdapter.hooks.append(break_then_fail)
+    assert load_any(target.parent).data == data
+    ((second, _),) = ByPathAdapter.seen  # the first load failed before reading
+    assert second.startswith("/memfd:")
+
+
+def test_a_failed_load_with_its_lease_held_fails_as_it_is(saved: tuple[Path, bytes]) -> None:
+    target, _ = saved
+
+    def fail(path: Path) -> None:
+        raise CorruptArtifactError("the framework could not read what it found")
+
+    ByPathAdapter.hooks.append(fail)
+    with pytest.raises(CorruptArtifactError, match="could not read"):
+        load_any(target.parent)
+    assert not _refused(target)
 
 
 def test_a_load_without_writers_reads_in_place_once(saved: tuple[Path, bytes]) -> None:
