@@ -115,17 +115,30 @@ CASES: dict[str, Callable[..., dict[str, Any]]] = {
 
 # --- measurement ---------------------------------------------------------------------------------
 
-def median_time(fn: Callable[[], Any], repeat: int, before: Callable[[], Any] = lambda: None) -> float:
-    before()
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
+Op = tuple[Callable[[], Any], Callable[[], Any], int]  # the call, what to do before each, how many times
+
+
+def interleaved(ops: dict[str, Op]) -> dict[str, float]:
+    """The median time of each op, the ops run in turn, round after round, after one warm-up each.
+
+    This VM's speed drifts by tens of percent within minutes: run one op's repeats, then the next's,
+    and a ratio compares calls made in different spells. In turn, each ratio compares calls made in
+    the same minutes. Each load comes after its save in `ops`, and reads what was just saved.
+    """
+    for fn, before, _ in ops.values():
         before()
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in ops}
+    for i in range(max(n for _, _, n in ops.values())):
+        for k, (fn, before, n) in ops.items():
+            if i >= n:
+                continue
+            before()
+            gc.collect()
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def time_case(name: str, c: dict[str, Any], work: Path) -> dict[str, float]:
@@ -145,21 +158,29 @@ def time_case(name: str, c: dict[str, Any], work: Path) -> dict[str, float]:
         c["native_save"](model, native_dir)
         fsync_tree(native_dir)
 
-    out = {
-        "native_save": median_time(lambda: c["native_save"](model, native_dir), repeat, fresh(native_dir)),
-        "native_save_fsync": median_time(durable, repeat, fresh(native_dir)),
-        "save_any": median_time(lambda: mlpersist.save_any(model, ours), repeat, fresh(ours)),
+    def nothing() -> None:
+        pass
+
+    saves: dict[str, Op] = {
+        "native_save": (lambda: c["native_save"](model, native_dir), fresh(native_dir), repeat),
+        "native_save_fsync": (durable, fresh(native_dir), repeat),
+        "save_any": (lambda: mlpersist.save_any(model, ours), fresh(ours), repeat),
     }
-    out["native_load"] = median_time(lambda: c["native_load"](native_dir), repeat)
-    out["load_any"] = median_time(lambda: mlpersist.load_any(ours), repeat)
+    loads: dict[str, Op] = {
+        "native_load": (lambda: c["native_load"](native_dir), nothing, repeat),
+        "load_any": (lambda: mlpersist.load_any(ours), nothing, repeat),
+    }
     flavor = mlflow_flavor(c)
+    theirs: dict[str, Op] = {}
     if flavor is not None:  # MLflow as its users call it: the flavor's save_model/load_model, defaults
-        theirs = work / f"{name}-mlflow"
+        mlflow_dir = work / f"{name}-mlflow"
         few = min(repeat, 5)  # its save infers pip requirements in a subprocess: seconds per call
         options = c.get("mlflow_options", {})
-        out["mlflow_save"] = median_time(lambda: flavor.save_model(model, str(theirs), **options), few, fresh(theirs))
-        out["mlflow_load"] = median_time(lambda: flavor.load_model(str(theirs)), few)
-    return out
+        theirs = {"mlflow_save": (lambda: flavor.save_model(model, str(mlflow_dir), **options), fresh(mlflow_dir),
+                                  few),
+                  "mlflow_load": (lambda: flavor.load_model(str(mlflow_dir)), nothing, few)}
+    # MLflow's calls last in a round: what its save's subprocess leaves behind falls on its own load
+    return interleaved({**saves, **loads, **theirs})
 
 
 def fsync_tree(root: Path) -> None:
@@ -324,10 +345,12 @@ def write(out: Path, rows: list[dict[str, Any]], imp: float) -> None:
         "# Benchmark results", "",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Produced by `nox -s bench` (benchmarks/bench.py).",
-        "", "Times: median of repeated runs after a warm-up. save_any includes the digest (BLAKE3) of every file "
-        "and fsync; load_any includes verifying every digest. Ratios are to the framework's native call in the same "
-        "run. The native save leaves its file in the page cache; `native + fsync` is the same call followed by an "
-        "fsync of its file and directory, the durability save_any guarantees.", "",
+        "", "Times: median of repeated runs after a warm-up; a case's calls run in turn (native, save_any, MLflow, "
+        "round after round), so that each ratio compares calls made in the same minutes of this machine. save_any "
+        "includes the digest (BLAKE3) of every file and fsync; load_any includes verifying every digest. Ratios are "
+        "to the framework's native call in the same run. The native save leaves its file in the page cache; "
+        "`native + fsync` is the same call followed by an fsync of its file and directory, the durability "
+        "save_any guarantees.", "",
         "| case | artifact | native save | native + fsync | save_any | ratio | ratio to native + fsync "
         "| native load | load_any | ratio | speed-up |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
