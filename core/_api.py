@@ -158,8 +158,8 @@ def load_with_report(path: str | os.PathLike[str], *, trusted: bool = False, all
 
     try:
         return attempt()
-    except _checked.LeaseBroken:  # a file read where it lies (Keras) was opened for writing meanwhile
-        with _checked.copies_only():  # again, from copies of its bytes, which must still match the manifest
+    except _checked.LeaseBroken:  # a large file read where it lies was opened for writing meanwhile
+        with _checked.no_leases():  # again: copies of the files read by path, which must still match
             return attempt()
 
 

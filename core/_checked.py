@@ -1,11 +1,12 @@
 """What loads is what was checked: a payload's bytes hashed once as they are read, then served from memory.
 
 A file under 16 MiB is read into a `bytearray`; a larger one an adapter keeps whole is copied into
-anonymous memory (`read_whole`: the model's own memory views it). A larger one a framework opens by path
-(`read_by_path`) is read where it lies under a read lease (`_leases`: if someone opens it for writing
-before the framework is done, `unchanged` raises and the load is done again), or where no lease can be
-had, copied into a sealed in-memory file. Either way no write to the artifact after the check reaches
-what is loaded.
+anonymous memory (`read_whole`: the model's own memory views it). Any other larger one is read where it
+lies under a read lease (`_leases`: if someone opens it for writing before the framework is done,
+`unchanged` raises and the load is done again without leases). Where no lease can be had, one a
+framework opens by path (`read_by_path`) is copied into a sealed in-memory file, and only other large
+files are read where they lie unguarded. So no write to the artifact after the check reaches what is
+loaded, except into such a file where the kernel grants no lease.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ._digest import CHUNK, algorithm, hash_fd, new, pread
 if TYPE_CHECKING:
     import mmap
 
-_LEASES = ContextVar("mlpersist_leases", default=True)  # False while a load is done again from copies
+_LEASES = ContextVar("mlpersist_leases", default=True)  # False while a load is done again without leases
 
 
 class LeaseBroken(Exception):
@@ -31,8 +32,8 @@ class LeaseBroken(Exception):
 
 
 @contextmanager
-def copies_only() -> Iterator[None]:
-    """Within it (this thread), files read by path are copied, never read under a lease."""
+def no_leases() -> Iterator[None]:
+    """Within it (this thread, this task), no file is read under a lease (see `hash_file`)."""
     token = _LEASES.set(False)
     try:
         yield
@@ -65,24 +66,27 @@ def unchanged(handles: Iterable[BinaryIO]) -> None:
 def hash_file(f: BinaryIO, size: int, algo: str | None = None, *, whole: str | None = None) -> tuple[str, BinaryIO]:
     """Return `<algo>:<hex>` of the first `size` bytes of `f`, and the handle to read them from afterwards.
 
-    A file under 16 MiB, or any file with `whole`, is read once into memory, hashed there, and the
-    handle returned (a `Checked`) serves exactly those bytes: a writer that changes the file after the
+    A file under 16 MiB, or any file with `whole="memory"`, is read once into memory, hashed there, and
+    the handle returned (a `Checked`) serves exactly those bytes: a writer that changes the file after the
     check changes nothing that is loaded through it. `whole="memory"` is for an adapter that keeps
     the bytes as its model's memory (torch weights: an anonymous copy); `whole="file"` for a file a
-    framework reads only by path (Keras), whose path `Checked.path()` gives: a large one is hashed where
-    it lies under a read lease (call `unchanged` once the framework has read it), or copied into a
-    sealed in-memory file where no lease can be had. Another large file is hashed where it lies
-    (`hash_fd`) and `f` is returned.
+    framework reads only by path (Keras), whose path `Checked.path()` gives.
+
+    Any other large file (`whole="file"` included) is hashed where it lies under a read lease where one
+    can be had (Linux), and read there through the `Checked` returned: call `unchanged` once the
+    framework has read it. Where no lease can be had (or within `no_leases`), a `whole="file"` one is
+    copied into a sealed in-memory file as it is hashed, and another is hashed where it lies (`hash_fd`)
+    and `f` is returned.
     """
     algo = algo or algorithm()
+    if size >= _digest.MAP_BYTES and whole != "memory" and _LEASES.get():
+        from . import _leases  # here: only large files need it
+
+        if _leases.take(f.fileno()):
+            return hash_fd(f.fileno(), size, algo), Checked(None, f, named=os.dup(f.fileno()), leased=True)
     if size >= _digest.MAP_BYTES and not whole:
         return hash_fd(f.fileno(), size, algo), f
     if size >= _digest.MAP_BYTES:
-        if whole == "file" and _LEASES.get():
-            from . import _leases  # here: only large files read by path need it
-
-            if _leases.take(f.fileno()):
-                return hash_fd(f.fileno(), size, algo), Checked(None, f, named=os.dup(f.fileno()), leased=True)
         if whole == "file":
             named = _copies.named_copy(f.fileno(), size, algo)
             if named is not None:

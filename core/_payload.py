@@ -59,7 +59,8 @@ class Payload:
         writable, and tied to no file). Read from them and a writer that rewrites the file after the
         check changes nothing that is loaded; `open` and `read_bytes` serve them too. A large file in
         the adapter's `read_by_path` gives None here: `open`, `read_bytes` and `local_path` serve it
-        where it lies under a read lease, or its sealed copy. Other large files are read where they lie.
+        where it lies under a read lease, or its sealed copy. Other large files are read where they lie,
+        under a read lease where the kernel grants one (no one can write to them until `load` returns).
         """
         from ._checked import Checked
 
@@ -75,8 +76,8 @@ class Payload:
         it is `/proc/self/fd/N` of the checked file under a read lease (a writer waits until the load is
         over, and if one asked meanwhile the core loads again from a sealed copy), or of a sealed copy
         where no lease can be had. For another large file it is `/proc/self/fd/N` of the checked
-        handle, so a file swapped after the check is never read; elsewhere it is the file's path in
-        the artifact.
+        file (under a read lease where one can be had), so a file swapped after the check is never
+        read; elsewhere it is the file's path in the artifact.
         """
         from ._checked import Checked
 

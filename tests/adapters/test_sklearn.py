@@ -297,3 +297,56 @@ def test_the_examples_pipeline_scales_new_data_exactly_as_the_original(tmp_path:
     new = data(20, seed=7)[0]
     scaler, original = loaded.named_steps["scaler"], model.named_steps["scaler"]
     np.testing.assert_array_equal(scaler.transform(new), original.transform(new))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="read leases are Linux's")
+@pytest.mark.parametrize("writes", [False, True], ids=["asks-only", "writes"])
+def test_a_large_pickle_read_where_it_lies_cannot_be_written_while_it_is_unpickled(
+        writes: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pickle of 16 MiB or more (here: the threshold lowered) is read where it lies, under a read lease:
+    a writer that comes right after the check is refused for now (a blocking one waits), and the load is
+    done again once it lets go: the same model if nothing was written, else an IntegrityError. Never a
+    model unpickled from the writer's bytes."""
+    import errno
+    import os
+    import threading
+
+    from mlpersist import IntegrityError, _checked, _digest, _reading
+
+    np, ensemble = require("numpy"), require("sklearn.ensemble")
+    monkeypatch.setattr(_digest, "MAP_BYTES", 4096)
+    x, y = data()
+    model = ensemble.RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y)
+    save_any(model, tmp_path / "m")
+    target = tmp_path / "m" / "model.joblib"
+    real_check, real_hash, written, refused = _reading.hash_file, _checked.hash_fd, threading.Event(), []
+
+    def write() -> None:
+        with open(target, "r+b") as w:  # waits for the lease
+            w.write(b"\x80\x04cos\nsystem\n")
+        written.set()
+
+    def check_then_write(f: Any, size: int, algo: str | None = None, **kw: Any) -> Any:
+        out = real_check(f, size, algo, **kw)
+        if os.fstat(f.fileno()).st_ino == target.stat().st_ino and not refused:
+            try:
+                os.close(os.open(target, os.O_WRONLY | os.O_NONBLOCK))
+            except BlockingIOError as exc:
+                refused.append(exc.errno)
+            if writes:
+                threading.Thread(target=write, daemon=True).start()
+        return out
+
+    def hash_once_written(*args: Any) -> Any:
+        if refused and writes:
+            assert written.wait(60)
+        return real_hash(*args)
+
+    monkeypatch.setattr(_reading, "hash_file", check_then_write)
+    monkeypatch.setattr(_checked, "hash_fd", hash_once_written)
+    if writes:
+        with pytest.raises(IntegrityError, match=r"model\.joblib"):
+            load_any(tmp_path / "m")
+    else:
+        assert np.array_equal(load_any(tmp_path / "m").predict_proba(x), model.predict_proba(x))
+    assert refused == [errno.EWOULDBLOCK]

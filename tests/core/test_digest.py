@@ -60,6 +60,11 @@ def test_a_large_file_hashes_the_same_mapped_as_read(tmp_path: Path, algo: str) 
     finally:
         os.close(fd)
     with open(tmp_path / "big", "rb") as f:  # a large file is hashed where it lies unless kept whole
+        digest, leased = _checked.hash_file(f, len(data), algo)  # under a read lease (test_leases.py)
+        assert digest == expected and isinstance(leased, _checked.Checked) and leased.leased
+        assert leased.read() == data and leased.fileno() == f.fileno()
+        leased.close()  # releases the lease
+    with open(tmp_path / "big", "rb") as f, _checked.no_leases():
         digest, same = _checked.hash_file(f, len(data), algo)
         assert digest == expected and same is f
     with open(tmp_path / "big", "rb") as f:  # shorter than declared, kept whole: hashed as it is, no crash
@@ -185,7 +190,7 @@ def test_a_file_read_by_path_is_a_sealed_copy_of_the_checked_bytes(tmp_path: Pat
     data = os.urandom(size)
     (tmp_path / "f").write_bytes(data)
     f = open(tmp_path / "f", "rb")  # noqa: SIM115 - the Checked handle owns it
-    with _checked.copies_only():
+    with _checked.no_leases():
         digest, checked = _checked.hash_file(f, size, "blake3", whole="file")
     try:
         assert digest == "blake3:" + blake3(data).hexdigest()
@@ -238,7 +243,7 @@ def test_without_in_memory_files_a_file_read_by_path_falls_back_to_the_checked_f
     (tmp_path / "f").write_bytes(data)
     for size in (5000, 100):  # the large path (copy made in the kernel), then a small one (copy on first use)
         f = open(tmp_path / "f", "rb")  # noqa: SIM115 - the Checked handle owns it
-        with _checked.copies_only():  # no read lease (test_leases.py)
+        with _checked.no_leases():  # no read lease (test_leases.py)
             digest, checked = _checked.hash_file(f, size, "blake3", whole="file")
         assert digest == "blake3:" + blake3(data[:size]).hexdigest()
         assert isinstance(checked, _checked.Checked) and bytes(checked.data) == data[:size]

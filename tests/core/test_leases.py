@@ -58,6 +58,29 @@ class ByPathAdapter:
         return Blob(data)
 
 
+class StreamAdapter(ByPathAdapter):
+    """The same artifact read through the checked handle (as a pickle or an XGBoost model is), not by path."""
+
+    read_by_path: ClassVar[tuple[str, ...]] = ()
+    streams: ClassVar[list[tuple[bool, bytes]]] = []  # per load: read under a lease, and what it read
+
+    def load(self, payload: Any, info: Mapping[str, Any], *, format: str, **options: Any) -> Any:
+        f = payload.open("blob.bin")
+        if self.hooks:
+            self.hooks.pop(0)(Path(f"/proc/self/fd/{f.fileno()}"))
+        data = f.read()
+        self.streams.append((isinstance(f, _checked.Checked) and f.leased, data))
+        return Blob(data)
+
+
+@pytest.fixture
+def streamed(saved: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> tuple[Path, bytes]:
+    """The artifact of `saved`, loaded through StreamAdapter."""
+    register_adapter("bypath", f"{__name__}:StreamAdapter", claims=(__name__,), package="pytest", replace=True)
+    monkeypatch.setattr(StreamAdapter, "streams", [])
+    return saved
+
+
 @pytest.fixture
 def saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, bytes]:
     """An artifact of a 3 MiB Blob, with files over 1 MiB taken as large (as 16 MiB are normally)."""
@@ -205,12 +228,59 @@ def test_a_lease_refused_by_the_kernel_falls_back_to_the_copy(saved: tuple[Path,
     target, data = saved
     real = fcntl.fcntl
 
-    def no_leases(fd: int, cmd: int, arg: int = 0) -> Any:
+    def refuse_leases(fd: int, cmd: int, arg: int = 0) -> Any:
         if cmd == fcntl.F_SETLEASE:
             raise OSError(errno.EINVAL, "leases are disabled")
         return real(fd, cmd, arg)
 
-    monkeypatch.setattr(fcntl, "fcntl", no_leases)
+    monkeypatch.setattr(fcntl, "fcntl", refuse_leases)
     assert load_any(target.parent).data == data
     ((where, _),) = ByPathAdapter.seen
     assert where.startswith("/memfd:")
+
+
+def test_any_large_file_is_read_where_it_lies_under_a_lease(streamed: tuple[Path, bytes]) -> None:
+    """Not only files read by path: one read through its handle is guarded the same way."""
+    target, data = streamed
+    assert load_any(target.parent).data == data
+    assert StreamAdapter.streams == [(True, data)]
+    assert not _refused(target)
+
+
+def test_a_file_read_through_its_handle_whose_lease_broke_is_read_again(streamed: tuple[Path, bytes]) -> None:
+    target, data = streamed
+    ByPathAdapter.hooks.append(lambda path: None if _refused(target) else pytest.fail("no lease was held"))
+    assert load_any(target.parent).data == data
+    assert StreamAdapter.streams == [(True, data), (False, data)]  # again, without a lease
+
+
+def test_a_writer_waits_for_a_read_through_the_handle_then_fails_the_load_done_again(
+        streamed: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the lease the writer's bytes would have reached the framework's read (the file is read where
+    it lies); with it, the read is whole and untouched, and the load done again sees a changed file."""
+    target, data = streamed
+    written = threading.Event()
+
+    def write() -> None:
+        with open(target, "r+b") as w:  # blocks until the first load lets go of the lease
+            w.write(b"X" * 100)
+        written.set()
+
+    def start_writer(path: Path) -> None:
+        assert _refused(target)
+        threading.Thread(target=write, daemon=True).start()
+
+    real, calls = _checked.hash_fd, []
+
+    def hash_once_written(*args: Any) -> Any:
+        calls.append(args)
+        if len(calls) > 1:  # the load done again hashes the file once the writer is through
+            assert written.wait(60)
+        return real(*args)
+
+    ByPathAdapter.hooks.append(start_writer)
+    monkeypatch.setattr(_checked, "hash_fd", hash_once_written)
+    with pytest.raises(IntegrityError, match=r"blob\.bin"):
+        load_any(target.parent)
+    assert StreamAdapter.streams == [(True, data)]
+    assert target.read_bytes()[:100] == b"X" * 100
