@@ -8,7 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -82,3 +83,47 @@ def register_dummy() -> None:
     from mlpersist import register_adapter
 
     register_adapter("dummy", "mlp_testkit:DummyAdapter", claims=("mlp_testkit",), package="pytest")
+
+
+def write_refused(path: Path) -> bool:
+    """Whether opening `path` for writing is refused for now: a read lease is held on it (and the attempt
+    asks its holder to let go, which breaks the lease)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except BlockingIOError:
+        return True
+    return False
+
+
+def write_when_let_in(path: Path, data: bytes) -> threading.Event:
+    """Start a thread that opens `path` for writing (waiting while a read lease is held on it), writes
+    `data` over its start, and sets the returned event once done."""
+    written = threading.Event()
+
+    def write() -> None:
+        with open(path, "r+b") as w:
+            w.write(data)
+        written.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    return written
+
+
+def collections_started(fn: Callable[[], object]) -> int:
+    """The garbage collections that start during `fn()`, with one due at every new container."""
+    import gc
+
+    started = [0]
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        started[0] += phase == "start"
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(count)
+    gc.set_threshold(1)
+    try:
+        fn()
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(count)
+    return started[0]

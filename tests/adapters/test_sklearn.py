@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from contract import AdapterContract
-from mlp_testkit import require
+from mlp_testkit import require, write_refused, write_when_let_in
 
 from mlpersist import (
     ArtifactExistsError,
@@ -307,7 +307,6 @@ def test_a_large_pickle_read_where_it_lies_cannot_be_written_while_it_is_unpickl
     a writer that comes right after the check is refused for now (a blocking one waits), and the load is
     done again once it lets go: the same model if nothing was written, else an IntegrityError. Never a
     model unpickled from the writer's bytes."""
-    import errno
     import os
     import threading
 
@@ -319,27 +318,21 @@ def test_a_large_pickle_read_where_it_lies_cannot_be_written_while_it_is_unpickl
     model = ensemble.RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y)
     save_any(model, tmp_path / "m")
     target = tmp_path / "m" / "model.joblib"
-    real_check, real_hash, written, refused = _reading.hash_file, _checked.hash_fd, threading.Event(), []
-
-    def write() -> None:
-        with open(target, "r+b") as w:  # waits for the lease
-            w.write(b"\x80\x04cos\nsystem\n")
-        written.set()
+    real_check, real_hash = _reading.hash_file, _checked.hash_fd
+    refused: list[bool] = []
+    writer: list[threading.Event] = []
 
     def check_then_write(f: Any, size: int, algo: str | None = None, **kw: Any) -> Any:
         out = real_check(f, size, algo, **kw)
         if os.fstat(f.fileno()).st_ino == target.stat().st_ino and not refused:
-            try:
-                os.close(os.open(target, os.O_WRONLY | os.O_NONBLOCK))
-            except BlockingIOError as exc:
-                refused.append(exc.errno)
+            refused.append(write_refused(target))
             if writes:
-                threading.Thread(target=write, daemon=True).start()
+                writer.append(write_when_let_in(target, b"\x80\x04cos\nsystem\n"))  # waits for the lease
         return out
 
     def hash_once_written(*args: Any) -> Any:
-        if refused and writes:
-            assert written.wait(60)
+        if writer:
+            assert writer[0].wait(60)
         return real_hash(*args)
 
     monkeypatch.setattr(_reading, "hash_file", check_then_write)
@@ -349,4 +342,4 @@ def test_a_large_pickle_read_where_it_lies_cannot_be_written_while_it_is_unpickl
             load_any(tmp_path / "m")
     else:
         assert np.array_equal(load_any(tmp_path / "m").predict_proba(x), model.predict_proba(x))
-    assert refused == [errno.EWOULDBLOCK]
+    assert refused == [True]

@@ -13,7 +13,7 @@ import pytest
 from contract import AdapterContract
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mlp_testkit import require, run_python
+from mlp_testkit import collections_started, require, run_python
 
 from mlpersist import CorruptArtifactError, PersistError, UntrustedContentError, load_any, save_any
 
@@ -365,32 +365,13 @@ def test_the_check_drops_the_parsed_document_before_the_collector_resumes(tmp_pa
     """Parsed and checked with the collector paused, and freed before it resumes: with a collection due
     at every new container, a few start (the check's own first allocations), where parsing under its own
     pause and checking after it starts one per container the check makes."""
-    import gc
-
     x, y = data()
     require("xgboost").XGBClassifier(n_estimators=40, max_depth=4).fit(x, y).save_model(str(tmp_path / "m.ubj"))
     raw = (tmp_path / "m.ubj").read_bytes()
     from mlpersist.adapters.xgboost import parse, validate, vet
 
     vet(raw, "ubj", "m")  # imports done
-    started = [0]
-
-    def count(phase: str, info: dict[str, int]) -> None:
-        started[0] += phase == "start"
-
-    def collections(fn: Any) -> int:
-        started[0] = 0
-        fn()
-        return started[0]
-
-    threshold = gc.get_threshold()
-    gc.callbacks.append(count)
-    gc.set_threshold(1)
-    try:
-        unpaused = collections(lambda: validate(parse(raw, "ubj", "m"), "m"))
-        paused = collections(lambda: vet(raw, "ubj", "m"))
-    finally:
-        gc.set_threshold(*threshold)
-        gc.callbacks.remove(count)
+    unpaused = collections_started(lambda: validate(parse(raw, "ubj", "m"), "m"))
+    paused = collections_started(lambda: vet(raw, "ubj", "m"))
     assert unpaused >= 40  # about one per tree (40 here)
     assert paused < 10

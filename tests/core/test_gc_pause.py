@@ -6,39 +6,23 @@ import gc
 import io
 import pickle
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
+from mlp_testkit import collections_started
 
 from mlpersist import CorruptArtifactError, _gc, _safepickle, _ubjson
 from mlpersist._policy import TrustPolicy
 
 
 @pytest.fixture
-def collections() -> Iterator[Callable[[Callable[[], object]], int]]:
+def collections() -> Callable[[Callable[[], object]], int]:
     """Count the collections that start during a call, with one due at every new container.
 
     A reader's own few allocations before its pause, and the first ones after it (which collect, as they
     should), add a handful whatever the size of what is read; a reader without the pause, thousands.
     """
-    started = [0]
-
-    def count(phase: str, info: dict[str, int]) -> None:
-        started[0] += phase == "start"
-
-    def during(fn: Callable[[], object]) -> int:
-        started[0] = 0
-        fn()
-        return started[0]
-
-    threshold = gc.get_threshold()
-    gc.callbacks.append(count)
-    gc.set_threshold(1)
-    try:
-        yield during
-    finally:
-        gc.set_threshold(*threshold)
-        gc.callbacks.remove(count)
+    return collections_started
 
 
 def _ubjson_doc(n: int) -> bytes:

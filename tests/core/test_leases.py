@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import pytest
 from blake3 import blake3
-from mlp_testkit import run_python
+from mlp_testkit import run_python, write_refused, write_when_let_in
 
 from mlpersist import (
     CorruptArtifactError,
@@ -93,15 +93,6 @@ def saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, bytes]
     return tmp_path / "a" / "blob.bin", data
 
 
-def _refused(path: Path) -> bool:
-    """Whether an open for writing is refused for now (and so asks the lease's holder to release it)."""
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-    except BlockingIOError:
-        return True
-    return False
-
-
 def test_a_large_file_read_by_path_is_hashed_and_read_where_it_lies_under_a_read_lease(
         saved: tuple[Path, bytes]) -> None:
     """No copy: the path opens the very inode that was hashed. A writer in another process is refused
@@ -124,7 +115,7 @@ def test_a_large_file_read_by_path_is_hashed_and_read_where_it_lies_under_a_read
             _checked.unchanged([checked])
     finally:
         checked.close()
-    assert not _refused(target)
+    assert not write_refused(target)
 
 
 def test_a_file_open_for_writing_gets_no_lease_and_is_copied_sealed(saved: tuple[Path, bytes]) -> None:
@@ -149,12 +140,12 @@ def test_a_broken_lease_makes_the_load_start_again_from_a_sealed_copy(saved: tup
     """Someone asks to write while the framework reads the file in place: that model is dropped and the
     load done again from a copy of the file, which still matches (the writer wrote nothing)."""
     target, data = saved
-    ByPathAdapter.hooks.append(lambda path: None if _refused(target) else pytest.fail("no lease was held"))
+    ByPathAdapter.hooks.append(lambda path: None if write_refused(target) else pytest.fail("no lease was held"))
     assert load_any(target.parent).data == data
     (first, read_first), (second, read_second) = ByPathAdapter.seen
     assert first == str(target.resolve()) and read_first == data  # the file itself, under the lease
     assert second.startswith("/memfd:") and read_second == data  # then a sealed copy
-    assert not _refused(target)  # nothing keeps a lease once the load is over
+    assert not write_refused(target)  # nothing keeps a lease once the load is over
 
 
 def test_a_load_that_fails_after_its_lease_broke_is_done_again_from_a_copy(saved: tuple[Path, bytes]) -> None:
@@ -163,7 +154,7 @@ def test_a_load_that_fails_after_its_lease_broke_is_done_again_from_a_copy(saved
     target, data = saved
 
     def break_then_fail(path: Path) -> None:
-        assert _refused(target)
+        assert write_refused(target)
         raise CorruptArtifactError("the framework could not read what it found")
 
     ByPathAdapter.hooks.append(break_then_fail)
@@ -181,7 +172,7 @@ def test_a_failed_load_with_its_lease_held_fails_as_it_is(saved: tuple[Path, byt
     ByPathAdapter.hooks.append(fail)
     with pytest.raises(CorruptArtifactError, match="could not read"):
         load_any(target.parent)
-    assert not _refused(target)
+    assert not write_refused(target)
 
 
 def test_a_load_without_writers_reads_in_place_once(saved: tuple[Path, bytes]) -> None:
@@ -195,21 +186,16 @@ def test_a_writer_let_through_after_the_first_read_makes_the_load_fail_its_diges
     """The writer waits for the lease, so the framework's read is whole and untouched; once the first
     load lets go, it writes. The load done again finds a file that no longer matches its digest."""
     target, data = saved
-    written = threading.Event()
-
-    def write() -> None:
-        with open(target, "r+b") as w:  # blocks until the first load lets go of the lease
-            w.write(b"X" * 100)
-        written.set()
+    writer: list[threading.Event] = []
 
     def start_writer(path: Path) -> None:
-        assert _refused(target)  # breaks the lease, so that the load is done again whenever the writer gets in
-        threading.Thread(target=write, daemon=True).start()
+        assert write_refused(target)  # breaks the lease, so that the load is done again whenever the writer gets in
+        writer.append(write_when_let_in(target, b"X" * 100))  # gets in once the first load lets go
 
     real = _copies.named_copy
 
     def copy_once_written(*args: Any) -> Any:
-        assert written.wait(60)
+        assert writer[0].wait(60)
         return real(*args)
 
     ByPathAdapter.hooks.append(start_writer)
@@ -244,12 +230,12 @@ def test_any_large_file_is_read_where_it_lies_under_a_lease(streamed: tuple[Path
     target, data = streamed
     assert load_any(target.parent).data == data
     assert StreamAdapter.streams == [(True, data)]
-    assert not _refused(target)
+    assert not write_refused(target)
 
 
 def test_a_file_read_through_its_handle_whose_lease_broke_is_read_again(streamed: tuple[Path, bytes]) -> None:
     target, data = streamed
-    ByPathAdapter.hooks.append(lambda path: None if _refused(target) else pytest.fail("no lease was held"))
+    ByPathAdapter.hooks.append(lambda path: None if write_refused(target) else pytest.fail("no lease was held"))
     assert load_any(target.parent).data == data
     assert StreamAdapter.streams == [(True, data), (False, data)]  # again, without a lease
 
@@ -259,23 +245,18 @@ def test_a_writer_waits_for_a_read_through_the_handle_then_fails_the_load_done_a
     """Without the lease the writer's bytes would have reached the framework's read (the file is read where
     it lies); with it, the read is whole and untouched, and the load done again sees a changed file."""
     target, data = streamed
-    written = threading.Event()
-
-    def write() -> None:
-        with open(target, "r+b") as w:  # blocks until the first load lets go of the lease
-            w.write(b"X" * 100)
-        written.set()
+    writer: list[threading.Event] = []
 
     def start_writer(path: Path) -> None:
-        assert _refused(target)
-        threading.Thread(target=write, daemon=True).start()
+        assert write_refused(target)
+        writer.append(write_when_let_in(target, b"X" * 100))
 
     real, calls = _checked.hash_fd, []
 
     def hash_once_written(*args: Any) -> Any:
         calls.append(args)
         if len(calls) > 1:  # the load done again hashes the file once the writer is through
-            assert written.wait(60)
+            assert writer[0].wait(60)
         return real(*args)
 
     ByPathAdapter.hooks.append(start_writer)
