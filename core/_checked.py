@@ -139,7 +139,7 @@ class _Memory(io.RawIOBase):
 
 
 class Checked(io.BufferedReader):
-    """The hashed bytes of a payload file, served from memory; `fileno()` and `name` are the file's.
+    """The hashed bytes of a payload file, from memory or from the leased file; `fileno()`, `name`: the file's.
 
     It owns the file (and its sealed copy, if any): closing it (or dropping it) closes them too, and
     releases the file's lease, if it was read under one.
