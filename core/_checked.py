@@ -94,7 +94,7 @@ def hash_file(f: BinaryIO, size: int, algo: str | None = None, *, whole: str | N
         private = _copies.private_copy(f.fileno(), size, algo)
         if private is not None:
             return private[0], Checked(private[1], f)
-    h = new(algo)
+    h = new(algo, size)
     data = bytearray(size)  # writable: a framework may keep views of it as its tensors
     got = 0
     with memoryview(data) as view:
