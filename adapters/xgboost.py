@@ -12,6 +12,7 @@ import xgboost
 
 from mlpersist import Payload, PersistError, _gc
 from mlpersist._trees import first_bad_tree
+from mlpersist._ubjson import joined
 from mlpersist._ubjson import loads as ubjson_loads
 from mlpersist.errors import CorruptArtifactError, UntrustedContentError
 
@@ -136,8 +137,7 @@ def _check_trees(trees: list[Any], n_features: int) -> None:
         sizes.append(n)
     if not trees:
         return
-    left, right, split = (np.concatenate([np.asarray(t[k]) for t in trees])
-                          for k in ("left_children", "right_children", "split_indices"))
+    left, right, split = (joined([t[k] for t in trees]) for k in ("left_children", "right_children", "split_indices"))
     bad = first_bad_tree(sizes, left, right, split, n_features, adjacent=True)  # predict assumes adjacent children
     if bad is not None:
         _refuse(bad)

@@ -18,6 +18,11 @@ _CONSTANTS = {ord("T"): True, ord("F"): False, ord("Z"): None}
 _N, _S, _H, _C, _ARRAY, _OBJECT, _TYPE, _COUNT = (ord(c) for c in "NSHC[{$#")
 _END = {False: ord("]"), True: ord("}")}
 MAX_DEPTH = 64
+# an object entry as last read at its place in an object: its bytes from the key's length marker to its value's
+# length or number, its key, the dtype of a typed numeric array (else None), the format of that length or number
+# (None for an object), its kind (the value's marker: _ARRAY, _OBJECT, _S for a string, or a number's), and the
+# length of those bytes
+_Entry = tuple[bytes, str, Any, Any, int, int]
 
 
 def loads(data: bytes | bytearray | memoryview, what: str, *, lazy: bool = False) -> Any:
@@ -65,10 +70,32 @@ class TypedArray:
         return view if dtype is None else view.astype(dtype)
 
 
+def joined(arrays: list[Any]) -> Any:
+    """The numpy concatenation of `arrays` (`TypedArray`s, or anything `numpy.asarray` reads).
+
+    Lazy arrays of one dtype in one buffer (the node arrays of a model's trees) are gathered from it
+    in a few numpy calls, instead of one view per array: their starts need not be aligned.
+    """
+    np = _numpy()[0]
+    first = arrays[0] if arrays else None
+    if not (isinstance(first, TypedArray) and all(
+            type(a) is TypedArray and a.buf is first.buf and a.dtype == first.dtype for a in arrays)):
+        return np.concatenate([np.asarray(a) for a in arrays]) if arrays else np.empty(0)
+    size = first.dtype.itemsize
+    offsets = np.fromiter((a.offset for a in arrays), np.int64, len(arrays))
+    counts = np.fromiter((a.count for a in arrays), np.int64, len(arrays))
+    ends = np.cumsum(counts)
+    element = np.arange(int(ends[-1]), dtype=np.int64) - np.repeat(ends - counts, counts)  # index in its array
+    starts = np.repeat(offsets, counts) + element * size  # each element's first byte
+    data = np.frombuffer(first.buf, np.uint8)[starts[:, None] + np.arange(size)]
+    return data.reshape(-1).view(first.dtype)
+
+
 class _Reader:
     def __init__(self, buf: bytes, what: str, lazy: bool = False) -> None:
         self.buf, self.pos, self.what = buf, 0, what
         self.typed: Any = TypedArray if lazy else None
+        self.shapes: dict[int, list[_Entry | None]] = {}  # by depth: the entries of the last object read there
 
     def bad(self, why: str) -> CorruptArtifactError:
         return CorruptArtifactError(f"{self.what}: not valid UBJSON at byte {self.pos} ({why}); the file is damaged "
@@ -180,7 +207,13 @@ class _Reader:
                     raise self.bad(f"duplicate key {key!r}")
                 out[key] = self.value(typ, depth)
             else:
-                out.append(self.value(typ if typ is not None else (m if m is not None else self.marker()), depth))
+                m = typ if typ is not None else (m if m is not None else self.marker())
+                at = self.pos
+                if (m == _OBJECT and depth < MAX_DEPTH and at < len(self.buf)
+                        and (self.buf[at] in _INTS or self.buf[at] == _END[True])):
+                    out.append(self.object(None, None, depth + 1))  # an untyped, uncounted object: the trees
+                else:
+                    out.append(self.value(m, depth))
             done += 1
 
     def object(self, n: int | None, pending: int | None, depth: int) -> dict[str, Any]:
@@ -190,21 +223,55 @@ class _Reader:
         numeric array): the key and a typed numeric array value are read here inline, the array as one
         numpy view. Any other value, no-op markers, and every malformed case go through the general
         methods, which raise the error.
+
+        Sibling objects (the trees of a model) repeat each other's keys and types: an entry whose bytes,
+        from its key's length marker to its value's length (or number), are those of the entry at the
+        same place in the last object read at this depth has the same key and type, so only its length
+        and data are read. Anything else (another key, type or width, no-ops, a duplicate, a length past
+        the end) is read the long way, which raises the error.
         """
         buf, size, typed = self.buf, len(self.buf), self.typed
         dtypes: dict[int, Any] | None = None
+        np: Any = None
         out: dict[str, Any] = {}
-        while n is None or len(out) < n:
+        shape = self.shapes.get(depth, ())
+        seen: list[_Entry | None] = []
+        k, expected = 0, len(shape)
+        while n is None or k < n:
             pos = self.pos
+            if pending is None and k < expected:
+                known = shape[k]
+                if known is not None and buf.startswith(known[0], pos) and known[1] not in out:
+                    dtype, number = known[2], known[3]
+                    at = pos + known[5]
+                    if dtype is not None:  # a typed numeric array: its count, then its data
+                        start = at + number.size
+                        count = number.unpack_from(buf, at)[0] if start <= size else -1
+                        stop = start + count * dtype.itemsize
+                        if count >= 0 and stop <= size:
+                            if typed is None and np is None:
+                                np = _numpy()[0]
+                            out[known[1]] = (typed(buf, dtype, count, start) if typed is not None
+                                             else np.frombuffer(buf, dtype=dtype, count=count, offset=start))
+                            self.pos = stop
+                            seen.append(known)
+                            k += 1
+                            continue
+                    elif self.known(known, at, out, depth):
+                        seen.append(known)
+                        k += 1
+                        continue
+            entry = pos if pending is None else -1  # where this entry's bytes begin, if they are all in buf
             if pending is not None:
                 m, pending = pending, None
             elif pos < size and buf[pos] != _N:
                 m, pos = buf[pos], pos + 1
             else:
                 m = self.marker()  # no-ops, or the error
-                pos = self.pos
+                pos, entry = self.pos, -1
             if n is None and m == _END[True]:
                 self.pos = pos
+                self.shapes[depth] = seen
                 return out
             fmt = _INTS.get(m)  # the key: a length (marker + integer), then UTF-8 bytes
             start = pos + fmt[1] if fmt is not None else size + 1
@@ -234,6 +301,56 @@ class _Reader:
                     self.pos = stop
                     out[key] = (typed(buf, dtype, count, start) if typed is not None
                                 else np.frombuffer(buf, dtype=dtype, count=count, offset=start))
+                    seen.append((buf[entry:pos + 5], key, dtype, fmt[0], _ARRAY, pos + 5 - entry) if entry >= 0
+                                else None)
+                    k += 1
                     continue
+            known = self.shape_of(entry, pos, key) if entry >= 0 else None
+            if known is not None and self.known(known, entry + known[5], out, depth):
+                seen.append(known)
+                k += 1
+                continue
             out[key] = self.value(self.marker(), depth)
+            seen.append(None)
+            k += 1
+        self.shapes[depth] = seen
         return out
+
+    def shape_of(self, entry: int, pos: int, key: str) -> _Entry | None:
+        """What the long way learnt of an entry whose value starts at `pos`: its header bytes and kind."""
+        buf, size = self.buf, len(self.buf)
+        m = buf[pos] if pos < size else -1
+        fmt = _INTS.get(m) or _FLOATS.get(m)
+        if fmt is not None:
+            return buf[entry:pos + 1], key, None, fmt[0], m, pos + 1 - entry
+        if m in (_S, _H) and pos + 1 < size and buf[pos + 1] in _INTS:
+            return buf[entry:pos + 2], key, None, _INTS[buf[pos + 1]][0], _S, pos + 2 - entry
+        if m == _OBJECT:
+            return buf[entry:pos + 1], key, None, None, _OBJECT, pos + 1 - entry
+        return None
+
+    def known(self, known: _Entry, at: int, out: dict[str, Any], depth: int) -> bool:
+        """Read a number, string or object whose header ends at `at`, as `known` says; False if it cannot be."""
+        buf, size = self.buf, len(self.buf)
+        key, number, kind = known[1], known[3], known[4]
+        if kind == _OBJECT:  # its first key, or its end: a counted, typed or no-op start is read the long way
+            if depth >= MAX_DEPTH or at >= size or not (buf[at] in _INTS or buf[at] == _END[True]):
+                return False
+            self.pos = at
+            out[key] = self.object(None, None, depth + 1)
+            return True
+        end = at + number.size
+        if end > size:
+            return False
+        value = number.unpack_from(buf, at)[0]
+        if kind != _S:
+            out[key], self.pos = value, end
+            return True
+        if value < 0 or end + value > size:
+            return False
+        try:
+            out[key] = buf[end:end + value].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        self.pos = end + value
+        return True

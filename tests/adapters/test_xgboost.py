@@ -375,3 +375,163 @@ def test_the_check_drops_the_parsed_document_before_the_collector_resumes(tmp_pa
     paused = collections_started(lambda: vet(raw, "ubj", "m"))
     assert unpaused >= 40  # about one per tree (40 here)
     assert paused < 10
+
+
+# --- sibling objects: the entries the reader recognises from the last object read at their depth ---
+
+_KINDS = ["uint8", "int32", "float32", "int64", "int", "float", "str", "object", "none"]
+
+
+@st.composite
+def _siblings(draw: Any) -> list[dict[str, Any]]:
+    """A list of objects with the same keys, mostly of the same kinds (as XGBoost's trees): now and then
+    a value of another kind, width or length, so that the reader's guess from the last sibling fails."""
+    np = require("numpy")
+    keys = draw(st.lists(st.text(max_size=6), unique=True, max_size=5))
+    kinds = {k: draw(st.sampled_from(_KINDS)) for k in keys}
+
+    def value(kind: str) -> Any:
+        if kind in _ARRAY_MARKERS:
+            ints = st.integers(0, 255) if kind == "uint8" else st.integers(-(2**31), 2**31 - 1)
+            return np.asarray(draw(st.lists(st.floats(width=32) if kind == "float32" else ints, max_size=6)),
+                              dtype=kind)
+        return {"int": lambda: draw(st.integers(-(2**40), 2**40)), "float": lambda: draw(st.floats()),
+                "str": lambda: draw(st.text(max_size=5)), "none": lambda: None,
+                "object": lambda: {"a": draw(st.integers(0, 300)), "b": draw(st.text(max_size=3))}}[kind]()
+
+    return [{k: value(kinds[k] if draw(st.integers(0, 7)) else draw(st.sampled_from(_KINDS))) for k in keys}
+            for _ in range(draw(st.integers(1, 4)))]
+
+
+def _long_way(raw: bytes, lazy: bool) -> Any:
+    """The reader with nothing learnt from siblings: every entry read the long way."""
+    from mlpersist import _ubjson
+
+    class LongWay(_ubjson._Reader):
+        def object(self, n: int | None, pending: int | None, depth: int) -> dict[str, Any]:
+            self.shapes.clear()
+            return super().object(n, pending, depth)
+
+    reader = LongWay(raw, "doc", lazy)
+    value = reader.value(reader.marker(), 0)
+    if reader.pos != len(raw):
+        raise reader.bad("trailing bytes")
+    return value
+
+
+def _outcome(read: Any, raw: bytes, lazy: bool) -> Any:
+    try:
+        return ("read", _read_arrays(read(raw, lazy)))
+    except CorruptArtifactError:
+        return ("corrupt",)
+
+
+def _identical(a: Any, b: Any) -> bool:
+    np = require("numpy")
+    if isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and a.dtype == b.dtype
+                and np.array_equal(a, b, equal_nan=b.dtype.kind == "f"))
+    if isinstance(b, (dict, list, tuple)):
+        return (type(a) is type(b) and len(a) == len(b) and (not isinstance(b, dict) or list(a) == list(b))
+                and all(_identical(a[k], b[k]) for k in (b if isinstance(b, dict) else range(len(b)))))
+    return type(a) is type(b) and (a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(doc=_siblings(), form=st.tuples(st.sampled_from("UIL"), st.booleans(), st.booleans()),
+       damage=st.tuples(st.integers(0, 10**6), st.integers(0, 255), st.sampled_from(["set", "drop", "insert", "cut"])))
+def test_sibling_objects_read_as_the_long_way_reads_them_even_when_damaged(
+        doc: list[dict[str, Any]], form: tuple[str, bool, bool], damage: tuple[int, int, str]) -> None:
+    """What the reader recognises from a sibling, it reads exactly as the long way would: the same value,
+    or, for any one byte set, dropped or inserted, or the file cut there, the same refusal."""
+    from mlpersist._ubjson import loads
+
+    raw = _encode({"trees": doc}, *form)  # lengths' width, counted containers, no-ops
+    assert _same(loads(raw, "doc"), {"trees": doc})
+    at, byte, edit = damage
+    at %= len(raw)
+    damaged = {"set": raw[:at] + bytes([byte]) + raw[at + 1:], "drop": raw[:at] + raw[at + 1:],
+               "insert": raw[:at] + bytes([byte]) + raw[at:], "cut": raw[:at]}[edit]
+    for lazy in (False, True):
+        fast = _outcome(lambda raw, lazy: loads(raw, "doc", lazy=lazy), damaged, lazy)
+        slow = _outcome(_long_way, damaged, lazy)
+        assert fast[0] == slow[0] and (fast[0] == "corrupt" or _identical(fast[1], slow[1])), (fast, slow)
+
+
+_TREE = b"{U\x01a[$l#U\x01" + struct.pack(">i", 7) + b"U\x01bSU\x02hiU\x01cU\x05U\x01d{U\x01xZ}}"
+
+
+@pytest.mark.parametrize(("second", "expected"), [
+    (b"{U\x01a[$l#U\x02" + bytes(4), None),                          # a count past the end
+    (b"{U\x01bSU\x02hiU\x01bSU\x02hi}", None),                       # a key again, where its sibling had it
+    (b"{U\x01a[$l#U\x01" + bytes(4) + b"U\x01bSU\x09hi}", None),      # a string longer than the file
+    (b"{U\x01a[$l#U\x01" + bytes(4) + b"U\x01bSU\x02hiU\x01cU", None),  # cut inside a number
+    (b"{U\x01a[$l#U\x01" + bytes(4) + b"U\x01bSU\x02\xff\xfe}", None),  # a string that is not UTF-8
+    (b"{U\x01a[$l#U\x00U\x01bSU\x00U\x01cU\x01U\x01d{#U\x01U\x01xT}", {"a": [], "b": "", "c": 1, "d": {"x": True}}),
+    (b"{U\x01a[$l#U\x00U\x01bSU\x00U\x01cU\x01U\x01d{N}}", {"a": [], "b": "", "c": 1, "d": {}}),
+    (b"{U\x01a[$l#U\x00U\x01bSU\x00U\x01cU\x01U\x01d{$Z#U\x01U\x01y}", {"a": [], "b": "", "c": 1, "d": {"y": None}}),
+], ids=["count-past-end", "duplicate", "string-past-end", "cut-number", "string-utf8", "counted-object",
+        "noop-object", "typed-object"])
+def test_an_object_that_starts_like_its_sibling_is_read_as_it_is(second: bytes, expected: Any) -> None:
+    """After a sibling taught the reader its entries: a malformed entry is refused as the long way refuses
+    it, and a nested object that begins otherwise (counted, typed, a no-op) is read as what it is."""
+    from mlpersist._ubjson import loads
+
+    raw = b"[" + _TREE + second + b"]"
+    if expected is None:
+        with pytest.raises(CorruptArtifactError, match="not valid UBJSON"):
+            loads(raw, "doc")
+        return
+    first, got = _read_arrays(loads(raw, "doc"))
+    assert first["a"].tolist() == [7] and first["b"] == "hi" and first["d"] == {"x": None}
+    assert {k: v.tolist() if k == "a" else v for k, v in got.items()} == expected
+
+
+def test_a_crafted_child_index_in_the_last_tree_is_refused(tmp_path: Path) -> None:
+    """The last tree is read as its siblings taught the reader: its indices are checked all the same."""
+    x, y = data()
+    require("xgboost").XGBClassifier(n_estimators=5).fit(x, y).save_model(str(tmp_path / "m.ubj"))
+    raw = bytearray((tmp_path / "m.ubj").read_bytes())
+    key = b"\x0dleft_children[$l#L"
+    at = raw.rindex(key) + len(key) + 8
+    raw[at:at + 4] = struct.pack(">i", 10**6)
+    (tmp_path / "bad.ubj").write_bytes(bytes(raw))
+    with pytest.raises(UntrustedContentError, match=r"tree 4: .*outside its arrays"):
+        load_any(tmp_path / "bad.ubj")
+
+
+@pytest.mark.parametrize("siblings", [1, 2])
+def test_objects_nested_past_the_depth_limit_are_refused(siblings: int) -> None:
+    """Objects in objects, or in lists: 64 levels are read, 65 refused, whether or not a sibling taught
+    the reader that the entry holds an object."""
+    from mlpersist._ubjson import MAX_DEPTH, loads
+
+    def nested(levels: int) -> bytes:
+        return b"{U\x01k" * (levels - 1) + b"{}" + b"}" * (levels - 1)
+
+    ok, deep = (b"[" + nested(levels) * siblings + b"]" for levels in (MAX_DEPTH - 1, MAX_DEPTH))
+    assert len(loads(ok, "doc")) == siblings
+    with pytest.raises(CorruptArtifactError, match=f"nested deeper than {MAX_DEPTH}"):
+        loads(deep, "doc")
+    with pytest.raises(CorruptArtifactError, match=f"nested deeper than {MAX_DEPTH}"):
+        loads(b"{U\x01k" * 100_000 + b"Z", "doc")
+    in_lists = b"[" * (MAX_DEPTH - 1) + b"{}" * siblings + b"]" * (MAX_DEPTH - 1)  # objects in lists
+    got = loads(in_lists, "doc")
+    for _ in range(MAX_DEPTH - 2):
+        got = got[0]
+    assert got == [{}] * siblings
+    with pytest.raises(CorruptArtifactError, match=f"nested deeper than {MAX_DEPTH}"):
+        loads(b"[" + in_lists + b"]", "doc")
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(_arrays(), min_size=1, max_size=6), pad=st.text(max_size=3))
+def test_joined_lazy_arrays_equal_their_concatenation(values: list[Any], pad: str) -> None:
+    """Lazy arrays at any offsets (the key before each shifts them), of one dtype or several, join as numpy
+    joins the arrays they stand for."""
+    np = require("numpy")
+    from mlpersist._ubjson import joined, loads
+
+    doc = {f"{pad}{i}": v for i, v in enumerate(values)}
+    got, want = joined(list(loads(_encode(doc, "U"), "doc", lazy=True).values())), np.concatenate(values)
+    assert got.dtype.newbyteorder("=") == want.dtype and np.array_equal(got, want, equal_nan=want.dtype.kind == "f")
