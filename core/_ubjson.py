@@ -73,8 +73,8 @@ class TypedArray:
 def joined(arrays: list[Any]) -> Any:
     """The numpy concatenation of `arrays` (`TypedArray`s, or anything `numpy.asarray` reads).
 
-    Lazy arrays of one dtype in one buffer (the node arrays of a model's trees) are gathered from it
-    in a few numpy calls, instead of one view per array: their starts need not be aligned.
+    Lazy arrays of one dtype in one buffer (the node arrays of a model's trees) are joined as bytes,
+    one slice of the buffer each, then read as one array: no numpy view per array.
     """
     np = _numpy()[0]
     first = arrays[0] if arrays else None
@@ -82,13 +82,9 @@ def joined(arrays: list[Any]) -> Any:
             type(a) is TypedArray and a.buf is first.buf and a.dtype == first.dtype for a in arrays)):
         return np.concatenate([np.asarray(a) for a in arrays]) if arrays else np.empty(0)
     size = first.dtype.itemsize
-    offsets = np.fromiter((a.offset for a in arrays), np.int64, len(arrays))
-    counts = np.fromiter((a.count for a in arrays), np.int64, len(arrays))
-    ends = np.cumsum(counts)
-    element = np.arange(int(ends[-1]), dtype=np.int64) - np.repeat(ends - counts, counts)  # index in its array
-    starts = np.repeat(offsets, counts) + element * size  # each element's first byte
-    data = np.frombuffer(first.buf, np.uint8)[starts[:, None] + np.arange(size)]
-    return data.reshape(-1).view(first.dtype)
+    with memoryview(first.buf) as view:
+        data = b"".join([view[a.offset:a.offset + a.count * size] for a in arrays])
+    return np.frombuffer(data, dtype=first.dtype)
 
 
 class _Reader:
