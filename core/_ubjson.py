@@ -29,7 +29,8 @@ def loads(data: bytes | bytearray | memoryview, what: str, *, lazy: bool = False
     """Parse UBJSON (draft 12, with optimised containers); typed numeric arrays become numpy arrays.
 
     `lazy`: they become `TypedArray`s instead, whose numpy view is made when one is used (`len()` needs
-    none): a 500-tree XGBoost model holds 7,000 arrays, of which its check reads 1,500.
+    none; `joined` reads many at once): a 500-tree XGBoost model holds 7,000 arrays, of which its check
+    reads 1,500.
 
     Raises:
         mlpersist.errors.CorruptArtifactError: truncated, malformed, too deep, or trailing bytes.
