@@ -78,10 +78,11 @@ def joined(arrays: list[Any]) -> Any:
     one slice of the buffer each, then read as one array: no numpy view per array.
     """
     np = _numpy()[0]
-    first = arrays[0] if arrays else None
-    if not (isinstance(first, TypedArray) and all(
-            type(a) is TypedArray and a.buf is first.buf and a.dtype == first.dtype for a in arrays)):
-        return np.concatenate([np.asarray(a) for a in arrays]) if arrays else np.empty(0)
+    if not arrays:
+        return np.empty(0)
+    first = arrays[0]
+    if not all(type(a) is TypedArray and a.buf is first.buf and a.dtype == first.dtype for a in arrays):
+        return np.concatenate([np.asarray(a) for a in arrays])
     size = first.dtype.itemsize
     with memoryview(first.buf) as view:
         data = b"".join([view[a.offset:a.offset + a.count * size] for a in arrays])
@@ -205,10 +206,8 @@ class _Reader:
                 out[key] = self.value(typ, depth)
             else:
                 m = typ if typ is not None else (m if m is not None else self.marker())
-                at = self.pos
-                if (m == _OBJECT and depth < MAX_DEPTH and at < len(self.buf)
-                        and (self.buf[at] in _INTS or self.buf[at] == _END[True])):
-                    out.append(self.object(None, None, depth + 1))  # an untyped, uncounted object: the trees
+                if m == _OBJECT and self.plain_object(self.pos, depth):
+                    out.append(self.object(None, None, depth + 1))  # the trees
                 else:
                     out.append(self.value(m, depth))
             done += 1
@@ -326,12 +325,20 @@ class _Reader:
             return buf[entry:pos + 1], key, None, None, _OBJECT, pos + 1 - entry
         return None
 
+    def plain_object(self, at: int, depth: int) -> bool:
+        """Whether an object met at `depth` (its marker read) starts at `at` with its first key or its end.
+
+        Then `object` reads it from there as `value` would. A counted, typed or no-op start, or an object
+        past the depth limit, is left to `value`, which reads or refuses it.
+        """
+        return depth < MAX_DEPTH and at < len(self.buf) and (self.buf[at] in _INTS or self.buf[at] == _END[True])
+
     def known(self, known: _Entry, at: int, out: dict[str, Any], depth: int) -> bool:
         """Read a number, string or object whose header ends at `at`, as `known` says; False if it cannot be."""
         buf, size = self.buf, len(self.buf)
         key, number, kind = known[1], known[3], known[4]
-        if kind == _OBJECT:  # its first key, or its end: a counted, typed or no-op start is read the long way
-            if depth >= MAX_DEPTH or at >= size or not (buf[at] in _INTS or buf[at] == _END[True]):
+        if kind == _OBJECT:
+            if not self.plain_object(at, depth):
                 return False
             self.pos = at
             out[key] = self.object(None, None, depth + 1)
