@@ -127,6 +127,12 @@ class _Memory(io.RawIOBase):
         self._pos += n
         return n
 
+    def readall(self) -> bytes:
+        """The rest in one copy (`read()` of the whole file; RawIOBase's would take it 8 KiB at a time)."""
+        out = bytes(self._view[self._pos:])
+        self._pos += len(out)
+        return out
+
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
         if base + offset < 0:

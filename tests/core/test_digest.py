@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 
 import pytest
 from blake3 import blake3
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlp_testkit import DummyModel
 
 from mlpersist import IntegrityError, PersistError, _checked, _copies, _digest, inspect, load_any, save_any, verify
@@ -150,6 +153,25 @@ def test_only_small_payloads_are_kept_in_memory(tmp_path: Path, dummy: DummyMode
         assert payload.read_bytes("sub/extra.bin") == bytes(range(256)) * 4
     finally:
         opened.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(0, 70_000), steps=st.lists(st.tuples(st.sampled_from(["read", "read1", "seek", "readinto"]),
+                                                            st.integers(-1, 80_000)), max_size=6))
+def test_a_kept_payload_reads_as_its_bytes_would(size: int, steps: list[tuple[str, int]]) -> None:
+    """The handle on bytes kept in memory reads, seeks and reads to the end (in one copy) as io.BytesIO does."""
+    data = bytearray(os.urandom(size))
+    checked, reference = _checked.Checked(data, open(os.devnull, "rb")), io.BytesIO(bytes(data))  # noqa: SIM115
+    with checked:
+        for op, n in [*steps, ("read", -1)]:
+            if op == "seek":
+                assert checked.seek(max(n, 0)) == reference.seek(max(n, 0))
+            elif op == "readinto":
+                a, b = bytearray(max(n, 0)), bytearray(max(n, 0))
+                assert checked.readinto(a) == reference.readinto(b) and a == b
+            else:
+                assert getattr(checked, op)(n) == getattr(reference, op)(n)
+            assert checked.tell() == reference.tell()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the anonymous copy is Linux's")
