@@ -185,6 +185,30 @@ def test_a_crafted_ubj_child_index_is_refused(tmp_path: Path) -> None:
         load_any(tmp_path / "bad.ubj")
 
 
+def _out_of_range_feature(tmp_path: Path) -> Any:
+    """A classifier whose first split reads feature 99 of 6: XGBoost loads it; predicting would read past a row."""
+    x, y = data()
+    model = require("xgboost").XGBClassifier(n_estimators=3, max_depth=2).fit(x, y)
+    doc = json.loads(bytes(model.get_booster().save_raw("json")))
+    doc["learner"]["gradient_booster"]["model"]["trees"][0]["split_indices"][0] = 99
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    model.load_model(str(tmp_path / "bad.json"))  # XGBoost itself accepts it
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["ubj", "json"])
+def test_a_trusted_load_skips_the_tree_check(fmt: str, tmp_path: Path) -> None:
+    """trusted=True (as a configured signature does) lifts the check, as it lifts scikit-learn's tree
+    validation: the caller vouches for the author. Untrusted, the same artifact is refused."""
+    save_any(_out_of_range_feature(tmp_path), tmp_path / "m", format=fmt)
+    with pytest.raises(UntrustedContentError, match=r"tree 0: .*outside its arrays"):
+        load_any(tmp_path / "m")
+    loaded = load_any(tmp_path / "m", trusted=True)  # not asked to predict: that would read out of bounds
+    assert type(loaded).__name__ == "XGBClassifier"
+    assert json.loads(bytes(loaded.get_booster().save_raw("json")))["learner"]["gradient_booster"]["model"][
+        "trees"][0]["split_indices"][0] == 99
+
+
 def test_a_crafted_step_inside_a_pipeline_is_refused(tmp_path: Path) -> None:
     from sklearn.pipeline import make_pipeline
 
