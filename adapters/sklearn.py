@@ -12,12 +12,12 @@ import numpy as np
 from sklearn.tree._tree import Tree
 
 from mlpersist import Payload, _registry
+from mlpersist._policy import NATIVE_STATE
 from mlpersist._trees import first_bad_tree
 from mlpersist.errors import PersistError, UntrustedContentError
 
 _FILES = {"joblib": "model.joblib", "pickle": "model.pkl"}
 _MAX_CLASSES_RECORDED = 1000
-_NATIVE_STATE = {"xgboost", "lightgbm"}  # allowed in pickles, but their trees must be checked by their adapter
 
 
 class SklearnAdapter:
@@ -91,7 +91,7 @@ def validate(model: Any) -> None:
         if owner is not None:  # e.g. an XGBClassifier step: its own adapter knows its structure
             owner.check(obj, where)
             continue
-        if type(obj).__module__.partition(".")[0] in _NATIVE_STATE:
+        if type(obj).__module__.partition(".")[0] in NATIVE_STATE:
             raise UntrustedContentError(
                 f"{where}: a {type(obj).__qualname__} carries a native model whose structure only its adapter can "
                 f"check, and none is installed that does; install it (mlpersist[xgboost], or mlpersist-lightgbm "

@@ -85,6 +85,12 @@ EXACT_NAMES = frozenset(
     """.split())
 EXACT = EXACT_NAMES
 
+# Frameworks whose objects (the Boosters and scikit-learn wrappers admitted above) carry a native model
+# in their pickled state. The unpickler builds them with `__new__` and sets their state, never calls
+# them (their constructors read model files by path and parse them), and hands that state to their
+# adapter's `check_state`, when it has one, before their `__setstate__` gives it to the framework.
+NATIVE_STATE = frozenset({"xgboost", "lightgbm"})
+
 # Packages whose classes are judged by rule_allows (they are imported only to look the name up).
 RULE_ROOTS = frozenset({"sklearn", "numpy", "scipy"})
 _PYX = "__pyx_unpickle_"

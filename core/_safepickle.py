@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from types import BuiltinFunctionType, FunctionType, ModuleType
 from typing import Any, BinaryIO
 
-from ._policy import EXACT, RULE_ROOTS, TrustPolicy, denied, rule_allows, wrap
+from ._policy import EXACT, NATIVE_STATE, RULE_ROOTS, TrustPolicy, denied, rule_allows, wrap
 from .errors import CorruptArtifactError, UntrustedContentError
 
 
@@ -131,6 +131,26 @@ class State:
         return UntrustedContentError(f"{self.what}: {message}; refusing to go on (nothing refused was run)",
                                      self.refused)
 
+    def native_state(self, obj: Any, state: Any) -> Any:
+        """The state to set on `obj`, an object of a NATIVE_STATE framework, as its adapter checked it.
+
+        Its `__setstate__` hands the native model in `state` to the framework's parser, so the adapter
+        that claims the framework sees it first (`check_state`, which may return it rewritten into the
+        form it checked). An adapter without `check_state` checks the object after the load (`check`).
+        With no adapter for the framework, nothing can check it: refused before the parser runs.
+        """
+        from . import _registry
+
+        kind = type(obj)
+        name = _registry.claims().get(kind.__module__.partition(".")[0])
+        if name is None or _registry.get_spec(name) is None:
+            raise UntrustedContentError(
+                f"{self.what}: a {kind.__qualname__} carries a native model whose structure only its adapter can "
+                "check, and none is installed that does; install it (mlpersist[xgboost], or mlpersist-lightgbm "
+                "from examples/adapters) or pass trusted=True", [f"{kind.__module__}.{kind.__qualname__}"])
+        hook = getattr(_registry.get_adapter(name), "check_state", None)
+        return state if hook is None else hook(obj, state, self.what)
+
 
 def resolve(module: str, name: str, policy: TrustPolicy) -> Any | None:
     """Return the object `module.name` if `policy` allows it, else None. Imports only trusted packages."""
@@ -218,7 +238,18 @@ class Guard:
         fn = self.stack[-1]
         if not self._callable_ok(fn):
             raise self._s.structural(f"REDUCE calls {type(fn).__name__}, which no allowed global provided")
+        self._not_native(fn, "REDUCE")
         self.stack[-1] = fn(*args)
+
+    def _instantiate(self, klass: Any, args: list[Any]) -> None:  # OBJ and INST
+        self._not_native(klass, "OBJ/INST")
+        pickle._Unpickler._instantiate(self, klass, args)  # type: ignore[attr-defined]
+
+    def _not_native(self, fn: Any, op: str) -> None:
+        module = "" if isinstance(fn, _Refused) else str(getattr(fn, "__module__", None) or "")
+        if module.partition(".")[0] in NATIVE_STATE:
+            raise self._s.structural(f"{op} would call {module}.{getattr(fn, '__qualname__', '?')}, whose objects are "
+                                     "rebuilt from their state only (it reads and parses model files)")
 
     def load_newobj(self) -> None:
         args = self.stack.pop()
@@ -240,7 +271,7 @@ class Guard:
         cls = args.pop(0)
         if not self._callable_ok(cls):
             raise self._s.structural("OBJ on something that is not an allowed class")
-        self._instantiate(cls, args)  # type: ignore[attr-defined]
+        self._instantiate(cls, args)
 
     def load_build(self) -> None:
         state = self.stack[-1]
@@ -252,6 +283,8 @@ class Guard:
                                                                  BuiltinFunctionType)):
             raise self._s.structural(f"BUILD would set state on the global {type(target).__name__} itself")
         _check_dtype_state(target, state, self._s)
+        if type(target).__module__.partition(".")[0] in NATIVE_STATE:
+            self.stack[-1] = self._s.native_state(target, state)
         pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
 
     def load_setitem(self) -> None:

@@ -209,6 +209,20 @@ def test_a_trusted_load_skips_the_tree_check(fmt: str, tmp_path: Path) -> None:
         "trees"][0]["split_indices"][0] == 99
 
 
+@pytest.mark.parametrize("op", ["REDUCE", "OBJ", "INST"])
+def test_a_pickle_cannot_call_a_booster_to_read_a_model_file(op: str, tmp_path: Path) -> None:
+    """Booster(params, cache, model_file) reads and parses any file it is given: the classes of a framework
+    with native state are rebuilt from their state only, never called by a pickle."""
+    _ubj(tmp_path)  # m.ubj, a model the pickle points at
+    path = str(tmp_path / "m.ubj").encode("raw_unicode_escape")
+    raw = {"REDUCE": b"\x80\x02cxgboost.core\nBooster\nNNV" + path + b"\n\x87R.",
+           "OBJ": b"(cxgboost.core\nBooster\nNNV" + path + b"\no.",
+           "INST": b"(NNV" + path + b"\nixgboost.core\nBooster\n."}[op]
+    (tmp_path / "evil.pkl").write_bytes(raw)
+    with pytest.raises(UntrustedContentError, match=f"{op}.* would call xgboost.core.Booster.*state only"):
+        load_any(tmp_path / "evil.pkl")
+
+
 def test_a_crafted_step_inside_a_pipeline_is_refused(tmp_path: Path) -> None:
     from sklearn.pipeline import make_pipeline
 
