@@ -68,7 +68,7 @@ def test_a_ranker_round_trips(tmp_path: Path) -> None:
 
 
 CRAFT = """
-import sys, lightgbm as lgb, numpy as np, mlpersist
+import sys, lightgbm as lgb, re
 from sklearn.datasets import make_classification
 kind, out = sys.argv[1], sys.argv[2]
 x, y = make_classification(200, 5, random_state=0)
@@ -84,46 +84,91 @@ for i, line in enumerate(lines):
         v[0] = "1000"
     elif kind == "feature" and key == "split_feature":
         v[0] = "99"
+    elif kind == "underscore-digits" and key == "split_feature":  # Python reads 1, LightGBM 0
+        v[0] = "0_1"
+    elif kind == "tree-line-inside" and key == "shrinkage":  # LightGBM: one tree, whose left_child is the last one
+        lines[i] = line + "\\nTree=9\\nleft_child=1000 1000 1000 1000 1000 1000"
+        break
+    elif kind == "key-twice" and key == "shrinkage":
+        lines[i] = line + "\\nleft_child=1000 1000 1000 1000 1000 1000"
+        break
+    elif kind == "no-leaf-value" and key == "leaf_value":
+        lines[i] = "leaf_weight_x=1"
+        break
     else:
         continue
     lines[i] = key + "=" + " ".join(v)
-open(out, "w").write(head + sep + "\\n".join(lines))
-try:
-    mlpersist.load_any(out)
-    print("LOADED")
-except mlpersist.PersistError as exc:
-    print("REFUSED", type(exc).__name__, exc)
+text = head + sep + "\\n".join(lines)
+sizes = [len(b.encode()) for b in re.split(r"(?=^Tree=)", text.partition("\\nend of trees")[0] + "\\n", flags=re.M)[1:]]
+text = re.sub(r"tree_sizes=.*", "tree_sizes=" + " ".join(map(str, sizes)), text)  # as a careful forger would
+if kind == "tree-sizes":  # every tree sound, the first size far past the text
+    text = re.sub(r"tree_sizes=(\\d+)", lambda m: "tree_sizes=" + str(int(m.group(1)) + 10**6), text)
+elif kind == "carriage-return":
+    text = text.replace("\\nTree=1\\n", "\\nTree=1\\r\\n")
+elif kind == "nul":
+    text = text.replace("\\nend of trees", "\\x00\\nend of trees")
+elif kind == "no-class":
+    text = text.replace("num_tree_per_iteration=1", "num_tree_per_iteration=0")
+open(out, "wb").write(text.encode().replace(b"Tree=1", b"Tree=1\\xff") if kind == "not-utf8" else text.encode())
 """
 
 
-@pytest.mark.parametrize("kind", ["leaf-int-min", "inner-out-of-range", "feature"])
-def test_crafted_text_models_are_refused_before_lightgbm_parses_them(kind: str, tmp_path: Path) -> None:
+def _load_crafted(kind: str, tmp_path: Path, trusted: bool = False) -> str:
+    """Load, in a fresh process, an artifact whose model.txt was crafted as CRAFT's `kind`: what happened.
+
+    Its own process: a LightGBM that aborts or crashes must fail the test, not end the test run.
+    """
     require("mlpersist_lightgbm")
+    tmp_path = tmp_path / f"{kind}-{trusted}"
+    tmp_path.mkdir()
     (tmp_path / "craft.py").write_text(CRAFT)
-    # a bare LightGBM text file is not sniffed: wrap it as an artifact payload instead
     proc = run_python(f"""
-        import runpy, sys, json, hashlib, shutil, mlpersist, lightgbm as lgb
+        import runpy, sys, json, hashlib, mlpersist, lightgbm as lgb
         from sklearn.datasets import make_classification
         sys.argv = ["x", {kind!r}, {str(tmp_path / 'model.txt')!r}]
-        try:
-            runpy.run_path({str(tmp_path / 'craft.py')!r})
-        except BaseException:
-            pass
+        runpy.run_path({str(tmp_path / 'craft.py')!r})
         x, y = make_classification(200, 5, random_state=0)
-        mlpersist.save_any(lgb.Booster(model_str=lgb.LGBMClassifier(n_estimators=3, verbose=-1).fit(x, y)
-                           .booster_.model_to_string()), {str(tmp_path / 'art')!r})
+        mlpersist.save_any(lgb.LGBMClassifier(n_estimators=3, verbose=-1).fit(x, y).booster_,
+                           {str(tmp_path / 'art')!r})
         raw = open({str(tmp_path / 'model.txt')!r}, "rb").read()
         open({str(tmp_path / 'art' / 'model.txt')!r}, "wb").write(raw)
         doc = json.load(open({str(tmp_path / 'art' / 'manifest.json')!r}))
         doc["files"]["model.txt"] = {{"size": len(raw), "digest": "sha256:" + hashlib.sha256(raw).hexdigest()}}
         json.dump(doc, open({str(tmp_path / 'art' / 'manifest.json')!r}, "w"))
         try:
-            mlpersist.load_any({str(tmp_path / 'art')!r})
-            print("LOADED")
-        except mlpersist.UntrustedContentError as exc:
-            print("REFUSED", exc)
+            model = mlpersist.load_any({str(tmp_path / 'art')!r}, trusted={trusted!r})
+            print("LOADED", *([] if {trusted!r} else model.predict(x[:5], raw_score=True).round(6).tolist()))
+        except mlpersist.PersistError as exc:
+            print("REFUSED", type(exc).__name__, exc)
     """)
-    assert proc.stdout.strip().splitlines()[-1].startswith("REFUSED"), proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    return lines[-1] if lines else f"nothing printed; stderr: {proc.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("kind", ["leaf-int-min", "inner-out-of-range", "feature", "underscore-digits",
+                                  "tree-line-inside", "key-twice", "carriage-return", "nul", "no-class"])
+def test_crafted_text_models_are_refused_before_lightgbm_parses_them(kind: str, tmp_path: Path) -> None:
+    assert _load_crafted(kind, tmp_path).startswith("REFUSED UntrustedContentError")
+
+
+def test_tree_sizes_are_not_followed(tmp_path: Path) -> None:
+    """LightGBM jumps by `tree_sizes` without bounds (a size past the text read outside it, then aborted the
+    process): it is handed the text without them, and reads the same trees one after another."""
+    sound = _load_crafted("none", tmp_path)
+    assert sound.startswith("LOADED ") and _load_crafted("tree-sizes", tmp_path) == sound
+
+
+@pytest.mark.parametrize("kind", ["no-leaf-value", "not-utf8"])
+def test_a_text_lightgbm_cannot_read_is_an_error_not_an_abort(kind: str, tmp_path: Path) -> None:
+    """Read tree after tree, LightGBM raises on a tree without leaf values (on its parallel path it aborted
+    the process); a text that is not UTF-8 is a typed error too."""
+    assert _load_crafted(kind, tmp_path).startswith("REFUSED CorruptArtifactError")
+
+
+def test_a_trusted_load_skips_the_tree_check(tmp_path: Path) -> None:
+    """trusted=True (as a configured signature does) lifts the check, as it does in the built-in adapters:
+    LightGBM reads a split on feature 99 of 5 (predicting would read past a row: nothing predicts here)."""
+    assert _load_crafted("feature", tmp_path, trusted=True) == "LOADED"
 
 
 def test_a_pickled_lightgbm_step_in_a_pipeline_is_allowed_and_checked(tmp_path: Path) -> None:
@@ -151,3 +196,47 @@ def test_without_an_adapter_that_checks_it_a_pickled_lightgbm_step_is_refused(tm
     with pytest.raises(UntrustedContentError, match="only its adapter can check"):
         load_any(tmp_path / "p")
     assert load_any(tmp_path / "p", trusted=True).predict(x) is not None
+
+
+STEP = """
+import re, sys, lightgbm as lgb, mlpersist
+from sklearn.datasets import make_classification
+from sklearn.pipeline import make_pipeline
+kind, out = sys.argv[1], sys.argv[2]
+x, y = make_classification(200, 5, random_state=0)
+pipe = make_pipeline(lgb.LGBMClassifier(n_estimators=3, verbose=-1)).fit(x, y)
+sound = lgb.Booster.__getstate__
+
+def crafted(self):  # what a forger would pickle as the step's Booster
+    state = sound(self)
+    if kind == "tree-sizes":  # sound trees, the first size far past the text
+        state["_handle"] = re.sub(r"tree_sizes=(\\d+)", lambda m: "tree_sizes=" + str(int(m.group(1)) + 10**6),
+                                  state["_handle"])
+    elif kind == "child":  # a Tree= line inside tree 1: LightGBM takes the left_child after it
+        state["_handle"] = state["_handle"].replace(
+            "\\n\\n\\nTree=2\\n", "\\nTree=9\\nleft_child=1000 1000 1000\\n\\n\\nTree=2\\n")
+    return state
+
+lgb.Booster.__getstate__ = crafted
+mlpersist.save_any(pipe, out)
+lgb.Booster.__getstate__ = sound
+try:
+    loaded = mlpersist.load_any(out)
+    print("SAME" if (loaded.predict_proba(x) == pipe.predict_proba(x)).all() else "DIFFERENT")
+except mlpersist.PersistError as exc:
+    print("REFUSED", type(exc).__name__, exc)
+"""
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("tree-sizes", "SAME"),  # LightGBM followed them out of the text, then aborted: now it reads tree after tree
+    ("child", "REFUSED UntrustedContentError"),
+])
+def test_a_pickled_booster_is_checked_before_lightgbm_parses_it(kind: str, expected: str, tmp_path: Path) -> None:
+    """A pipeline step's Booster is parsed by its __setstate__, during unpickling: its model text goes through
+    the adapter's check_state first (in its own process: an abort must fail the test, not end the run)."""
+    require("mlpersist_lightgbm")
+    (tmp_path / "step.py").write_text(STEP)
+    proc = run_python(f"import runpy, sys; sys.argv = ['x', {kind!r}, {str(tmp_path / 'p')!r}]; "
+                      f"runpy.run_path({str(tmp_path / 'step.py')!r})")
+    assert proc.stdout.strip().splitlines()[-1].startswith(expected), proc.stdout + proc.stderr

@@ -5,6 +5,7 @@ Installed, it registers itself through the `mlpersist.adapters` entry point (see
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,9 +47,14 @@ class LightGBMAdapter:
         return info
 
     def load(self, payload: Payload, info: Mapping[str, Any], *, format: str, **options: Any) -> Any:
-        """Check every tree of the text model, then rebuild the Booster (and its wrapper) from it."""
-        text = payload.read_bytes(MODEL).decode("utf-8", errors="strict")
-        validate(text)
+        """Check every tree of the text model (unless the load is trusted), then rebuild the Booster from it."""
+        try:
+            text = payload.read_bytes(MODEL).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CorruptArtifactError(f"{MODEL} is not UTF-8 text ({exc.reason} at byte {exc.start}); a LightGBM "
+                                       "text model is: the file is damaged or not LightGBM's") from None
+        if not payload.policy.trusted:
+            text = prepared(text)  # checked, and read by LightGBM as it was checked
         try:
             booster = lightgbm.Booster(model_str=text)
         except lightgbm.basic.LightGBMError as exc:
@@ -59,6 +65,22 @@ class LightGBMAdapter:
         if cls is lightgbm.Booster:
             return booster
         return _wrap(cls, booster, info)
+
+    def check_state(self, obj: Any, state: Any, where: str) -> Any:
+        """Check a pickled Booster's model text before its `__setstate__` hands it to LightGBM (a pipeline step).
+
+        Returns the state to set: the model text as `prepared` checked it. A wrapper's state holds its
+        Booster, a pickled object of its own, checked when that one is set.
+        """
+        if not isinstance(obj, lightgbm.Booster) or not isinstance(state, dict):
+            return state
+        text = state.get("_handle", state.get("handle"))  # what Booster.__setstate__ parses
+        if text is None:
+            return state
+        if not isinstance(text, str):
+            raise UntrustedContentError(f"{where}: a pickled LightGBM Booster whose model is a {type(text).__name__}, "
+                                        "not its text; refusing it", ["lightgbm.Booster"])
+        return {**state, "_handle": prepared(text, where)}
 
     def check(self, obj: Any, where: str) -> None:
         """Validate a LightGBM model met inside another artifact (a pickled pipeline step)."""
@@ -84,36 +106,114 @@ def _wrap(cls: type, booster: Any, info: Mapping[str, Any]) -> Any:
     return model
 
 
-def validate(text: str) -> None:
-    """Refuse trees whose child, feature or category indices point outside their arrays.
+def prepared(text: str, where: str = MODEL) -> str:
+    """Check `text` as LightGBM will read it, and return it in the form that was checked (without `tree_sizes`).
 
-    LightGBM's own parser trusts them (GHSA-wvg4-4w35-4jc9: out-of-bounds write via SHAP; issues
-    7437/7438: out-of-bounds reads).
+    LightGBM's own parser trusts what it reads: tree indices (GHSA-wvg4-4w35-4jc9: out-of-bounds write
+    via SHAP; issues 7437/7438: out-of-bounds reads), and the `tree_sizes` header, which it follows
+    without bounds (a wrong size reads outside the text); a tree it cannot read there, on its parallel
+    path, aborts the whole process. Without `tree_sizes` it reads the trees one after another and
+    raises on what it cannot read. So the text is read here as that sequential reader reads it: the
+    header's lines split at `=` (empty parts dropped), then each `Tree=` line's key lines up to a blank
+    line (at most 22: LightGBM 4), stopping at the first other line. What LightGBM's reader would take
+    differently from this one is refused rather than guessed at: control characters (a NUL ends the C
+    string LightGBM gets), a key repeated or not lowercase (a `Tree=` line inside a tree), a key line
+    without `=`, a tree that runs to the end of the text, numbers other than plain ASCII decimals.
 
     Raises:
-        mlpersist.errors.UntrustedContentError: naming the first bad tree.
+        mlpersist.errors.UntrustedContentError: naming what is wrong (the first bad tree).
     """
-    header, _, body = text.partition("\nTree=")
-    fields = dict(line.split("=", 1) for line in header.splitlines() if "=" in line)
+    bad = _CONTROL.search(text)
+    if bad is not None or not text.startswith("tree\n"):
+        what = f"a control character {bad.group()!r}" if bad is not None else "no 'tree' first line"
+        raise UntrustedContentError(f"{where}: not a LightGBM text model as LightGBM writes it ({what}); "
+                                    "refusing it", ["lightgbm.Booster"])
+    lines = text.split("\n")
+    header: dict[str, str] = {}
+    kept: list[str] = []
+    i = 0
     try:
-        max_feature = int(fields["max_feature_idx"])
-        for block in body.split("end of trees")[0].split("\nTree="):
-            tree = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-            if "num_leaves" in tree:
-                _check_tree(tree, max_feature)
+        for i, line in enumerate(lines):  # noqa: B007 - i is where the trees start
+            if line.startswith("Tree="):
+                break
+            parts = [part for part in line.split("=") if part]
+            if parts:
+                _unique(header, parts[0], parts[1] if len(parts) == 2 else "", "header")
+                if parts[0] == "tree_sizes":
+                    continue  # LightGBM would jump by these sizes, unchecked: it reads tree after tree instead
+            kept.append(line)
+        else:
+            i = len(lines)
+        max_feature = _int(header["max_feature_idx"])
+        if _int(header["num_class"]) < 1 or _int(header.get("num_tree_per_iteration", "1")) < 1:
+            raise ValueError("fewer than one class or tree per iteration")  # LightGBM divides by them
+        tree_at = i
+        n = 0
+        while i < len(lines):
+            if not lines[i]:
+                i += 1
+                continue
+            if not lines[i].startswith("Tree="):
+                break  # "end of trees": where LightGBM stops reading trees
+            i += 1
+            tree: dict[str, str] = {}
+            while i < len(lines) and lines[i] and len(tree) < _TREE_LINES:
+                key, eq, value = lines[i].partition("=")
+                if not eq or not _KEY.fullmatch(key):
+                    raise ValueError(f"tree {n}: line {lines[i][:40]!r}")
+                _unique(tree, key, value, f"tree {n}")
+                i += 1
+            if i >= len(lines):
+                raise ValueError(f"tree {n} runs to the end of the text")
+            _check_tree(tree, max_feature, n)
+            n += 1
     except UntrustedContentError:
         raise
     except (KeyError, ValueError) as exc:
-        raise UntrustedContentError(f"{MODEL}: malformed LightGBM model ({exc}); refusing it",
+        raise UntrustedContentError(f"{where}: malformed LightGBM model ({exc}); refusing it",
                                     ["lightgbm.Booster"]) from None
+    return "\n".join(kept + lines[tree_at:])
+
+
+def validate(text: str) -> None:
+    """Refuse a text model whose trees LightGBM would read out of bounds (see `prepared`)."""
+    prepared(text)
+
+
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # all but \n: LightGBM's reader ends lines at \r too
+_KEY = re.compile(r"[a-z_]+", re.ASCII)
+_INT = re.compile(r"-?[0-9]+", re.ASCII)
+_FLOAT = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|-?inf|nan", re.ASCII)
+_TREE_LINES = 22  # LightGBM 4's Tree reads at most this many key lines
+
+
+def _unique(fields: dict[str, str], key: str, value: str, where: str) -> None:
+    if key in fields:
+        raise ValueError(f"{where}: {key!r} twice")
+    fields[key] = value
+
+
+def _int(value: str) -> int:
+    if not _INT.fullmatch(value):
+        raise ValueError(f"{value[:20]!r} is not an integer")
+    return int(value)
+
+
+def _tokens(tree: Mapping[str, str], key: str, pattern: re.Pattern[str]) -> list[str]:
+    """The numbers of `key` as LightGBM splits them (at single spaces, empty parts dropped), each a plain number."""
+    tokens = [t for t in tree.get(key, "").split(" ") if t]
+    for t in tokens:
+        if not pattern.fullmatch(t):
+            raise ValueError(f"{key}: {t[:20]!r} is not a number")
+    return tokens
 
 
 def _ints(tree: Mapping[str, str], key: str) -> np.ndarray:
-    return np.array(tree.get(key, "").split(), dtype=np.int64)
+    return np.array([int(t) for t in _tokens(tree, key, _INT)], dtype=np.int64)
 
 
-def _check_tree(tree: Mapping[str, str], max_feature: int) -> None:
-    leaves = int(tree["num_leaves"])
+def _check_tree(tree: Mapping[str, str], max_feature: int, n: int) -> None:
+    leaves = _int(tree["num_leaves"])
     inner = leaves - 1
     left, right, feature = _ints(tree, "left_child"), _ints(tree, "right_child"), _ints(tree, "split_feature")
     idx = np.arange(inner)
@@ -124,14 +224,14 @@ def _check_tree(tree: Mapping[str, str], max_feature: int) -> None:
         leaf_ok = (~child >= 0) & (~child < leaves)
         ok = ok and bool(np.all(np.where(child >= 0, inner_ok, leaf_ok)))
     ok = ok and bool(np.all((feature >= 0) & (feature <= max_feature)))
-    num_cat = int(tree.get("num_cat", "0"))
+    num_cat = _int(tree.get("num_cat", "0"))
     if ok and num_cat > 0:
         bounds, decision = _ints(tree, "cat_boundaries"), _ints(tree, "decision_type")
-        thresholds = np.array(tree.get("threshold", "").split(), dtype=np.float64)
+        thresholds = np.array([float(t) for t in _tokens(tree, "threshold", _FLOAT)], dtype=np.float64)
         cat = (decision & 1).astype(bool)
-        words = len(tree.get("cat_threshold", "").split())
+        words = len(_tokens(tree, "cat_threshold", _INT))
         ok = (len(bounds) == num_cat + 1 and bool(np.all(np.diff(bounds) >= 0)) and bounds[-1] <= words
               and bool(np.all(~cat | ((thresholds >= 0) & (thresholds < num_cat)))))
     if not ok:
-        raise UntrustedContentError(f"{MODEL}: a tree's child, feature or category indices point outside its arrays; "
+        raise UntrustedContentError(f"{MODEL}: tree {n}: child, feature or category indices point outside its arrays; "
                                     "the model is crafted or damaged, refusing it", ["lightgbm.Booster"])
