@@ -86,6 +86,10 @@ for i, line in enumerate(lines):
         v[0] = "99"
     elif kind == "underscore-digits" and key == "split_feature":  # Python reads 1, LightGBM 0
         v[0] = "0_1"
+    elif kind == "categorical-without-categories" and key == "decision_type":  # tree 1 has num_cat=0
+        v[0] = str(int(v[0]) | 1)
+    elif kind == "huge-index" and key == "left_child":
+        v[0] = "9" * 30
     elif kind == "tree-line-inside" and key == "shrinkage":  # LightGBM: one tree, whose left_child is the last one
         lines[i] = line + "\\nTree=9\\nleft_child=1000 1000 1000 1000 1000 1000"
         break
@@ -107,6 +111,8 @@ elif kind == "carriage-return":
     text = text.replace("\\nTree=1\\n", "\\nTree=1\\r\\n")
 elif kind == "nul":
     text = text.replace("\\nend of trees", "\\x00\\nend of trees")
+elif kind == "no-end":  # the text ends with tree 1's last line: no blank line, no "end of trees"
+    text = text[:text.index("\\n\\n", text.index("Tree=1")) + 1]
 elif kind == "no-class":
     text = text.replace("num_tree_per_iteration=1", "num_tree_per_iteration=0")
 open(out, "wb").write(text.encode().replace(b"Tree=1", b"Tree=1\\xff") if kind == "not-utf8" else text.encode())
@@ -146,7 +152,8 @@ def _load_crafted(kind: str, tmp_path: Path, trusted: bool = False) -> str:
 
 
 @pytest.mark.parametrize("kind", ["leaf-int-min", "inner-out-of-range", "feature", "underscore-digits",
-                                  "tree-line-inside", "key-twice", "carriage-return", "nul", "no-class"])
+                                  "tree-line-inside", "key-twice", "carriage-return", "nul", "no-class",
+                                  "no-end", "categorical-without-categories", "huge-index"])
 def test_crafted_text_models_are_refused_before_lightgbm_parses_them(kind: str, tmp_path: Path) -> None:
     assert _load_crafted(kind, tmp_path).startswith("REFUSED UntrustedContentError")
 

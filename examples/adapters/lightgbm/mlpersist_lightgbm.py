@@ -163,8 +163,8 @@ def prepared(text: str, where: str = MODEL) -> str:
                     raise ValueError(f"tree {n}: line {lines[i][:40]!r}")
                 _unique(tree, key, value, f"tree {n}")
                 i += 1
-            if i >= len(lines):
-                raise ValueError(f"tree {n} runs to the end of the text")
+            if i >= len(lines) - 1:  # the last of `lines` is what follows the last newline: no blank line
+                raise ValueError(f"tree {n} runs to the end of the text")  # LightGBM would read on past it
             _check_tree(tree, max_feature, n)
             n += 1
     except UntrustedContentError:
@@ -182,7 +182,7 @@ def validate(text: str) -> None:
 
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # all but \n: LightGBM's reader ends lines at \r too
 _KEY = re.compile(r"[a-z_]+", re.ASCII)
-_INT = re.compile(r"-?[0-9]+", re.ASCII)
+_INT = re.compile(r"-?[0-9]{1,18}", re.ASCII)  # fits in an int64 (LightGBM's are int32: larger ones are refused)
 _FLOAT = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|-?inf|nan", re.ASCII)
 _TREE_LINES = 22  # LightGBM 4's Tree reads at most this many key lines
 
@@ -216,22 +216,26 @@ def _check_tree(tree: Mapping[str, str], max_feature: int, n: int) -> None:
     leaves = _int(tree["num_leaves"])
     inner = leaves - 1
     left, right, feature = _ints(tree, "left_child"), _ints(tree, "right_child"), _ints(tree, "split_feature")
-    idx = np.arange(inner)
-    ok = leaves >= 1 and len(left) == len(right) == len(feature) == inner
-    for child in (left, right):
-        # >= 0: an inner node, after its parent; < 0: leaf ~child
-        inner_ok = (child > idx) & (child < inner)
-        leaf_ok = (~child >= 0) & (~child < leaves)
-        ok = ok and bool(np.all(np.where(child >= 0, inner_ok, leaf_ok)))
-    ok = ok and bool(np.all((feature >= 0) & (feature <= max_feature)))
-    num_cat = _int(tree.get("num_cat", "0"))
-    if ok and num_cat > 0:
-        bounds, decision = _ints(tree, "cat_boundaries"), _ints(tree, "decision_type")
-        thresholds = np.array([float(t) for t in _tokens(tree, "threshold", _FLOAT)], dtype=np.float64)
-        cat = (decision & 1).astype(bool)
-        words = len(_tokens(tree, "cat_threshold", _INT))
-        ok = (len(bounds) == num_cat + 1 and bool(np.all(np.diff(bounds) >= 0)) and bounds[-1] <= words
-              and bool(np.all(~cat | ((thresholds >= 0) & (thresholds < num_cat)))))
+    decision, num_cat = _ints(tree, "decision_type"), _int(tree.get("num_cat", "0"))
+    ok = leaves >= 1 and num_cat >= 0 and len(left) == len(right) == len(feature) == len(decision) == inner
+    if ok:
+        idx = np.arange(inner)
+        for child in (left, right):
+            # >= 0: an inner node, after its parent; < 0: leaf ~child
+            inner_ok = (child > idx) & (child < inner)
+            leaf_ok = (~child >= 0) & (~child < leaves)
+            ok = ok and bool(np.all(np.where(child >= 0, inner_ok, leaf_ok)))
+        ok = ok and bool(np.all((feature >= 0) & (feature <= max_feature)))
+        cat = (decision & 1).astype(bool)  # a categorical split: its threshold indexes cat_boundaries
+        if num_cat == 0:
+            ok = ok and not bool(cat.any())
+        else:
+            bounds = _ints(tree, "cat_boundaries")
+            thresholds = np.array([float(t) for t in _tokens(tree, "threshold", _FLOAT)], dtype=np.float64)
+            words = len(_tokens(tree, "cat_threshold", _INT))
+            ok = (ok and len(thresholds) == inner and len(bounds) == num_cat + 1 and bool(np.all(np.diff(bounds) >= 0))
+                  and bounds[0] >= 0 and bounds[-1] <= words
+                  and bool(np.all(~cat | ((thresholds >= 0) & (thresholds < num_cat)))))
     if not ok:
         raise UntrustedContentError(f"{MODEL}: tree {n}: child, feature or category indices point outside its arrays; "
                                     "the model is crafted or damaged, refusing it", ["lightgbm.Booster"])
