@@ -12,7 +12,7 @@ import numpy as np
 from sklearn.tree._tree import Tree
 
 from mlpersist import Payload, _registry
-from mlpersist._policy import NATIVE_STATE
+from mlpersist._policy import NATIVE_STATE, unchecked_native
 from mlpersist._trees import first_bad_tree
 from mlpersist.errors import PersistError, UntrustedContentError
 
@@ -92,10 +92,7 @@ def validate(model: Any) -> None:
             owner.check(obj, where)
             continue
         if type(obj).__module__.partition(".")[0] in NATIVE_STATE:
-            raise UntrustedContentError(
-                f"{where}: a {type(obj).__qualname__} carries a native model whose structure only its adapter can "
-                f"check, and none is installed that does; install it (mlpersist[xgboost], or mlpersist-lightgbm "
-                "from examples/adapters) or pass trusted=True", [f"{type(obj).__module__}.{type(obj).__qualname__}"])
+            raise unchecked_native(type(obj), where)
         nodes = getattr(obj, "nodes", None)
         if isinstance(nodes, np.ndarray) and nodes.dtype.names and "left" in nodes.dtype.names:
             _check_predictor_nodes(nodes, n_features, where)

@@ -91,6 +91,14 @@ EXACT = EXACT_NAMES
 # adapter's `check_state`, when it has one, before their `__setstate__` gives it to the framework.
 NATIVE_STATE = frozenset({"xgboost", "lightgbm"})
 
+
+def unchecked_native(kind: type, where: str) -> UntrustedContentError:
+    """The refusal of an object of a NATIVE_STATE framework that no installed adapter can check."""
+    return UntrustedContentError(
+        f"{where}: a {kind.__qualname__} carries a native model whose structure only its adapter can check, and "
+        "none is installed that does; install it (mlpersist[xgboost], or mlpersist-lightgbm from "
+        "examples/adapters) or pass trusted=True", [f"{kind.__module__}.{kind.__qualname__}"])
+
 # Packages whose classes are judged by rule_allows (they are imported only to look the name up).
 RULE_ROOTS = frozenset({"sklearn", "numpy", "scipy"})
 _PYX = "__pyx_unpickle_"

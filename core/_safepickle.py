@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from types import BuiltinFunctionType, FunctionType, ModuleType
 from typing import Any, BinaryIO
 
-from ._policy import EXACT, NATIVE_STATE, RULE_ROOTS, TrustPolicy, denied, rule_allows, wrap
+from ._policy import EXACT, NATIVE_STATE, RULE_ROOTS, TrustPolicy, denied, rule_allows, unchecked_native, wrap
 from .errors import CorruptArtifactError, UntrustedContentError
 
 
@@ -144,10 +144,7 @@ class State:
         kind = type(obj)
         name = _registry.claims().get(kind.__module__.partition(".")[0])
         if name is None or _registry.get_spec(name) is None:
-            raise UntrustedContentError(
-                f"{self.what}: a {kind.__qualname__} carries a native model whose structure only its adapter can "
-                "check, and none is installed that does; install it (mlpersist[xgboost], or mlpersist-lightgbm "
-                "from examples/adapters) or pass trusted=True", [f"{kind.__module__}.{kind.__qualname__}"])
+            raise unchecked_native(kind, self.what)
         hook = getattr(_registry.get_adapter(name), "check_state", None)
         return state if hook is None else hook(obj, state, self.what)
 
