@@ -182,7 +182,7 @@ def validate(text: str) -> None:
 
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # all but \n: LightGBM's reader ends lines at \r too
 _KEY = re.compile(r"[a-z_]+", re.ASCII)
-_INT = re.compile(r"-?[0-9]{1,18}", re.ASCII)  # fits in an int64 (LightGBM's are int32: larger ones are refused)
+_INT = re.compile(r"-?[0-9]{1,18}", re.ASCII)  # fits in an int64; array values are then checked against counts
 _FLOAT = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|-?inf|nan", re.ASCII)
 _TREE_LINES = 22  # LightGBM 4's Tree reads at most this many key lines
 
@@ -194,8 +194,9 @@ def _unique(fields: dict[str, str], key: str, value: str, where: str) -> None:
 
 
 def _int(value: str) -> int:
-    if not _INT.fullmatch(value):
-        raise ValueError(f"{value[:20]!r} is not an integer")
+    """A count or size as LightGBM reads it (an int32: a larger one would wrap around there, not here)."""
+    if not _INT.fullmatch(value) or not -(2**31) <= int(value) < 2**31:
+        raise ValueError(f"{value[:20]!r} is not a 32-bit integer")
     return int(value)
 
 
