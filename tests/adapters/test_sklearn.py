@@ -114,6 +114,32 @@ def test_estimators_round_trip_with_identical_outputs(make: Callable[[], Any], t
         np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
 
 
+@pytest.mark.parametrize("kind", ["knn-brute", "knn-kdtree", "svc", "nearest-ball", "kernel-density", "coo"])
+def test_sparse_data_and_neighbour_trees_round_trip(kind: str, tmp_path: Path) -> None:
+    """Models that keep sparse matrices (any format scipy's own check passes) or KD/Ball trees load as
+    they were: the checks of their index arrays refuse none of them."""
+    np, sparse = require("numpy"), require("scipy.sparse")
+    from sklearn.neighbors import KernelDensity, KNeighborsClassifier, NearestNeighbors
+    from sklearn.preprocessing import FunctionTransformer
+    from sklearn.svm import SVC
+
+    x, y = data()
+    xs = sparse.csr_matrix(np.where(np.abs(x) > 1, x, 0))
+    model, out = {
+        "knn-brute": (lambda: KNeighborsClassifier(algorithm="brute").fit(xs, y), lambda m: m.predict_proba(xs)),
+        "knn-kdtree": (lambda: KNeighborsClassifier(algorithm="kd_tree", leaf_size=5).fit(x, y),
+                       lambda m: m.predict_proba(x)),
+        "svc": (lambda: SVC().fit(xs, y), lambda m: m.decision_function(xs)),
+        "nearest-ball": (lambda: NearestNeighbors(algorithm="ball_tree", leaf_size=5).fit(x),
+                         lambda m: m.kneighbors(x[:20])[1]),
+        "kernel-density": (lambda: KernelDensity().fit(x), lambda m: m.score_samples(x)),
+        "coo": (lambda: FunctionTransformer(kw_args={"m": sparse.coo_matrix(xs)}), lambda m: m.kw_args["m"].toarray()),
+    }[kind]
+    model = model()
+    save_any(model, tmp_path / "m")
+    np.testing.assert_array_equal(out(load_any(tmp_path / "m")), out(model))
+
+
 def test_a_column_transformer_on_a_dataframe_keeps_its_fitted_preprocessing(tmp_path: Path) -> None:
     pd, np = require("pandas"), require("numpy")
     from sklearn.compose import ColumnTransformer

@@ -412,6 +412,48 @@ def test_crafted_tree_indices_are_refused_before_predict(kind: str, tmp_path: Pa
         assert "][1][" in proc.stdout.split(":")[0], proc.stdout
 
 
+def _crafted_neighbours(kind: str) -> Any:
+    """A fitted model whose neighbour tree or sparse matrix was crafted (each made predict segfault)."""
+    np, sparse = require("numpy"), require("scipy.sparse")
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import FunctionTransformer
+    from sklearn.svm import SVC
+
+    x, y = require("sklearn.datasets").make_classification(200, 6, random_state=0)
+    xs = sparse.csr_matrix(np.where(np.abs(x) > 1, x, 0))
+    if kind in ("kd-index", "ball-children", "kd-range"):
+        model = KNeighborsClassifier(algorithm="kd_tree" if kind.startswith("kd") else "ball_tree").fit(x, y)
+        tree = pickle.loads(pickle.dumps(model._tree))  # a copy whose arrays are writable
+        nodes = np.asarray(tree.node_data)
+        if kind == "kd-index":
+            np.asarray(tree.idx_array)[0] = 10**8
+        elif kind == "ball-children":  # the last node made inner: its children 2i+1, 2i+2 lie past the nodes
+            nodes["is_leaf"][-1] = 0
+        else:
+            nodes["idx_end"][-1] = 10**6
+        model._tree = tree
+    elif kind == "csr-index":
+        model = KNeighborsClassifier(algorithm="brute").fit(xs, y)
+        model._fit_X.indices[0] = 10**8
+    elif kind == "csr-indptr":
+        model = SVC().fit(xs, y)
+        model.support_vectors_.indptr[1] = 10**6
+    else:  # a coo matrix anywhere in the graph, a row past its shape
+        coo = sparse.coo_matrix(xs)
+        coo.row[0] = 10**6
+        model = FunctionTransformer(kw_args={"m": coo})
+    return model
+
+
+@pytest.mark.parametrize("kind", ["kd-index", "ball-children", "kd-range", "csr-index", "csr-indptr", "coo-row"])
+def test_crafted_neighbour_trees_and_sparse_matrices_are_refused_before_predict(kind: str, tmp_path: Path) -> None:
+    """KDTree/BallTree queries and scipy's sparse routines index with these arrays unchecked."""
+    save_any(_crafted_neighbours(kind), tmp_path / "m")
+    with pytest.raises(UntrustedContentError, match="index arrays point outside"):
+        load_any(tmp_path / "m")
+    assert load_any(tmp_path / "m", trusted=True) is not None  # the caller who vouches gets it as it is
+
+
 # --- M02/M03: digests are not a trust boundary; signatures and pins are ---------------------------------
 
 @pytest.fixture
