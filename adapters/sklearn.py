@@ -96,10 +96,12 @@ def validate(model: Any) -> None:
             raise unchecked_native(type(obj), where)
         module = type(obj).__module__
         if module.startswith("scipy.sparse.") and hasattr(obj, "format"):
-            _check_sparse(obj, where)
+            if not _checked(_sparse_ok, obj):
+                raise _bad_indices(obj, where, f"a scipy sparse matrix ({obj.format})")
             continue  # its arrays are checked together
         if module.startswith("sklearn.neighbors.") and hasattr(obj, "get_arrays"):
-            _check_binary_tree(obj, where)  # a KDTree or BallTree
+            if not _checked(_binary_tree_ok, obj):
+                raise _bad_indices(obj, where, f"a {type(obj).__name__}")
             continue
         nodes = getattr(obj, "nodes", None)
         if isinstance(nodes, np.ndarray) and nodes.dtype.names and "left" in nodes.dtype.names:
@@ -151,62 +153,61 @@ def _refuse_tree(tree: Tree, n_features: int | None, where: str) -> None:
         ["sklearn.tree._tree.Tree"])
 
 
-def _check_sparse(m: Any, where: str) -> None:
-    """Refuse a scipy sparse matrix whose index arrays point outside it.
+def _sparse_ok(m: Any) -> bool:
+    """Whether a scipy sparse matrix's index arrays lie inside it.
 
     A KNeighbors model's training data, an SVM's support vectors: scipy's and sklearn's compiled routines
     index with them unchecked (a crafted `indices` entry made a KNeighborsClassifier's predict segfault).
     Formats other than these five are refused.
     """
     fmt = getattr(m, "format", None)
-    try:
-        if fmt in ("csr", "csc", "bsr"):
-            m.check_format(full_check=True)  # index dtypes and lengths, indptr monotonic, indices inside the shape
-            ok = True
-        elif fmt == "coo":
-            coords = getattr(m, "coords", None) or (m.row, m.col)
-            ok = len(coords) == len(m.shape) and all(
-                np.ndim(c) == 1 and len(c) == len(m.data) and (len(c) == 0 or (int(c.min()) >= 0 and int(c.max()) < n))
-                for c, n in zip(coords, m.shape, strict=True))
-        elif fmt == "dia":
-            ok = m.data.ndim == 2 and m.offsets.ndim == 1 and m.data.shape[0] == len(m.offsets)
-        else:
-            ok = False
-    except (ValueError, TypeError, AttributeError, IndexError):
-        ok = False
-    if not ok:
-        raise UntrustedContentError(
-            f"{where}: a scipy sparse matrix ({fmt}) whose index arrays point outside it or disagree with its "
-            "shape; the file is crafted or damaged, refusing it (trusted=True loads it as it is)",
-            [f"{type(m).__module__}.{type(m).__qualname__}"])
+    if fmt in ("csr", "csc", "bsr"):
+        m.check_format(full_check=True)  # index dtypes and lengths, indptr monotonic, indices inside the shape
+        return True
+    if fmt == "coo":
+        coords = getattr(m, "coords", None) or (m.row, m.col)
+        return len(coords) == len(m.shape) and all(
+            np.ndim(c) == 1 and len(c) == len(m.data) and (len(c) == 0 or (int(c.min()) >= 0 and int(c.max()) < n))
+            for c, n in zip(coords, m.shape, strict=True))
+    if fmt == "dia":
+        return bool(m.data.ndim == 2 and m.offsets.ndim == 1 and m.data.shape[0] == len(m.offsets))
+    return False
 
 
-def _check_binary_tree(tree: Any, where: str) -> None:
-    """Refuse a KDTree or BallTree (KNeighbors*, KernelDensity...) whose indices point outside its arrays.
+def _binary_tree_ok(tree: Any) -> bool:
+    """Whether a KDTree's or BallTree's indices (KNeighbors*, KernelDensity...) lie inside its arrays.
 
     Its queries follow `idx_array` into the data and the implicit children 2i+1, 2i+2 of every inner
     node without bounds checks (a crafted `idx_array` entry segfaulted in predict).
     """
+    state = tree.__getstate__()  # (data, idx_array, node_data, node_bounds, leaf_size, n_levels, n_nodes, ...)
+    data, idx, nodes, bounds = (np.asarray(a) for a in state[:4])
+    n_nodes, weights = state[6], state[12] if len(state) > 12 else None
+    n = len(data)
+    ok = (data.ndim == 2 and idx.ndim == 1 and len(idx) == n and (n == 0 or (idx.min() >= 0 and idx.max() < n))
+          and nodes.ndim == 1 and nodes.dtype.names is not None
+          and {"idx_start", "idx_end", "is_leaf"} <= set(nodes.dtype.names) and n_nodes == len(nodes)
+          and bounds.ndim == 3 and bounds.shape[1:] == (len(nodes), data.shape[1])
+          and (weights is None or np.shape(weights) == (n,)))
+    if ok and len(nodes):
+        start, end, inner = nodes["idx_start"], nodes["idx_end"], np.flatnonzero(nodes["is_leaf"] == 0)
+        ok = bool(np.all((start >= 0) & (start <= end) & (end <= n))) and bool(np.all(2 * inner + 2 < len(nodes)))
+    return bool(ok)
+
+
+def _checked(ok: Any, obj: Any) -> bool:
+    """`ok(obj)`, False where the arrays are too malformed to even be compared."""
     try:
-        state = tree.__getstate__()  # (data, idx_array, node_data, node_bounds, leaf_size, n_levels, n_nodes, ...)
-        data, idx, nodes, bounds = (np.asarray(a) for a in state[:4])
-        n_nodes, weights = state[6], state[12] if len(state) > 12 else None
-        n = len(data)
-        ok = (data.ndim == 2 and idx.ndim == 1 and len(idx) == n and (n == 0 or (idx.min() >= 0 and idx.max() < n))
-              and nodes.ndim == 1 and nodes.dtype.names is not None
-              and {"idx_start", "idx_end", "is_leaf"} <= set(nodes.dtype.names) and n_nodes == len(nodes)
-              and bounds.ndim == 3 and bounds.shape[1:] == (len(nodes), data.shape[1])
-              and (weights is None or np.shape(weights) == (n,)))
-        if ok and len(nodes):
-            start, end, inner = nodes["idx_start"], nodes["idx_end"], np.flatnonzero(nodes["is_leaf"] == 0)
-            ok = bool(np.all((start >= 0) & (start <= end) & (end <= n))) and bool(np.all(2 * inner + 2 < len(nodes)))
+        return bool(ok(obj))
     except (ValueError, TypeError, AttributeError, IndexError):
-        ok = False
-    if not ok:
-        raise UntrustedContentError(
-            f"{where}: a {type(tree).__name__} whose index arrays point outside its data or nodes; the file is "
-            "crafted or damaged, refusing it (trusted=True loads it as it is)",
-            [f"{type(tree).__module__}.{type(tree).__qualname__}"])
+        return False
+
+
+def _bad_indices(obj: Any, where: str, what: str) -> UntrustedContentError:
+    return UntrustedContentError(
+        f"{where}: {what} whose index arrays point outside its data or disagree with its shape; the file is "
+        "crafted or damaged, refusing it (trusted=True loads it as it is)",
+        [f"{type(obj).__module__}.{type(obj).__qualname__}"])
 
 
 def _check_predictor_nodes(nodes: np.ndarray, n_features: int | None, where: str) -> None:
