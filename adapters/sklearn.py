@@ -88,13 +88,14 @@ def validate(model: Any) -> None:
         if isinstance(obj, Tree):
             trees.append((obj, n_features, where))
             continue
-        owner = _other_adapter(obj, claims)
-        if owner is not None:  # e.g. an XGBClassifier step: its own adapter knows its structure
-            owner.check(obj, where)
-            continue
-        if type(obj).__module__.partition(".")[0] in NATIVE_STATE:
-            raise unchecked_native(type(obj), where)
         module = type(obj).__module__
+        owner = _other_adapter(module, claims)
+        if owner is not None:  # e.g. an XGBClassifier step: its own adapter knows its structure
+            if not hasattr(owner, "check_state"):  # with it, the unpickler had it check the state before it was set
+                owner.check(obj, where)
+            continue
+        if module.partition(".")[0] in NATIVE_STATE:
+            raise unchecked_native(type(obj), where)
         if module.startswith("scipy.sparse.") and hasattr(obj, "format"):
             if not _checked(_sparse_ok, obj):
                 raise _bad_indices(obj, where, f"a scipy sparse matrix ({obj.format})")
@@ -115,16 +116,17 @@ def validate(model: Any) -> None:
     _check_trees(trees)
 
 
-def _other_adapter(obj: Any, claims: Mapping[str, str]) -> Any:
-    """The adapter (reached through the registry, never imported directly) that checks `obj`, if any."""
-    name = claims.get(type(obj).__module__.partition(".")[0])
-    if name is None or name == "sklearn" or _registry.get_spec(name) is None:
-        return None
+def _other_adapter(module: str, claims: Mapping[str, str]) -> Any:
+    """The adapter (reached through the registry, never imported directly) that checks objects of `module`, if any."""
+    if claims.get(module.partition(".")[0]) in (None, "sklearn"):
+        return None  # most of the graph: no registry lookup
     try:
-        adapter = _registry.get_adapter(name)
+        adapter = _registry.claimant(module, claims)
     except ImportError:  # MissingFrameworkError: the object exists, so this cannot happen; be safe anyway
         return None
-    return adapter if hasattr(adapter, "check") else None
+    if adapter is None:
+        return None
+    return adapter if hasattr(adapter, "check") or hasattr(adapter, "check_state") else None
 
 
 def _check_trees(trees: list[tuple[Tree, int | None, str]]) -> None:

@@ -152,6 +152,17 @@ def claims() -> dict[str, str]:
     return {c: name for name, spec in _specs.items() for c in spec.claims}
 
 
+def claimant(module: str, table: Mapping[str, str] | None = None) -> Adapter | None:
+    """The adapter registered for `module`'s top-level package (imported on first use), or None.
+
+    `table`: `claims()`, when the caller asks for many objects in one go.
+    """
+    name = (claims() if table is None else table).get(module.partition(".")[0])
+    if name is None or get_spec(name) is None:
+        return None
+    return get_adapter(name)
+
+
 def get_spec(name: str) -> AdapterSpec | None:
     """Return the spec registered under `name`, reading entry points on first use."""
     _read_entry_points()

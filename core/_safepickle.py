@@ -136,16 +136,16 @@ class State:
 
         Its `__setstate__` hands the native model in `state` to the framework's parser, so the adapter
         that claims the framework sees it first (`check_state`, which may return it rewritten into the
-        form it checked). An adapter without `check_state` checks the object after the load (`check`).
+        form it checked). An adapter without `check_state` checks the object after the load (`check`,
+        called by the sklearn adapter).
         With no adapter for the framework, nothing can check it: refused before the parser runs.
         """
         from . import _registry
 
-        kind = type(obj)
-        name = _registry.claims().get(kind.__module__.partition(".")[0])
-        if name is None or _registry.get_spec(name) is None:
-            raise unchecked_native(kind, self.what)
-        hook = getattr(_registry.get_adapter(name), "check_state", None)
+        adapter = _registry.claimant(type(obj).__module__)
+        if adapter is None:
+            raise unchecked_native(type(obj), self.what)
+        hook = getattr(adapter, "check_state", None)
         return state if hook is None else hook(obj, state, self.what)
 
 

@@ -70,7 +70,7 @@ class LightGBMAdapter:
         """Check a pickled Booster's model text before its `__setstate__` hands it to LightGBM (a pipeline step).
 
         Returns the state to set: the model text as `prepared` checked it. A wrapper's state holds its
-        Booster, a pickled object of its own, checked when that one is set.
+        Booster, a pickled object of its own, checked when that one is set. (So no `check` after the load.)
         """
         if not isinstance(obj, lightgbm.Booster) or not isinstance(state, dict):
             return state
@@ -81,11 +81,6 @@ class LightGBMAdapter:
             raise UntrustedContentError(f"{where}: a pickled LightGBM Booster whose model is a {type(text).__name__}, "
                                         "not its text; refusing it", ["lightgbm.Booster"])
         return {**state, "_handle": prepared(text, where)}
-
-    def check(self, obj: Any, where: str) -> None:
-        """Validate a LightGBM model met inside another artifact (a pickled pipeline step)."""
-        booster = obj if isinstance(obj, lightgbm.Booster) else obj.booster_
-        validate(booster.model_to_string())
 
 
 def _wrap(cls: type, booster: Any, info: Mapping[str, Any]) -> Any:
@@ -173,11 +168,6 @@ def prepared(text: str, where: str = MODEL) -> str:
         raise UntrustedContentError(f"{where}: malformed LightGBM model ({exc}); refusing it",
                                     ["lightgbm.Booster"]) from None
     return "\n".join(kept + lines[tree_at:])
-
-
-def validate(text: str) -> None:
-    """Refuse a text model whose trees LightGBM would read out of bounds (see `prepared`)."""
-    prepared(text)
 
 
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # all but \n: LightGBM's reader ends lines at \r too
