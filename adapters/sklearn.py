@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pickle
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import joblib
 import numpy as np
+from scipy import sparse
 from sklearn.tree._tree import Tree
 
 from mlpersist import Payload, _registry
@@ -18,6 +20,10 @@ from mlpersist.errors import PersistError, UntrustedContentError
 
 _FILES = {"joblib": "model.joblib", "pickle": "model.pkl"}
 _MAX_CLASSES_RECORDED = 1000
+# Arrays that compiled predict routines walk row by row beside X, trusting them to be as wide as X:
+# KNeighbors*' brute-force search (_fit_X), the KMeans family's assignment (cluster_centers_).
+_AS_WIDE_AS_X = ("_fit_X", "cluster_centers_")
+_LIBSVM_CLASSIFIERS = ("c_svc", "nu_svc")  # the svm types whose per-class counts libsvm follows
 
 
 class SklearnAdapter:
@@ -66,11 +72,12 @@ def describe(model: Any) -> dict[str, Any]:
 
 
 def validate(model: Any) -> None:
-    """Refuse trees, neighbour trees and sparse matrices whose indices point outside their arrays.
+    """Refuse compiled state whose indices point outside its arrays or whose arrays disagree in shape.
 
-    Tree.predict, KDTree.query and scipy's sparse routines (compiled) index these arrays without
-    bounds checks: a crafted file would read out of bounds. Walks the whole object graph (pipelines,
-    ensembles, meta-estimators).
+    Tree.predict, KDTree.query, distance metrics, libsvm, the KMeans and brute-force neighbour
+    kernels, HistGradientBoosting's categorical splits, scipy's splines and sparse routines (compiled)
+    index one array with another without bounds checks: a crafted file would read, or write, out of
+    bounds. Walks the whole object graph (pipelines, ensembles, meta-estimators).
 
     Raises:
         mlpersist.errors.UntrustedContentError: naming the first bad structure.
@@ -78,6 +85,9 @@ def validate(model: Any) -> None:
     """
     seen: set[int] = set()
     claims = _registry.claims()  # once per load, not once per object of the graph
+    # Base classes looked up, not imported (an instance's base class is imported already): no import cost.
+    metric_base, svm_base = (_loaded("sklearn.metrics._dist_metrics", "DistanceMetric"),
+                             _loaded("sklearn.svm._base", "BaseLibSVM"))
     trees: list[tuple[Tree, int | None, str]] = []  # checked together at the end (a forest is many small trees)
     stack: list[tuple[Any, int | None, str]] = [(model, None, type(model).__name__)]
     while stack:
@@ -97,16 +107,25 @@ def validate(model: Any) -> None:
         if module.partition(".")[0] in NATIVE_STATE:
             raise unchecked_native(type(obj), where)
         if module.startswith("scipy.sparse.") and hasattr(obj, "format"):
-            if not _checked(_sparse_ok, obj):
-                raise _bad_indices(obj, where, f"a scipy sparse matrix ({obj.format})")
+            _require(_sparse_ok, obj, where, f"a scipy sparse matrix ({obj.format})")
             continue  # its arrays are checked together
         if module.startswith("sklearn.neighbors.") and hasattr(obj, "get_arrays"):
-            if not _checked(_binary_tree_ok, obj):
-                raise _bad_indices(obj, where, f"a {type(obj).__name__}")
+            _require(_binary_tree_ok, obj, where, f"a {type(obj).__name__}")
             continue
+        if isinstance(obj, metric_base):  # one on its own checks its data's width when it is used
+            _require(_metric_ok, obj, where, f"a {type(obj).__name__}")
+            continue
+        if module == "scipy.interpolate._bsplines":
+            _require(_spline_ok, obj, where, f"a {type(obj).__name__}")
+        if isinstance(obj, svm_base) and hasattr(obj, "_n_support"):
+            _require(_libsvm_ok, obj, where, f"a fitted {type(obj).__name__}")
+        if hasattr(obj, "_bin_mapper") and hasattr(obj, "_predictors"):
+            _require(_categories_ok, obj, where, f"a fitted {type(obj).__name__}")
+        if module.startswith("sklearn.") and any(hasattr(obj, k) for k in _AS_WIDE_AS_X):
+            _require(_as_wide_as_x, obj, where, f"a fitted {type(obj).__name__}")
         nodes = getattr(obj, "nodes", None)
         if isinstance(nodes, np.ndarray) and nodes.dtype.names and "left" in nodes.dtype.names:
-            _check_predictor_nodes(nodes, n_features, where)
+            _check_predictor_nodes(obj, nodes, n_features, where)
         n = getattr(obj, "n_features_in_", n_features)
         n = int(n) if isinstance(n, (int, np.integer)) else n_features
         children: Any = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else (
@@ -114,6 +133,12 @@ def validate(model: Any) -> None:
         for i, child in enumerate(children):
             stack.append((child, n, f"{where}[{i}]"))
     _check_trees(trees)
+
+
+def _loaded(module: str, name: str) -> tuple[type, ...]:
+    """The class `module.name` if its module is imported (for isinstance), else no class."""
+    cls = getattr(sys.modules.get(module), name, None)
+    return (cls,) if isinstance(cls, type) else ()
 
 
 def _other_adapter(module: str, claims: Mapping[str, str]) -> Any:
@@ -180,45 +205,148 @@ def _binary_tree_ok(tree: Any) -> bool:
     """Whether a KDTree's or BallTree's indices (KNeighbors*, KernelDensity...) lie inside its arrays.
 
     Its queries follow `idx_array` into the data and the implicit children 2i+1, 2i+2 of every inner
-    node without bounds checks (a crafted `idx_array` entry segfaulted in predict).
+    node, read a KD-tree's lower and upper bounds, and hand its distance metric rows of the data's
+    width, all without bounds checks (a crafted `idx_array` entry segfaulted in predict; bounds with
+    only the lower half, or a metric weight vector shorter than the rows, read past their arrays).
     """
     state = tree.__getstate__()  # (data, idx_array, node_data, node_bounds, leaf_size, n_levels, n_nodes, ...)
     data, idx, nodes, bounds = (np.asarray(a) for a in state[:4])
-    n_nodes, weights = state[6], state[12] if len(state) > 12 else None
+    leaf_size, n_nodes, metric = state[4], state[6], state[11]
+    weights = state[12] if len(state) > 12 else None
     n = len(data)
+    halves = 2 if type(tree).__name__.startswith("KDTree") else 1  # KD: lower and upper bounds; ball: centroids
     ok = (data.ndim == 2 and idx.ndim == 1 and len(idx) == n and (n == 0 or (idx.min() >= 0 and idx.max() < n))
           and nodes.ndim == 1 and nodes.dtype.names is not None
           and {"idx_start", "idx_end", "is_leaf"} <= set(nodes.dtype.names) and n_nodes == len(nodes)
-          and bounds.ndim == 3 and bounds.shape[1:] == (len(nodes), data.shape[1])
-          and (weights is None or np.shape(weights) == (n,)))
+          and bounds.shape == (halves, len(nodes), data.shape[1]) and leaf_size >= 1
+          and _metric_ok(metric, data.shape[1]) and (weights is None or np.shape(weights) == (n,)))
     if ok and len(nodes):
         start, end, inner = nodes["idx_start"], nodes["idx_end"], np.flatnonzero(nodes["is_leaf"] == 0)
         ok = bool(np.all((start >= 0) & (start <= end) & (end <= n))) and bool(np.all(2 * inner + 2 < len(nodes)))
     return bool(ok)
 
 
-def _checked(ok: Any, obj: Any) -> bool:
-    """`ok(obj)`, False where the arrays are too malformed to even be compared."""
-    try:
-        return bool(ok(obj))
-    except (ValueError, TypeError, AttributeError, IndexError):
+def _metric_ok(metric: Any, width: int | None = None) -> bool:
+    """Whether a DistanceMetric's weights fit the rows it measures (`width`; None: checked when it is used).
+
+    Its distance loops run over the row's width and index the weights with it unchecked: Minkowski's
+    `w` and SEuclidean's `V` must be that long, Mahalanobis's `VI` square and that wide (its scratch
+    buffer is sized from `VI` and written across the row), Haversine's rows two wide.
+    """
+    if not any(isinstance(metric, base) for base in _loaded("sklearn.metrics._dist_metrics", "DistanceMetric")):
         return False
+    vec, mat = (np.asarray(a) for a in metric.__getstate__()[1:3])
+    kind = type(metric).__name__
+    fits = vec.ndim == 1 and mat.ndim == 2
+    if kind.startswith("MinkowskiDistance"):
+        return fits and (len(vec) == 0 or width in (None, len(vec)))
+    if kind.startswith("SEuclideanDistance"):
+        return fits and width in (None, len(vec))
+    if kind.startswith("MahalanobisDistance"):
+        return fits and mat.shape[0] == mat.shape[1] and width in (None, mat.shape[0])
+    if kind.startswith("HaversineDistance"):
+        return fits and width in (None, 2)
+    return fits
 
 
-def _bad_indices(obj: Any, where: str, what: str) -> UntrustedContentError:
-    return UntrustedContentError(
-        f"{where}: {what} whose index arrays point outside its data or disagree with its shape; the file is "
-        "crafted or damaged, refusing it (trusted=True loads it as it is)",
-        [f"{type(obj).__module__}.{type(obj).__qualname__}"])
+def _spline_ok(spline: Any) -> bool:
+    """Whether a scipy BSpline's knots, coefficients and degree agree (SplineTransformer keeps them).
+
+    Its compiled evaluation trusts them to: coefficients shorter than the knots ask for were read
+    past their end. The check is scipy's own, run by building a spline from them.
+    """
+    if type(spline) not in _loaded("scipy.interpolate._bsplines", "BSpline"):
+        return False
+    t, c = np.asarray(spline.t), np.asarray(spline.c)
+    type(spline)(t, c, spline.k, extrapolate=spline.extrapolate)  # raises ValueError on what does not agree
+    return (t.dtype == np.float64 and c.dtype in (np.float64, np.complex128)
+            and spline.extrapolate in (True, False, "periodic") and spline.axis in range(max(c.ndim, 1)))
 
 
-def _check_predictor_nodes(nodes: np.ndarray, n_features: int | None, where: str) -> None:
+def _libsvm_ok(svm: Any) -> bool:
+    """Whether a fitted SVC/SVR/OneClassSVM's arrays agree, as libsvm assumes when it predicts.
+
+    libsvm takes the number of classes from `_n_support`, walks `sum(_n_support)` support vectors,
+    `n_classes - 1` rows of dual coefficients as long as the support, one intercept (and probability
+    pair) per pair of classes, and, with a precomputed or callable kernel, reads the test kernel's
+    columns at `support_`, all unchecked (a crafted `support_` entry segfaulted in predict).
+    scikit-learn checks only the first of these, and only for dense support vectors (CVE-2020-28975).
+    """
+    counts, support, sv = np.asarray(svm._n_support), np.asarray(svm.support_), svm.support_vectors_
+    kernel, is_sparse = svm.kernel, bool(svm._sparse)
+    precomputed = not isinstance(kernel, str) or kernel == "precomputed"
+    if (counts.ndim != 1 or len(counts) < 2 or support.ndim != 1 or is_sparse != sparse.issparse(sv)
+            or (is_sparse and precomputed) or np.ndim(sv) != 2):
+        return False
+    n_sv = sv.shape[0] if is_sparse or not precomputed else len(support)
+    pairs = len(counts) * (len(counts) - 1) // 2
+    dual = svm._dual_coef_.data if is_sparse else svm._dual_coef_
+    ok = ((precomputed or len(support) == n_sv)
+          and np.size(dual) == (len(counts) - 1) * n_sv and (is_sparse or np.shape(dual)[0] == len(counts) - 1)
+          and np.ndim(svm._intercept_) == 1 and len(svm._intercept_) >= max(pairs, 1)
+          and (not _wants_probabilities(svm) or min(len(svm._probA), len(svm._probB)) >= pairs))
+    if ok and svm._impl in _LIBSVM_CLASSIFIERS:
+        ok = bool(np.all(counts >= 0)) and int(counts.sum()) == n_sv
+    if ok and precomputed:
+        ok = len(support) == 0 or (int(support.min()) >= 0 and int(support.max()) < int(svm.shape_fit_[0]))
+    return bool(ok)
+
+
+def _wants_probabilities(svm: Any) -> bool:
+    """Whether libsvm gets the probability flag (scikit-learn 1.9 renamed it; "deprecated" means off)."""
+    flags = (getattr(svm, k, False) for k in ("probability", "_effective_probability"))
+    return any(not isinstance(f, str) and bool(f) for f in flags)
+
+
+def _categories_ok(model: Any) -> bool:
+    """Whether every categorical split of a HistGradientBoosting model is on a feature binned as categorical.
+
+    Its predictor looks a categorical split's feature up in the known-categories bitsets, which hold
+    a row only for the features the bin mapper marked categorical, unchecked (a split marked
+    categorical on another feature segfaulted in predict).
+    """
+    categorical = np.asarray(model._bin_mapper.is_categorical_)
+    if categorical.ndim != 1 or categorical.size != getattr(model, "n_features_in_", categorical.size):
+        return False
+    for predictor in (p for iteration in model._predictors for p in iteration):
+        nodes = predictor.nodes
+        split = nodes["feature_idx"][(nodes["is_leaf"] == 0) & (nodes["is_categorical"] != 0)]
+        if len(split) and (int(split.max()) >= categorical.size or not np.all(categorical[split])):
+            return False
+    return True
+
+
+def _as_wide_as_x(model: Any) -> bool:
+    """Whether the arrays compiled predict routines read beside X (`_AS_WIDE_AS_X`) are as wide as X."""
+    width = getattr(model, "n_features_in_", None)
+    return all(getattr(a, "ndim", None) == 2 and (width is None or a.shape[1] == width)  # ndarray or sparse
+               for a in (getattr(model, k) for k in _AS_WIDE_AS_X if hasattr(model, k)))
+
+
+def _require(ok: Any, obj: Any, where: str, what: str) -> None:
+    """Refuse `obj` unless `ok(obj)`; arrays too malformed to even be compared fail it too."""
+    try:
+        passed = bool(ok(obj))
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+        passed = False
+    if not passed:
+        raise UntrustedContentError(
+            f"{where}: {what} whose index arrays point outside its data or disagree with its shape; the file is "
+            "crafted or damaged, refusing it (trusted=True loads it as it is)",
+            [f"{type(obj).__module__}.{type(obj).__qualname__}"])
+
+
+def _check_predictor_nodes(predictor: Any, nodes: np.ndarray, n_features: int | None, where: str) -> None:
     count = len(nodes)
     inner = nodes["is_leaf"] == 0
     ok = bool(np.all(~inner | ((nodes["left"] < count) & (nodes["right"] < count)
                                & (nodes["left"] > 0) & (nodes["right"] > 0))))
     if ok and n_features is not None:
         ok = bool(np.all(~inner | (nodes["feature_idx"] < n_features)))
+    if ok and "is_categorical" in (nodes.dtype.names or ()):  # a categorical split's bitset row, in both bitset tables
+        rows = nodes["bitset_idx"][inner & (nodes["is_categorical"] != 0)]
+        tables = [np.asarray(getattr(predictor, k, None)) for k in ("raw_left_cat_bitsets", "binned_left_cat_bitsets")]
+        ok = all(t.ndim == 2 and t.shape[1] == 8 and (len(rows) == 0 or int(rows.max()) < len(t)) for t in tables)
     if not ok:
         raise UntrustedContentError(
             f"{where}: a gradient-boosting predictor's node indices point outside its arrays; "

@@ -82,8 +82,19 @@ EXACT_NAMES = frozenset(
     xgboost.sklearn.XGBRFClassifier xgboost.sklearn.XGBRFRegressor xgboost.core.Booster
     lightgbm.sklearn.LGBMClassifier lightgbm.sklearn.LGBMRegressor lightgbm.sklearn.LGBMRanker
     lightgbm.basic.Booster
+    numpy.mean numpy.median numpy.average numpy.max numpy.min numpy.amax numpy.amin numpy.sum numpy.prod
+    numpy.std numpy.var sklearn.utils.validation.check_array sklearn.cluster._kmeans._kmeans_single_lloyd
+    sklearn.cluster._kmeans._kmeans_single_elkan scipy.interpolate._bsplines.BSpline
+    scipy._lib.array_api_compat.numpy._aliases.asarray functools.partial
     """.split())
 EXACT = EXACT_NAMES
+# Fitted scikit-learn models keep these (FeatureAgglomeration's pooling function, BisectingKMeans's
+# solver, SplineTransformer's splines, and HistGradientBoosting's check of its numerical columns,
+# `partial(check_array, ...)`, whenever it has categorical features): pure functions and data.
+# functools.partial is the one name of a deny-floor module admitted: it only binds arguments to a
+# callable the pickle had to load through this list, and calling it later does what a REDUCE of
+# that callable could already do during the load.
+FLOOR_EXCEPTIONS = frozenset({"functools.partial"})
 
 # Frameworks whose objects (the Boosters and scikit-learn wrappers admitted above) carry a native model
 # in their pickled state. The unpickler builds them with `__new__` and sets their state, never calls
@@ -110,6 +121,8 @@ _SCIPY_CLASS_MODULES = ("scipy.sparse.", "scipy.stats._distn_infrastructure", "s
 
 def denied(module: str, name: str) -> bool:
     """True for names on the deny-floor: no `allow=` admits them."""
+    if f"{module}.{name}" in FLOOR_EXCEPTIONS:
+        return False
     parts = module.split(".")
     if any(".".join(parts[:i]) in DENY_MODULES for i in range(1, len(parts) + 1)):
         return True

@@ -14,7 +14,7 @@ import os
 import pickle
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
@@ -171,7 +171,8 @@ def _gadgets(sentinel: Path) -> dict[str, tuple[Any, str]]:
     return {
         "P03-methodcaller": (Reduce(operator.methodcaller, "system", "true"), "operator.methodcaller"),
         "P03-attrgetter": (Reduce(operator.attrgetter, "system"), "operator.attrgetter"),
-        "P03-partial": (functools.partial(os.system, "true"), "functools.partial"),
+        # functools.partial is admitted (it only binds arguments); the callable it binds is judged
+        "P03-partial": (functools.partial(os.system, "true"), f"{os.system.__module__}.system"),
         "P03-pydoc-locate": (Reduce(pydoc.locate, "os.system"), "pydoc.locate"),
         "P07-nested-pickle": (Reduce(pickle.loads, pickle.dumps(Reduce(open, str(sentinel), "w"))),
                               "_pickle.loads"),
@@ -453,6 +454,108 @@ def test_crafted_neighbour_trees_and_sparse_matrices_are_refused_before_predict(
         load_any(tmp_path / "m")
     assert load_any(tmp_path / "m", trusted=True) is not None  # the caller who vouches gets it as it is
 
+
+
+def _with_state(obj: Any, edit: Callable[[list[Any]], None]) -> Any:
+    """A copy of a Cython object (neighbour tree, distance metric) whose pickled state `edit` changed."""
+    copy = pickle.loads(pickle.dumps(obj))
+    state = list(copy.__getstate__())
+    edit(state)
+    copy.__setstate__(tuple(state))
+    return copy
+
+
+def _crafted_compiled_state(kind: str) -> Any:
+    """A fitted model whose state disagrees with itself where a compiled routine trusts it to agree.
+
+    Each was seen reading or writing past an array here (a segfault, or garbage predictions that
+    changed from call to call) when loaded with trusted=True and used.
+    """
+    np, sparse = require("numpy"), require("scipy.sparse")
+    from sklearn.cluster import KMeans
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.metrics import DistanceMetric
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import FunctionTransformer, SplineTransformer
+    from sklearn.svm import SVC
+
+    x, y = require("sklearn.datasets").make_classification(300, 6, n_classes=3, n_informative=4, random_state=0)
+    xs = sparse.csr_matrix(np.where(np.abs(x) > 1, x, 0))
+    metrics = {"minkowski-w": ("minkowski", {"w": np.ones(6)}, 1, np.ones(1)),  # metric, params, state slot, value
+               "seuclidean-v": ("seuclidean", {"V": np.ones(6)}, 1, np.ones(1)),
+               "mahalanobis-vi": ("mahalanobis", {"VI": np.eye(6)}, 2, np.eye(1))}
+    if kind in metrics:  # weights shorter than the rows the ball tree hands its metric
+        metric, params, slot, value = metrics[kind]
+        model = KNeighborsClassifier(algorithm="ball_tree", metric=metric, metric_params=params).fit(x, y)
+        edit_metric = lambda st: st.__setitem__(slot, value)  # noqa: E731
+        model._tree = _with_state(model._tree, lambda st: st.__setitem__(11, _with_state(st[11], edit_metric)))
+        return model
+    if kind in ("kd-bounds", "leaf-size"):
+        model = KNeighborsClassifier(algorithm="kd_tree").fit(x, y)
+        edit = (lambda st: st.__setitem__(3, st[3][:1].copy())) if kind == "kd-bounds" else (  # lower bounds only
+            lambda st: st.__setitem__(4, 0))
+        model._tree = _with_state(model._tree, edit)
+        return model
+    if kind == "metric-alone":  # a Mahalanobis matrix that is not square, on its own in the graph
+        metric = _with_state(DistanceMetric.get_metric("mahalanobis", VI=np.eye(6)),
+                             lambda st: st.__setitem__(2, np.ones((6, 1))))
+        return FunctionTransformer(kw_args={"metric": metric})
+    if kind.startswith("svc-"):
+        precomputed = kind in ("svc-precomputed-support", "svc-precomputed-counts")
+        data = x @ x.T if precomputed else xs if "sparse" in kind else x
+        model = SVC(kernel="precomputed" if precomputed else "rbf").fit(data, y)
+        if kind == "svc-precomputed-support":  # the column of the test kernel read for a support vector
+            model.support_[0] = 10**7
+        elif kind in ("svc-precomputed-counts", "svc-sparse-counts"):  # scikit-learn checks dense, not these
+            model._n_support = model._n_support * 2
+        elif kind == "svc-dual-coef":
+            model._dual_coef_ = model._dual_coef_[:1].copy()
+        elif kind == "svc-intercept":
+            model._intercept_ = model._intercept_[:1].copy()
+        elif kind == "svc-probability":  # libsvm copies one Platt pair per pair of classes
+            model._effective_probability = model.probability = True
+        elif kind == "svc-sparse-precomputed":  # sparse libsvm reads a precomputed kernel at the vectors' values
+            model.kernel = "precomputed"
+        return model
+    if kind.startswith("hgb-"):
+        x[:, 0] = y * 3 + (np.arange(len(y)) % 2)  # a categorical feature that decides every split's way
+        model = HistGradientBoostingClassifier(max_iter=3, categorical_features=[0], random_state=0).fit(x, y)
+        for predictor in (p for iteration in model._predictors for p in iteration):
+            nodes = predictor.nodes
+            split = (nodes["is_leaf"] == 0) & (nodes["is_categorical"] == 1)
+            assert split.any()  # else the case would test nothing
+            if kind == "hgb-bitset":
+                nodes["bitset_idx"][split] = 10**6
+        if kind == "hgb-feature":  # a categorical split on a feature binned as numerical
+            model._bin_mapper.is_categorical_ = np.zeros_like(model._bin_mapper.is_categorical_)
+        return model
+    if kind == "kmeans-centres":
+        model = KMeans(3, n_init=1, random_state=0).fit(x)
+        model.cluster_centers_ = model.cluster_centers_[:, :1].copy()
+        return model
+    if kind == "knn-fit-x":  # brute-force search walks X's width along each training row
+        model = KNeighborsClassifier(algorithm="brute").fit(x, y)
+        model._fit_X = model._fit_X[:, :1].copy()
+        return model
+    model = SplineTransformer(n_knots=20).fit(x)  # spline coefficients shorter than its knots ask for
+    model.bsplines_[0].c = model.bsplines_[0].c[:1].copy()
+    return model
+
+
+_COMPILED = ["minkowski-w", "seuclidean-v", "mahalanobis-vi", "kd-bounds", "leaf-size", "metric-alone",
+             "svc-precomputed-support", "svc-precomputed-counts", "svc-sparse-counts", "svc-dual-coef", "svc-intercept",
+             "svc-probability", "svc-sparse-precomputed", "hgb-bitset", "hgb-feature", "kmeans-centres", "knn-fit-x",
+             "spline"]
+
+
+@pytest.mark.parametrize("kind", _COMPILED)
+def test_crafted_compiled_state_is_refused_before_predict(kind: str, tmp_path: Path) -> None:
+    """Distance metrics, libsvm models, categorical splits, cluster centres, training rows and splines whose
+    arrays disagree where compiled code indexes one with the other unchecked."""
+    save_any(_crafted_compiled_state(kind), tmp_path / "m")
+    with pytest.raises(UntrustedContentError, match=r"point outside its (data|arrays)"):
+        load_any(tmp_path / "m")
+    assert load_any(tmp_path / "m", trusted=True) is not None
 
 # --- M02/M03: digests are not a trust boundary; signatures and pins are ---------------------------------
 
