@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from mlp_testkit import run_python
@@ -18,6 +18,7 @@ class AdapterContract:
     adapter: str
     framework_module: str  # imported by loading; nothing heavier may be
     setup_code = ""  # run first in fresh processes (an adapter registered in code, not by entry point)
+    load_options: ClassVar[dict[str, Any]] = {}  # what every load passes (trusted=True where the format needs it)
 
     def make_model(self) -> Any:
         raise NotImplementedError
@@ -40,7 +41,7 @@ class AdapterContract:
 
         model, path = saved
         x = self.make_input()
-        np.testing.assert_array_equal(self.outputs(load_any(path), x), self.outputs(model, x))
+        np.testing.assert_array_equal(self.outputs(load_any(path, **self.load_options), x), self.outputs(model, x))
 
     def test_the_manifest_names_adapter_class_and_framework(self, saved: tuple[Any, Path]) -> None:
         model, path = saved
@@ -63,7 +64,7 @@ class AdapterContract:
             import numpy as np, sys, mlpersist
             {self.setup_code}
             import test_{self.adapter} as t
-            model = mlpersist.load_any({str(path)!r})
+            model = mlpersist.load_any({str(path)!r}, **{self.load_options!r})
             out = t.{type(self).__name__}().outputs(model, np.load({str(tmp_path / 'x.npy')!r}))
             np.save({str(tmp_path / 'out.npy')!r}, out)
         """)
@@ -76,8 +77,8 @@ class AdapterContract:
         data = bytearray((path / name).read_bytes())
         data[len(data) // 2] ^= 0x01
         (path / name).write_bytes(bytes(data))
-        with pytest.raises(IntegrityError, match=name):
-            load_any(path)
+        with pytest.raises(IntegrityError, match=name):  # trusted or not: digests are always checked
+            load_any(path, **self.load_options)
 
     def test_inspect_and_verify_import_no_framework(self, saved: tuple[Any, Path]) -> None:
         _, path = saved
@@ -98,7 +99,7 @@ class AdapterContract:
             before = {{m for m in {others!r} if m in sys.modules}}
             import mlpersist
             {self.setup_code}
-            mlpersist.load_any({str(path)!r})
+            mlpersist.load_any({str(path)!r}, **{self.load_options!r})
             print(sorted({{m for m in {others!r} if m in sys.modules}} - before))
         """)
         assert proc.stdout.strip() == "[]"
