@@ -67,8 +67,9 @@ class XGBoostAdapter:
         model = cls()
         try:
             model.load_model(bytearray(raw))
-        except xgboost.core.XGBoostError as exc:
-            raise CorruptArtifactError(f"XGBoost could not read {name}: {str(exc).splitlines()[0][:200]}") from exc
+        except Exception as exc:  # XGBoostError; UnicodeDecodeError when XGBoost's message quotes the file's bytes
+            why = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise CorruptArtifactError(f"XGBoost could not read {name}: {type(exc).__name__}: {why}") from exc
         return model
 
 
@@ -134,26 +135,87 @@ _ARRAYS = ("left_children", "right_children", "parents", "split_indices", "split
 
 
 def _check_trees(trees: list[Any], n_features: int) -> None:
-    """Check every tree's child, feature and category indices (all trees' node arrays at once)."""
-    sizes = []
+    """Check every tree's child, parent, feature and category indices (all trees' node arrays at once)."""
+    sizes, categorical = [], set()
     for i, tree in enumerate(trees):
         n = int(tree["tree_param"]["num_nodes"])
         if n < 1 or any(len(tree[k]) != n for k in _ARRAYS):
             _refuse(i)
         sizes.append(n)
+        if len(tree.get("categories_nodes", ())):
+            categorical.add(i)
     if not trees:
         return
-    left, right, split = (joined([t[k] for t in trees]) for k in ("left_children", "right_children", "split_indices"))
+    left, right, split, parents = (joined([t[k] for t in trees])
+                                   for k in ("left_children", "right_children", "split_indices", "parents"))
     bad = first_bad_tree(sizes, left, right, split, n_features, adjacent=True)  # predict assumes adjacent children
+    if bad is None:
+        bad = _first_bad_parents(sizes, left, right, parents)
     if bad is not None:
         _refuse(bad)
-    for i, tree in enumerate(trees):
-        if not len(tree.get("categories_segments", ())):
-            continue  # no categorical split: nothing to read
-        segments, sizes_ = np.asarray(tree.get("categories_segments", [])), np.asarray(tree.get("categories_sizes", []))
-        if not (len(segments) == len(sizes_) and bool(np.all(
-                (segments >= 0) & (sizes_ >= 0) & (segments + sizes_ <= len(tree.get("categories", [])))))):
+    split_type = joined([t["split_type"] if "split_type" in t else np.zeros(n, np.uint8) for t, n in zip(
+        trees, sizes, strict=True)])  # absent before XGBoost 1.6: every split numerical
+    if len(split_type) != len(left):
+        _refuse(next(i for i, (t, n) in enumerate(zip(trees, sizes, strict=True))
+                     if len(t.get("split_type", [0] * n)) != n))
+    unknown = np.flatnonzero((split_type != 0) & (split_type != 1))
+    if len(unknown):
+        _refuse(_tree_of(sizes, int(unknown[0])))
+    starts = np.cumsum(sizes) - sizes
+    categorical |= {_tree_of(sizes, int(g)) for g in np.flatnonzero(split_type == 1)}
+    for i in sorted(categorical):  # most models have none: no per-tree work for them
+        span = slice(int(starts[i]), int(starts[i]) + sizes[i])
+        if not _categories_ok(trees[i], np.asarray(split_type[span]), np.asarray(left[span])):
             _refuse(i)
+
+
+def _tree_of(sizes: list[int], node: int) -> int:
+    """The tree that holds the `node`-th node of all trees' joined arrays."""
+    return int(np.searchsorted(np.cumsum(sizes), node, side="right"))
+
+
+def _first_bad_parents(sizes: list[int], left: Any, right: Any, parents: Any) -> int | None:
+    """Return the first tree whose `parents` disagree with its children, or None.
+
+    Every node but the root is the child of exactly one node, which is its parent; the root's parent
+    is 2**31 - 1, as XGBoost writes it. XGBoost follows each node's parent as it loads (to mark left
+    children), unchecked: a parent index past the tree made the load segfault. Called once children
+    are known to lie inside their trees.
+    """
+    counts = np.asarray(sizes, dtype=np.int64)
+    starts = np.cumsum(counts) - counts
+    base = np.repeat(starts, counts)
+    local = np.arange(len(left), dtype=np.int64) - base  # each node's index in its tree
+    inner = np.flatnonzero(np.asarray(left) != -1)
+    children = np.concatenate([left[inner] + base[inner], right[inner] + base[inner]]).astype(np.int64)
+    expected = np.full(len(left), _ROOT_PARENT, dtype=np.int64)
+    expected[children] = np.concatenate([local[inner], local[inner]])
+    times_a_child = np.bincount(children, minlength=len(left))
+    bad = (np.asarray(parents, dtype=np.int64) != expected) | (times_a_child != (local != 0))
+    if not bad.any():
+        return None
+    return _tree_of(sizes, int(np.argmax(bad)))
+
+
+def _categories_ok(tree: Any, split_type: Any, left: Any) -> bool:
+    """Whether a tree's categorical splits are where its category lists say, each list inside `categories`.
+
+    XGBoost reads `categories_nodes` in order while it walks the nodes, builds each split's bit set
+    from its slice of `categories` (as large as the largest category), and predicts categorical nodes
+    (`split_type` 1) from those sets: the nodes listed must be exactly the inner nodes marked
+    categorical, ascending, their slices non-empty and inside the list, the categories int32 and not
+    negative.
+    """
+    nodes, segments, sizes, categories = (np.asarray(tree.get(k, ()), dtype=np.int64) for k in (
+        "categories_nodes", "categories_segments", "categories_sizes", "categories"))
+    marked = np.flatnonzero(split_type == 1)
+    return bool(len(nodes) == len(segments) == len(sizes) and np.array_equal(nodes, marked)
+                and np.all(left[marked] != -1) and np.all((segments >= 0) & (sizes > 0))
+                and np.all(segments + sizes <= len(categories))
+                and np.all((categories >= 0) & (categories <= _INT32_MAX)))
+
+
+_ROOT_PARENT = _INT32_MAX = 2**31 - 1
 
 
 def _refuse(i: int) -> None:

@@ -149,6 +149,18 @@ elif kind == "feature":
     tree["split_indices"][0] = 99
 elif kind == "tree-info":
     doc["learner"]["gradient_booster"]["model"]["tree_info"].append(0)
+elif kind == "parent":  # XGBoost follows it while loading (made the load segfault)
+    tree["parents"][1] = 2**24
+elif kind == "wrong-parent":  # inside the tree, but not the node whose child it is
+    tree["parents"][1] = tree["parents"][2] = 1
+elif kind == "shared-children":  # two nodes claim the same children (the second's own are orphaned)
+    inner = [i for i, c in enumerate(tree["left_children"]) if c != -1]
+    a, b = inner[1], inner[2]
+    tree["left_children"][b], tree["right_children"][b] = tree["left_children"][a], tree["right_children"][a]
+elif kind == "split-type":
+    tree["split_type"][0] = 2
+elif kind == "categorical-unlisted":  # a categorical split with no categories to read
+    tree["split_type"][0] = 1
 json.dump(doc, open(out + "/model.json", "w"))
 try:
     mlpersist.load_any(out + "/model.json")
@@ -158,7 +170,8 @@ except mlpersist.UntrustedContentError as exc:
 """
 
 
-@pytest.mark.parametrize("kind", ["child", "adjacency", "right-past-end", "loop", "feature", "tree-info"])
+@pytest.mark.parametrize("kind", ["child", "adjacency", "right-past-end", "loop", "feature", "tree-info", "parent",
+                                  "wrong-parent", "shared-children", "split-type", "categorical-unlisted"])
 def test_crafted_tree_indices_are_refused_before_xgboost_parses_them(kind: str, tmp_path: Path) -> None:
     require("xgboost")
     (tmp_path / "craft.py").write_text(CRAFT)
@@ -167,6 +180,52 @@ def test_crafted_tree_indices_are_refused_before_xgboost_parses_them(kind: str, 
     assert proc.stdout.startswith("REFUSED"), proc.stdout + proc.stderr
     if kind != "tree-info":
         assert "tree 1:" in proc.stdout  # the crafted tree is named, though all trees are checked at once
+
+
+def _categorical_model_json(tmp_path: Path) -> tuple[Any, Any, dict[str, Any]]:
+    xgb, pd, np = require("xgboost"), require("pandas"), require("numpy")
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"plan": pd.Categorical(rng.choice(["a", "b", "c", "d"], 300)), "x": rng.normal(size=300)})
+    y = (df["plan"].isin(["b", "d"])).astype(int) ^ (df["x"] > 1).astype(int)
+    model = xgb.XGBClassifier(n_estimators=3, max_depth=2, enable_categorical=True, tree_method="hist",
+                              max_cat_to_onehot=1).fit(df, y)
+    return model, df, json.loads(bytes(model.get_booster().save_raw("json")))
+
+
+@pytest.mark.parametrize("kind", ["negative-category", "segment-past-end", "empty-segment", "node-unmarked",
+                                  "node-order"])
+def test_crafted_categorical_splits_are_refused(kind: str, tmp_path: Path) -> None:
+    """XGBoost builds each categorical split's bit set from its slice of `categories` as it walks the nodes."""
+    np = require("numpy")
+    model, df, doc = _categorical_model_json(tmp_path)
+    trees = doc["learner"]["gradient_booster"]["model"]["trees"]
+    i, tree = next((i, t) for i, t in enumerate(trees) if len(t["categories_nodes"]) >= 1)
+    (tmp_path / "good.json").write_text(json.dumps(doc))  # as written, it loads and predicts as the model does
+    matrix = require("xgboost").DMatrix(df, enable_categorical=True)
+    np.testing.assert_array_equal(load_any(tmp_path / "good.json").predict(matrix), model.get_booster().predict(matrix))
+    if kind == "negative-category":
+        tree["categories"][tree["categories_segments"][0]] = -5
+    elif kind == "segment-past-end":
+        tree["categories_sizes"][0] = len(tree["categories"]) + 1
+    elif kind == "empty-segment":
+        tree["categories_sizes"][0] = 0
+    elif kind == "node-unmarked":  # listed as categorical, but split numerically
+        tree["split_type"][tree["categories_nodes"][0]] = 0
+    else:  # listed twice: XGBoost reads the list in node order
+        for k in ("categories_nodes", "categories_segments", "categories_sizes"):
+            tree[k] = tree[k] + tree[k][:1]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(UntrustedContentError, match=f"tree {i}: "):
+        load_any(tmp_path / "bad.json")
+
+
+def test_a_message_xgboost_cannot_decode_is_a_corrupt_artifact(tmp_path: Path) -> None:
+    """XGBoost quotes the bytes it could not read; its Python side fails to decode them (UnicodeDecodeError)."""
+    raw = bytearray(_ubj(tmp_path))
+    raw[raw.index(b"learner") + 1] = 0xF0  # a key XGBoost cannot find, quoted in its error message
+    (tmp_path / "m.ubj").write_bytes(bytes(raw))
+    with pytest.raises(CorruptArtifactError, match="XGBoost could not read"):
+        load_any(tmp_path / "m.ubj", trusted=True)
 
 
 def _ubj(tmp_path: Path) -> bytes:
