@@ -5,6 +5,7 @@ from __future__ import annotations
 import _compat_pickle
 import importlib
 import io
+import math
 import os
 import pickle
 import sys
@@ -337,8 +338,44 @@ def _check_dtype_state(target: Any, state: Any, s: State) -> None:
     np = sys.modules.get("numpy")
     if np is None or not isinstance(target, np.dtype):
         return
-    ok = (isinstance(state, tuple) and len(state) in (8, 9) and type(state[0]) is int
-          and isinstance(state[1], str) and len(state[1]) == 1
-          and all(type(x) is int for x in state[5:8]))
-    if not ok:
+    if not _dtype_state_ok(state, np, target.kind in "mM"):
         raise s.structural("a numpy dtype carries a malformed state")
+
+
+def _dtype_state_ok(state: Any, np: Any, datetime: bool) -> bool:
+    """Whether a dtype state has the shape numpy writes, down to its fields and subarray.
+
+    numpy's setstate takes the fields' dtypes and offsets as they come: a field whose dtype was
+    another object segfaulted loading a forest's node arrays (found by loading mutated copies),
+    and a field past the item's end read outside each item.
+    """
+    if not (isinstance(state, tuple) and len(state) in (8, 9) and type(state[0]) is int
+            and isinstance(state[1], str) and len(state[1]) == 1 and state[1] in "<>|="
+            and all(type(x) is int for x in state[5:8])
+            and (len(state) == 8 or _metadata_ok(state[8], datetime))):
+        return False
+    subarray, names, fields, size = state[2], state[3], state[4], state[5]
+    if subarray is not None and not (
+            isinstance(subarray, tuple) and len(subarray) == 2 and isinstance(subarray[0], np.dtype)
+            and type(subarray[1]) is tuple and all(type(n) is int and n >= 0 for n in subarray[1])
+            and size == subarray[0].itemsize * math.prod(subarray[1])):
+        return False
+    if names is None or fields is None:
+        return names is None and fields is None
+    if not (type(names) is tuple and type(fields) is dict and size >= 0 and len(set(names)) == len(names)
+            and all(type(n) is str and n in fields for n in names)):
+        return False
+    for key, field in fields.items():  # (dtype, offset) or (dtype, offset, title), under its name and its title
+        if not (type(field) is tuple and len(field) in (2, 3) and isinstance(field[0], np.dtype)
+                and type(field[1]) is int and 0 <= field[1] <= size - field[0].itemsize
+                and (key in names or (len(field) == 3 and field[2] == key))):
+            return False
+    return True
+
+
+def _metadata_ok(metadata: Any, datetime: bool) -> bool:
+    """None or a dict; a datetime's is (None or a dict, (unit, count...)), as numpy writes it."""
+    if not datetime:
+        return metadata is None or type(metadata) is dict
+    return (type(metadata) is tuple and len(metadata) == 2 and (metadata[0] is None or type(metadata[0]) is dict)
+            and type(metadata[1]) is tuple and all(type(x) in (bytes, int) for x in metadata[1]))

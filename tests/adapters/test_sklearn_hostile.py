@@ -345,6 +345,75 @@ def test_p11_append_on_something_not_a_list_is_refused(tmp_path: Path, sentinel:
         load_any(path)
 
 
+
+class _WithState:
+    """Pickles as `fn(*args)` followed by BUILD with `state`: how numpy dtypes travel."""
+
+    def __init__(self, fn: Any, args: tuple[Any, ...], state: Any) -> None:
+        self.fn, self.args, self.state = fn, args, state
+
+    def __reduce__(self) -> Any:
+        return self.fn, self.args, self.state
+
+
+def _dtype_states() -> dict[str, tuple[Any, ...]]:
+    np = require("numpy")
+    i8 = np.dtype("<i8")
+    fields = {"a": (i8, 0), "b": (i8, 8)}
+    return {  # numpy.dtype's setstate takes each of these as it comes
+        "field-not-a-dtype": (3, "|", None, ("a", "b"), {"a": (i8, 0), "b": (np.ndarray, 8)}, 16, 1, 16),
+        "field-past-the-item": (3, "|", None, ("a", "b"), {"a": (i8, 0), "b": (i8, 4096)}, 16, 1, 16),
+        "name-without-field": (3, "|", None, ("a", "c"), fields, 16, 1, 16),
+        "field-without-name": (3, "|", None, ("a",), fields, 16, 1, 16),
+        "subarray-not-a-dtype": (3, "|", ("x", (2,)), None, None, 16, 1, 0),
+        "subarray-larger-than-the-item": (3, "|", (i8, (4,)), None, None, 16, 1, 0),
+        "byte-order": (3, "x", None, None, None, -1, -1, 0),
+        "metadata": (3, "<", None, None, None, -1, -1, 0, ["not", "a", "dict"]),
+        "too-short": (3, "<", None, None),
+    }
+
+
+@pytest.mark.parametrize("case", list(_dtype_states()))
+def test_numpy_dtype_states_that_numpy_would_trust_are_refused(case: str, tmp_path: Path, sentinel: Path) -> None:
+    """numpy #30476: the C setstate trusts its tuple. A field whose dtype was another object segfaulted
+    loading a forest (a one-byte change in its file); one past the item's end read past each item."""
+    np = require("numpy")
+    path = bare(tmp_path, pickle.dumps(_WithState(np.dtype, ("V16", False, True), _dtype_states()[case]), protocol=4))
+    with watched(), pytest.raises(UntrustedContentError, match="malformed state"):
+        load_any(path)
+
+
+def test_a_numpy_scalar_of_an_object_dtype_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    """numpy #28316: `scalar(dtype('O'), bytes)` reads the bytes as a pointer."""
+    np = require("numpy")
+    path = bare(tmp_path, pickle.dumps(Reduce(np._core.multiarray.scalar, np.dtype("O"), b"\x41" * 8), protocol=4))
+    with watched(), pytest.raises(UntrustedContentError, match="object dtype"):
+        load_any(path)
+
+
+@pytest.mark.parametrize("spec", ["<i8", ">f4", "U7", "S3", "V8", "<c16", "M8[ns]", "m8[3s]", "(2,3)<f8", "a-struct",
+                                  "offsets", "titles", "nested", "aligned", "metadata", "datetime-field"])
+def test_every_kind_of_numpy_dtype_loads_as_pickle_reads_it(spec: str, tmp_path: Path) -> None:
+    np = require("numpy")
+    specs: dict[str, Any] = {
+        "a-struct": [("a", "<i8"), ("b", ">f4", (2,))],
+        "offsets": {"names": ["x", "y"], "formats": ["<i4", "<f8"], "offsets": [0, 8], "itemsize": 24},
+        "titles": {"names": ["x"], "formats": ["<i4"], "titles": ["The X"]},
+        "nested": [("n", [("i", "<i2"), ("j", "u1")]), ("s", "(3,)i4")],
+        "aligned": np.dtype({"names": ["a", "b"], "formats": ["u1", "<f8"]}, align=True),
+        "metadata": np.dtype("<i8", metadata={"unit": "m"}),
+        "datetime-field": [("t", "M8[us]"), ("v", "<f8")],
+    }
+    dtype = np.dtype(specs.get(spec, spec))
+    for protocol in (2, 5):
+        for obj in (dtype, np.frombuffer((bytes(range(256)) * dtype.itemsize)[:3 * dtype.itemsize], dtype=dtype)):
+            raw = pickle.dumps(obj, protocol=protocol)
+            got, want = load_any(bare(tmp_path, raw)), pickle.loads(raw)
+            if isinstance(want, np.dtype):
+                assert got == want and got.metadata == want.metadata
+            else:
+                assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+
 # --- P12: compressed, broken, multi-pickle streams ---------------------------------------------------
 
 @pytest.mark.parametrize("compress", ["zlib", "gzip", "bz2", "lzma", "xz"])
