@@ -183,15 +183,35 @@ def rebuild(info: Mapping[str, Any], tensors: dict[str, torch.Tensor], dev: torc
     if info.get("meta_ok"):
         with torch.device("meta"):  # no random initialisation: the weights are assigned, not copied
             model = _construct(cls, spec)
-        model.load_state_dict(tensors, strict=True, assign=True)
+        fill(model, tensors, strict=True, assign=True)
         leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if not leftover:
             _retie(model, info.get("aliases", {}))
             return model
     with torch.device(dev):  # a buffer outside the state dict: build for real, then copy
         model = _construct(cls, spec)
-    model.load_state_dict(tensors, strict=True)
+    fill(model, tensors, strict=True)
     return model
+
+
+def fill(model: Any, tensors: Any, *, strict: bool, assign: bool = False) -> None:
+    """`model.load_state_dict`, its refusal of weights that do not fit the module a typed error.
+
+    They do not fit when the class changed since the model was saved (a layer added, a width changed),
+    when a template of another shape is given, or when the file was crafted.
+
+    Raises:
+        mlpersist.errors.CorruptArtifactError: naming the missing, unexpected and misshapen weights.
+
+    """
+    try:
+        model.load_state_dict(tensors, strict=strict, assign=assign)
+    except (RuntimeError, TypeError) as exc:  # TypeError: a bare file that holds no state dict
+        why = " ".join(str(exc).split())[:600]
+        raise CorruptArtifactError(
+            f"the saved weights do not fit {type(model).__qualname__} as it is defined now ({why}); if its class "
+            "changed since the model was saved, load it with the version it was saved with, or give a matching "
+            "model= (strict=False loads the weights that do fit)") from exc
 
 
 def _retie(model: Any, aliases: Mapping[str, str]) -> None:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from mlpersist import Payload, PersistError
 from mlpersist.adapters._safetensors import read_safetensors, unique_tensors, write_safetensors
-from mlpersist.adapters._torch_build import decode, encode, init_spec, rebuild
+from mlpersist.adapters._torch_build import decode, encode, fill, init_spec, rebuild
 from mlpersist.errors import CorruptArtifactError, UntrustedContentError
 
 WEIGHTS, OPTIMIZER = "weights.safetensors", "optimizer.safetensors"
@@ -87,7 +87,7 @@ class TorchAdapter:
         if model is None:
             model = rebuild(info, tensors, dev)
         else:
-            model.load_state_dict(tensors, strict=strict)
+            fill(model, tensors, strict=strict)
             model.to(dev)
         frozen = set(info.get("frozen", []))
         for name, p in model.named_parameters():
@@ -148,7 +148,7 @@ def _load_bare_pt(payload: Payload, model: Any, dev: torch.device, strict: bool)
                                     "weights_only loader refused it", ["torch.load"]) from exc
     if model is None:
         return state
-    model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state, strict=strict)
+    fill(model, state.get("state_dict", state) if isinstance(state, dict) else state, strict=strict)
     return model.to(dev).eval()
 
 

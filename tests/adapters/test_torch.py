@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from contract import AdapterContract
 from mlp_testkit import require, run_python
 
-from mlpersist import PersistError, UntrustedContentError, inspect, load_any, save_any
+from mlpersist import CorruptArtifactError, PersistError, UntrustedContentError, inspect, load_any, save_any
 
 
 def tm() -> Any:
@@ -328,6 +329,33 @@ def test_optimizer_state_and_extra_resume_training_identically(tmp_path: Path) -
         o.step()
     for a, b in zip(model.parameters(), loaded.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["class-changed", "template", "renamed-weight", "bare-into-template"])
+def test_weights_that_do_not_fit_the_module_are_a_typed_error(case: str, tmp_path: Path) -> None:
+    """The class changed since the save, a template of another shape, or a weight renamed in a (crafted) file:
+    torch's RuntimeError becomes a CorruptArtifactError that names the weights and says what to do."""
+    torch = require("torch")
+    save_any(tm().MLP(4), tmp_path / "m")
+    options: dict[str, Any] = {}
+    path = tmp_path / "m"
+    if case == "class-changed":  # as if MLP's default width had changed: rebuilt with 8 hidden units
+        doc = json.loads((path / "manifest.json").read_text())
+        doc["info"]["init"]["init"]["hidden"] = 8
+        (path / "manifest.json").write_text(json.dumps(doc))
+    elif case == "template":
+        options["model"] = tm().MLP(5)
+    elif case == "renamed-weight":
+        raw = (path / "weights.safetensors").read_bytes().replace(b'"l1.weight"', b'"l1.weigxt"')
+        (path / "weights.safetensors").write_bytes(raw)
+        doc = json.loads((path / "manifest.json").read_text())
+        doc["files"]["weights.safetensors"] = {"size": len(raw), "digest": "sha256:" + sha256(raw).hexdigest()}
+        (path / "manifest.json").write_text(json.dumps(doc))
+    else:
+        torch.save(tm().MLP(4).state_dict(), tmp_path / "weights.pth")
+        path, options["model"] = tmp_path / "weights.pth", tm().MLP(5)
+    with pytest.raises(CorruptArtifactError, match=r"do not fit MLP as it is defined now .*(mismatch|Missing key)"):
+        load_any(path, **options)
 
 
 def test_a_bare_state_dict_file_loads_safely_as_dict_or_into_a_model(tmp_path: Path) -> None:
