@@ -117,6 +117,10 @@ elif kind == "wrapping-feature-count":  # 2**32 + 4: LightGBM's int32 reads 4, w
     text = text.replace("max_feature_idx=4", "max_feature_idx=4294967300")
 elif kind == "no-class":
     text = text.replace("num_tree_per_iteration=1", "num_tree_per_iteration=0")
+elif kind == "end-of-parameters":  # one byte changed: a section line without ":" (it segfaulted LightGBM)
+    text = text.replace("end of parameters", "efd of parameters")
+elif kind == "parameter-without-colon":  # LightGBM takes the second part of each line split at ":", unchecked
+    text = text.replace("[num_leaves: 31]", "[num_leaves 31]")
 open(out, "wb").write(text.encode().replace(b"Tree=1", b"Tree=1\\xff") if kind == "not-utf8" else text.encode())
 """
 
@@ -156,7 +160,7 @@ def _load_crafted(kind: str, tmp_path: Path, trusted: bool = False) -> str:
 @pytest.mark.parametrize("kind", ["leaf-int-min", "inner-out-of-range", "feature", "underscore-digits",
                                   "tree-line-inside", "key-twice", "carriage-return", "nul", "no-class",
                                   "no-end", "categorical-without-categories", "huge-index",
-                                  "wrapping-feature-count"])
+                                  "wrapping-feature-count", "end-of-parameters", "parameter-without-colon"])
 def test_crafted_text_models_are_refused_before_lightgbm_parses_them(kind: str, tmp_path: Path) -> None:
     assert _load_crafted(kind, tmp_path).startswith("REFUSED UntrustedContentError")
 

@@ -110,10 +110,11 @@ def prepared(text: str, where: str = MODEL) -> str:
     path, aborts the whole process. Without `tree_sizes` it reads the trees one after another and
     raises on what it cannot read. So the text is read here as that sequential reader reads it: the
     header's lines split at `=` (empty parts dropped), then each `Tree=` line's key lines up to a blank
-    line (at most 22: LightGBM 4), stopping at the first other line. What LightGBM's reader would take
-    differently from this one is refused rather than guessed at: control characters (a NUL ends the C
-    string LightGBM gets), a key repeated or not lowercase (a `Tree=` line inside a tree), a key line
-    without `=`, a tree that runs to the end of the text, numbers other than plain ASCII decimals.
+    line (at most 22: LightGBM 4), stopping at the first other line; then its `parameters:` section,
+    each line `[name: value]`. What LightGBM's reader would take differently from this one is refused
+    rather than guessed at: control characters (a NUL ends the C string LightGBM gets), a key repeated
+    or not lowercase (a `Tree=` line inside a tree), a key line without `=`, a tree that runs to the
+    end of the text, numbers other than plain ASCII decimals.
 
     Raises:
         mlpersist.errors.UntrustedContentError: naming what is wrong (the first bad tree).
@@ -162,6 +163,7 @@ def prepared(text: str, where: str = MODEL) -> str:
                 raise ValueError(f"tree {n} runs to the end of the text")  # LightGBM would read on past it
             _check_tree(tree, max_feature, n)
             n += 1
+        _check_parameters(lines[i:])
     except UntrustedContentError:
         raise
     except (KeyError, ValueError) as exc:
@@ -175,6 +177,24 @@ _KEY = re.compile(r"[a-z_]+", re.ASCII)
 _INT = re.compile(r"-?[0-9]{1,18}", re.ASCII)  # fits in an int64; array values are then checked against counts
 _FLOAT = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|-?inf|nan", re.ASCII)
 _TREE_LINES = 22  # LightGBM 4's Tree reads at most this many key lines
+_PARAMETER = re.compile(r"\[[a-z0-9_]+: [^\n]*\]", re.ASCII)
+
+
+def _check_parameters(tail: list[str]) -> None:
+    """Check the `parameters:` section after the trees as LightGBM reads it back (`Booster.params`).
+
+    LightGBM keeps its lines (up to `end of parameters`, or to the end of the text) and, asked for
+    them, splits each at `:` and takes the second part unchecked: a line without one ("efd of
+    parameters": one byte changed) made the load segfault. Each must be `[name: value]`, as
+    LightGBM writes it.
+    """
+    if "parameters:" not in tail:
+        return
+    for line in tail[tail.index("parameters:") + 1:]:
+        if line == "end of parameters":
+            return
+        if line and not _PARAMETER.fullmatch(line):
+            raise ValueError(f"parameters: line {line[:40]!r}")
 
 
 def _unique(fields: dict[str, str], key: str, value: str, where: str) -> None:
