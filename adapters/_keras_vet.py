@@ -6,13 +6,14 @@ import importlib
 import io
 import json
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import h5py
 import keras
 
-from mlpersist.errors import CorruptArtifactError, UntrustedContentError
+from mlpersist.errors import CorruptArtifactError, PersistError, UntrustedContentError
 
 _MEMBERS = {"config.json", "metadata.json", "model.weights.h5"}
 _MAX_CONFIG = 64 << 20
@@ -29,6 +30,15 @@ def vet_zip(f: Any) -> Any:
         zf = zipfile.ZipFile(f)
     except zipfile.BadZipFile as exc:
         raise CorruptArtifactError(f"model.keras is not a zip archive: {exc}") from None
+    try:
+        return _vet_members(zf, f)
+    except PersistError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError) as exc:  # CRC, inflate, cut
+        raise CorruptArtifactError(f"model.keras is damaged: {type(exc).__name__}: {exc}") from None
+
+
+def _vet_members(zf: zipfile.ZipFile, f: Any) -> Any:
     with zf:
         infos = zf.infolist()
         names = [i.filename for i in infos]
@@ -102,8 +112,11 @@ class _Window(io.RawIOBase):
 def h5_config(f: Any) -> Any:
     vet_hdf5(f, "model.h5")
     f.seek(0)
-    with h5py.File(f, "r") as h5:
-        raw = h5.attrs.get("model_config")
+    try:
+        with h5py.File(f, "r") as h5:
+            raw = h5.attrs.get("model_config")
+    except Exception as exc:  # as in vet_hdf5: damaged metadata raises more than OSError
+        raise CorruptArtifactError(f"model.h5 is not a readable HDF5 file: {type(exc).__name__}: {exc}") from None
     if raw is None:
         raise CorruptArtifactError("model.h5 has no model_config: it holds weights only; load them with "
                                    "model.load_weights into a model you build")
@@ -132,8 +145,10 @@ def vet_hdf5(f: Any, what: str) -> None:
     try:
         with h5py.File(f, "r") as h5:
             visit(h5, "/")
-    except OSError as exc:
-        raise CorruptArtifactError(f"{what} is not a readable HDF5 file: {exc}") from None
+    except PersistError:
+        raise
+    except Exception as exc:  # h5py's OSError, and RuntimeError/KeyError/ValueError for damaged metadata
+        raise CorruptArtifactError(f"{what} is not a readable HDF5 file: {type(exc).__name__}: {exc}") from None
 
 
 def vet_config(config: Any, custom_objects: Mapping[str, Any], *, legacy: bool = False) -> None:

@@ -61,8 +61,11 @@ class KerasAdapter:
             try:
                 return keras.models.load_model(path, custom_objects=custom_objects, compile=compile,
                                                safe_mode=not trusted)
-            except (ValueError, TypeError) as exc:
-                raise CorruptArtifactError(f"Keras could not rebuild the model from {name}: {exc}") from exc
+            except PersistError:
+                raise
+            except Exception as exc:  # ValueError/TypeError from Keras; h5py's and zipfile's errors for its weights
+                raise CorruptArtifactError(f"Keras could not rebuild the model from {name}: {type(exc).__name__}: "
+                                           f"{exc}") from exc
 
 
 def _load_saved_model(payload: Payload, call_endpoint: str) -> Any:

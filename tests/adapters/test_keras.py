@@ -224,6 +224,32 @@ def test_a_deflated_keras_file_loads_and_a_damaged_member_header_is_refused(tmp_
         load_any(tmp_path / "model.keras")
 
 
+@pytest.mark.parametrize("damage", ["config-crc", "weights-crc", "h5-heap", "h5-heap-trusted"])
+def test_a_damaged_archive_or_hdf5_file_is_a_corrupt_artifact(damage: str, tmp_path: Path) -> None:
+    """zipfile's BadZipFile (a CRC that does not match) and h5py's RuntimeError/KeyError for damaged metadata
+    were raised as they were; loading copies of a model with a few bytes changed found them."""
+    path = tmp_path / "model.keras"
+    sequential().save(str(path))
+    with zipfile.ZipFile(path) as zf:
+        members, infos = {n: zf.read(n) for n in zf.namelist()}, zf.infolist()
+    if damage.endswith("crc"):  # a byte of the member changed, its recorded CRC kept
+        name = "config.json" if damage == "config-crc" else "model.weights.h5"
+        info = next(i for i in infos if i.filename == name)
+        raw = bytearray(path.read_bytes())
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+        raw[start + info.compress_size // 2] ^= 0x01
+        path.write_bytes(bytes(raw))
+    else:  # a valid archive whose HDF5 file has its local heap's signature damaged
+        weights = bytearray(members["model.weights.h5"])
+        at = weights.index(b"HEAP")
+        weights[at:at + 4] = b"HEAQ"
+        with zipfile.ZipFile(path, "w") as zf:
+            for info in infos:
+                zf.writestr(info, bytes(weights) if info.filename == "model.weights.h5" else members[info.filename])
+    with pytest.raises(CorruptArtifactError):
+        load_any(path, trusted=damage.endswith("trusted"))
+
+
 def test_a_bare_keras_file_and_a_legacy_h5_file_load_under_the_same_rules(tmp_path: Path) -> None:
     model = sequential()
     model.save(str(tmp_path / "model.keras"))
