@@ -341,8 +341,9 @@ def _check_predictor_nodes(predictor: Any, nodes: np.ndarray, n_features: int | 
     inner = nodes["is_leaf"] == 0
     ok = bool(np.all(~inner | ((nodes["left"] < count) & (nodes["right"] < count)
                                & (nodes["left"] > 0) & (nodes["right"] > 0))))
-    if ok and n_features is not None:
-        ok = bool(np.all(~inner | (nodes["feature_idx"] < n_features)))
+    if ok:  # a negative feature index passed before (one byte changed in a file): it read before each row
+        ok = bool(np.all(~inner | ((nodes["feature_idx"] >= 0)
+                                   & (nodes["feature_idx"] < (n_features if n_features is not None else 2**31)))))
     if ok and "is_categorical" in (nodes.dtype.names or ()):  # a categorical split's bitset row, in both bitset tables
         rows = nodes["bitset_idx"][inner & (nodes["is_categorical"] != 0)]
         tables = [np.asarray(getattr(predictor, k, None)) for k in ("raw_left_cat_bitsets", "binned_left_cat_bitsets")]

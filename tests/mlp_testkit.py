@@ -127,3 +127,14 @@ def collections_started(fn: Callable[[], object]) -> int:
         gc.set_threshold(*threshold)
         gc.callbacks.remove(count)
     return started[0]
+
+
+def mutated_loads(kind: str, count: int, seed: int = 0, timeout: float = 600) -> dict[str, Any]:
+    """Load `count` copies of a `kind` model (tests/mutants.py) with a few payload bytes changed; the tally.
+
+    Each copy is loaded in its own forked child of a fresh interpreter: a crash is counted, not fatal.
+    """
+    proc = run_python(f"import runpy, sys; sys.argv = ['mutants', {kind!r}, '{count}', '{seed}']; "
+                      f"runpy.run_path({str(ROOT / 'tests' / 'mutants.py')!r}, run_name='__main__')", timeout=timeout)
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
