@@ -54,11 +54,13 @@ def _build(kind: str) -> tuple[Any, Any, dict[str, Any]]:
         return model, lambda m: m.predict_proba(x), {}
     if kind in ("keras", "keras-weights"):
         import keras
+        keras.utils.set_random_seed(0)  # the same weights, so the same copies, every run
         model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2)])
         model.compile("adam", "mse")
         return model, lambda m: m.predict(x, verbose=0), {}
     if kind == "torch":
         import torch
+        torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         return net, lambda m: m(torch.as_tensor(x, dtype=torch.float32)), {}
     raise SystemExit(f"unknown kind {kind}")
