@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from mlp_testkit import run_python
+from mlp_testkit import mutated_loads, run_python
 
 from mlpersist import IntegrityError, _registry, inspect, load_any, save_any, verify
 
@@ -19,6 +19,7 @@ class AdapterContract:
     framework_module: str  # imported by loading; nothing heavier may be
     setup_code = ""  # run first in fresh processes (an adapter registered in code, not by entry point)
     load_options: ClassVar[dict[str, Any]] = {}  # what every load passes (trusted=True where the format needs it)
+    mutants: ClassVar[tuple[tuple[str, int], ...]] = ()  # (tests/mutants.py kind, copies) to load with bytes changed
 
     def make_model(self) -> Any:
         raise NotImplementedError
@@ -103,3 +104,14 @@ class AdapterContract:
             print(sorted({{m for m in {others!r} if m in sys.modules}} - before))
         """)
         assert proc.stdout.strip() == "[]"
+
+    def test_copies_with_a_few_bytes_changed_load_or_fail_typed(self) -> None:
+        """Copies of a saved model with one to four payload bytes changed (the manifest rewritten to match), each
+        loaded and used in its own process: none may crash it, and what fails to load fails with a PersistError.
+        This is how the crashes behind several of the adapters' checks were found."""
+        if not self.mutants:
+            pytest.skip(f"{self.adapter}: loaded only on trust, whose bytes are the author's")
+        for kind, count in self.mutants:
+            result = mutated_loads(kind, count, seed=1)
+            assert result["findings"] == [], result
+            assert result["tally"].get("refused", 0) > 0 and result["tally"].get("loaded", 0) > 0, result

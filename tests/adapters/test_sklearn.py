@@ -7,7 +7,7 @@ import pickle
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from contract import AdapterContract
@@ -35,6 +35,7 @@ def data(n: int = 200, features: int = 6, seed: int = 0) -> tuple[Any, Any]:
 class TestSklearn(AdapterContract):
     adapter = "sklearn"
     framework_module = "sklearn"
+    mutants: ClassVar[tuple[tuple[str, int], ...]] = (("forest", 400), ("hist-gbm", 200))
 
     def make_model(self) -> Any:
         pipeline = require("sklearn.pipeline")
