@@ -126,7 +126,7 @@ def validate(doc: Any, what: str) -> None:
         _check_trees(trees, n_features)
     except UntrustedContentError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:  # Overflow: an int past int64
         raise UntrustedContentError(f"{what}: the booster's structure is malformed or out of range ({exc}); "
                                     "refusing to hand it to XGBoost", ["xgboost.Booster"]) from None
 
