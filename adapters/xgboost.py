@@ -161,8 +161,9 @@ def _check_trees(trees: list[Any], n_features: int) -> None:
     unknown = np.flatnonzero((split_type != 0) & (split_type != 1))
     if len(unknown):
         _refuse(_tree_of(sizes, int(unknown[0])))
-    starts = np.cumsum(sizes) - sizes
-    categorical |= {_tree_of(sizes, int(g)) for g in np.flatnonzero(split_type == 1)}
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    categorical.update(np.searchsorted(ends, np.flatnonzero(split_type == 1), side="right").tolist())  # their trees
     for i in sorted(categorical):  # most models have none: no per-tree work for them
         span = slice(int(starts[i]), int(starts[i]) + sizes[i])
         if not _categories_ok(trees[i], np.asarray(split_type[span]), np.asarray(left[span])):
