@@ -54,13 +54,12 @@ def _run(fileobj: BinaryIO, policy: TrustPolicy, *, what: str, joblib_format: bo
          seen: list[tuple[str, bool]] | None = None) -> tuple[Any, list[str]]:
     state = State(policy, what, seen)
     if policy.trusted:
-        if joblib_format:
-            from joblib.numpy_pickle import NumpyUnpickler  # trusted: joblib's own reader, unchanged
+        if joblib_format:  # trusted: joblib's reader, unguarded (what the file names is imported and called)
+            from . import _safejoblib
 
-            from ._safejoblib import decompressed
-
-            up = NumpyUnpickler("", decompressed(fileobj, what), ensure_native_byte_order=True)
-            return _guarded_call(up.load, state), []
+            stream = _safejoblib.decompressed(fileobj, what)
+            state.raw_stream = stream is fileobj
+            return _guarded_call(_safejoblib.trusted_unpickler_class()(stream, state).load, state), []
         return _guarded_call(lambda: pickle.load(fileobj), state), []
     if joblib_format:
         from . import _safejoblib  # joblib is imported only for joblib files

@@ -346,13 +346,15 @@ def _array_zoo() -> dict[str, Any]:
     }
 
 
+@pytest.mark.parametrize("trusted", [False, True], ids=["checked", "trusted"])
 @pytest.mark.parametrize("compress", [0, 3])
-def test_joblib_arrays_load_exactly_as_joblib_reads_them(compress: int, tmp_path: Path) -> None:
+def test_joblib_arrays_load_exactly_as_joblib_reads_them(compress: int, trusted: bool, tmp_path: Path) -> None:
+    """The checked reader and the trusted one (no guard, the same fast array reads) both rebuild every layout."""
     joblib = require("joblib")
     zoo = _array_zoo()
     joblib.dump(zoo, tmp_path / "model.joblib", compress=compress)
     expected = joblib.load(tmp_path / "model.joblib")
-    loaded = load_any(tmp_path / "model.joblib")
+    loaded = load_any(tmp_path / "model.joblib", trusted=trusted)
     assert loaded.keys() == zoo.keys()
     for key, want in expected.items():
         got = loaded[key]
@@ -362,6 +364,21 @@ def test_joblib_arrays_load_exactly_as_joblib_reads_them(compress: int, tmp_path
             assert got.tolist() == want.tolist() == zoo[key].tolist()
         else:
             assert got.tobytes() == want.tobytes() == zoo[key].astype(want.dtype).tobytes(), key
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_a_trusted_joblib_load_reads_array_subclasses_as_joblib_does(tmp_path: Path) -> None:
+    """A wrapped ndarray subclass (np.matrix; refused by the checked reader) is read by joblib's own code."""
+    np, joblib = require("numpy"), require("joblib")
+    data_ = {"matrix": np.asmatrix(np.arange(6.0).reshape(2, 3)), "plain": np.arange(4)}
+    joblib.dump(data_, tmp_path / "model.joblib")
+    loaded = load_any(tmp_path / "model.joblib", trusted=True)
+    expected = joblib.load(tmp_path / "model.joblib")
+    assert type(loaded["matrix"]) is type(expected["matrix"])
+    np.testing.assert_array_equal(np.asarray(loaded["matrix"]), np.asarray(expected["matrix"]))
+    np.testing.assert_array_equal(loaded["plain"], data_["plain"])
+    with pytest.raises(PersistError):
+        load_any(tmp_path / "model.joblib")
 
 
 def test_a_bare_pickle_file_loads_under_the_same_rules(tmp_path: Path) -> None:
