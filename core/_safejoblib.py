@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
 
 from ._safepickle import Guard, PlainUnpickler, State, guarded_dispatch
 from .errors import CorruptArtifactError
@@ -57,7 +57,7 @@ def unpickler_class() -> type:
 
 
 def trusted_unpickler_class() -> type:
-    """joblib's reader with the guarded one's read loop and array reads, and no guard: for trusted loads.
+    """The reader of trusted joblib files: joblib's, with the guarded one's read loop and array reads, unguarded.
 
     It imports and calls what the file names, as `joblib.load` does; it only reads faster (no frame
     buffer, each array read straight into place): a trusted load is not slower than a checked one.
@@ -69,7 +69,7 @@ def trusted_unpickler_class() -> type:
         from joblib.numpy_pickle_compat import NDArrayWrapper
 
         class _TrustedJoblib(NumpyUnpickler):  # type: ignore[misc]
-            dispatch = dict(NumpyUnpickler.dispatch)
+            dispatch: ClassVar[dict[int, Any]] = dict(NumpyUnpickler.dispatch)
             load = Guard.load
 
             def __init__(self, file: BinaryIO, state: State) -> None:
