@@ -112,6 +112,18 @@ def unchecked_native(kind: type, where: str) -> UntrustedContentError:
 
 # Packages whose classes are judged by rule_allows (they are imported only to look the name up).
 RULE_ROOTS = frozenset({"sklearn", "numpy", "scipy"})
+# Compiled modules that some Cython 3.1 builds (scikit-learn 1.7's wheels among them) name by their last
+# part alone: their classes' __module__, and so their pickles, say `_loss` for `sklearn._loss._loss`. Each
+# short name stands for the module beside it, which is what gets imported and judged (the short one never is).
+CYTHON_SHORT_NAMES = {"_loss": "sklearn._loss._loss", "_cyutility": "sklearn._cyutility",
+                      "_csparsetools": "scipy.sparse._csparsetools", "_moduleTNC": "scipy.optimize._moduleTNC",
+                      "_ni_label": "scipy.ndimage._ni_label"}
+
+
+def module_of(obj: Any) -> str:
+    """The module `obj` says it comes from, with a Cython short name spelled out in full."""
+    module = str(getattr(obj, "__module__", None) or "")
+    return CYTHON_SHORT_NAMES.get(module, module)
 _PYX = "__pyx_unpickle_"
 _SKLEARN_FUNCTION_MODULES = ("sklearn.metrics.", "sklearn.feature_selection._univariate_selection",
                              "sklearn.feature_selection._mutual_info")
@@ -138,9 +150,9 @@ def rule_allows(module: str, name: str, obj: Any) -> bool:
         return isinstance(cls, type) and rule_allows(module, cls.__name__, cls)
     if root == "sklearn":
         if name == "newObj":  # Cython helper (neighbors, dist_metrics): obj.__new__(obj) on an allowed class
-            return callable(obj) and getattr(obj, "__module__", None) == module
+            return callable(obj) and module_of(obj) == module
         if isinstance(obj, type):
-            return getattr(obj, "__module__", "").startswith("sklearn.")
+            return module_of(obj).startswith("sklearn.")
         return (isinstance(obj, FunctionType) and obj.__module__ == module
                 and module.startswith(_SKLEARN_FUNCTION_MODULES))
     np = sys.modules.get("numpy")
@@ -151,7 +163,7 @@ def rule_allows(module: str, name: str, obj: Any) -> bool:
             return False
         return issubclass(obj, (np.generic, np.dtype)) or obj.__module__.startswith("numpy.random.")
     if root == "scipy":
-        return isinstance(obj, type) and getattr(obj, "__module__", "").startswith(_SCIPY_CLASS_MODULES)
+        return isinstance(obj, type) and module_of(obj).startswith(_SCIPY_CLASS_MODULES)
     return False
 
 

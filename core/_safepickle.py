@@ -13,7 +13,17 @@ from collections.abc import Iterable
 from types import BuiltinFunctionType, FunctionType, ModuleType
 from typing import Any, BinaryIO
 
-from ._policy import EXACT, NATIVE_STATE, RULE_ROOTS, TrustPolicy, denied, rule_allows, unchecked_native, wrap
+from ._policy import (
+    CYTHON_SHORT_NAMES,
+    EXACT,
+    NATIVE_STATE,
+    RULE_ROOTS,
+    TrustPolicy,
+    denied,
+    rule_allows,
+    unchecked_native,
+    wrap,
+)
 from .errors import CorruptArtifactError, UntrustedContentError
 
 
@@ -211,6 +221,7 @@ class Guard:
         if self.proto < 3:  # canonical names first (__builtin__ -> builtins, copy_reg -> copyreg)
             module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
             module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        module = CYTHON_SHORT_NAMES.get(module, module)
         s = self._s
         key = (module, name)
         if key not in s.cache:

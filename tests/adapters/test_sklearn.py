@@ -21,6 +21,7 @@ from mlpersist import (
     UntrustedContentError,
     VersionMismatchError,
     VersionMismatchWarning,
+    _safepickle,
     inspect,
     load_any,
     save_any,
@@ -379,6 +380,23 @@ def test_a_trusted_joblib_load_reads_array_subclasses_as_joblib_does(tmp_path: P
     np.testing.assert_array_equal(loaded["plain"], data_["plain"])
     with pytest.raises(PersistError):
         load_any(tmp_path / "model.joblib")
+
+
+def test_a_pickle_naming_a_compiled_module_by_its_short_name_loads(tmp_path: Path) -> None:
+    """scikit-learn 1.7's wheels pickle loss objects as `_loss.CyHalfBinomialLoss` (their Cython names the module
+    by its last part): read as scikit-learn's `sklearn._loss._loss`, judged, and loaded like the full name."""
+    np = require("numpy")
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    x, y = data()
+    model = GradientBoostingClassifier(n_estimators=5, random_state=0).fit(x, y)
+    raw = pickle.dumps(model, protocol=2)  # GLOBAL opcodes: module and name as text lines
+    assert b"csklearn._loss._loss\n" in raw
+    (tmp_path / "model.pkl").write_bytes(raw.replace(b"csklearn._loss._loss\n", b"c_loss\n"))
+    with open(tmp_path / "model.pkl", "rb") as f:
+        seen = dict(_safepickle.audit(f, what="model.pkl", joblib_format=False))
+    assert seen["sklearn._loss._loss.CyHalfBinomialLoss"] is True and "_loss.CyHalfBinomialLoss" not in seen
+    np.testing.assert_array_equal(load_any(tmp_path / "model.pkl").predict_proba(x), model.predict_proba(x))
 
 
 def test_a_bare_pickle_file_loads_under_the_same_rules(tmp_path: Path) -> None:
