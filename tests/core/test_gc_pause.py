@@ -40,7 +40,8 @@ def test_a_ubjson_parse_triggers_no_collection(collections: Callable[[Callable[[
 def test_an_unpickle_triggers_no_collection(collections: Callable[[Callable[[], object]], int]) -> None:
     doc = [{"a": i, "b": [i, str(i)]} for i in range(2000)]
     raw = pickle.dumps(doc, protocol=4)
-    assert collections(lambda: pickle.loads(raw)) > 300  # the count works
+    # the count works, on the pure-Python unpickler the guarded one is built on (3.13's C one triggers none)
+    assert collections(lambda: pickle._loads(raw)) > 300  # type: ignore[attr-defined]
     load = lambda: _safepickle.load(io.BytesIO(raw), TrustPolicy(), what="doc", joblib_format=False)  # noqa: E731
     assert load() == doc  # and its imports are done
     assert collections(load) < 20
