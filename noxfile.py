@@ -55,6 +55,19 @@ for _fw, (_extras, _packages) in FRAMEWORKS.items():
     _adapter_session(_fw, _extras, _packages)
 
 
+# The other ends of the supported range: the core, scikit-learn and XGBoost tests on the oldest and newest
+# Python, each with the pins it can install (torch's CPU build here is for 3.11 only; Keras stays on PYTHON).
+COMPAT = {"3.10": "tests/constraints-py310.txt", "3.13": "tests/constraints.txt"}
+
+
+@nox.session(python=list(COMPAT))
+def compat(session: nox.Session) -> None:
+    """The pickle guard, the scikit-learn checks and the UBJSON reader on other Pythons and library releases."""
+    session.install("-c", COMPAT[str(session.python)], "-e", ".[sklearn,sign]", "xgboost-cpu", "pandas", *TEST)
+    session.run("pytest", "tests/core", "tests/contract.py", *_adapter_tests("sklearn"), *_adapter_tests("xgboost"),
+                *session.posargs, env={"MLPERSIST_REQUIRE": "sklearn,xgboost"})
+
+
 @nox.session(name="keras-torch", python=PYTHON)
 def keras_torch(session: nox.Session) -> None:
     """The backend-independent Keras tests again on KERAS_BACKEND=torch (no TensorFlow installed)."""
