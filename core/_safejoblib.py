@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 from typing import Any, BinaryIO, ClassVar
@@ -42,7 +43,7 @@ def unpickler_class() -> type:
             dispatch = guarded_dispatch(NumpyUnpickler.dispatch)
 
             def __init__(self, file: BinaryIO, state: State) -> None:
-                NumpyUnpickler.__init__(self, "", file, ensure_native_byte_order=True)
+                NumpyUnpickler.__init__(self, "", file, **_native_order())
                 self._s, self._file = state, file
 
             def load_build(self) -> None:
@@ -54,6 +55,17 @@ def unpickler_class() -> type:
         _Joblib.dispatch[pickle.BUILD[0]] = _Joblib.load_build
         _JOBLIB_CLASS = _Joblib
     return _JOBLIB_CLASS
+
+
+@functools.cache
+def _native_order() -> dict[str, bool]:
+    """The reader's option for arrays in native byte order, where joblib has one (1.5+; before, they always were)."""
+    import inspect
+
+    from joblib.numpy_pickle import NumpyUnpickler
+
+    known = "ensure_native_byte_order" in inspect.signature(NumpyUnpickler.__init__).parameters
+    return {"ensure_native_byte_order": True} if known else {}
 
 
 def trusted_unpickler_class() -> type:
@@ -73,7 +85,7 @@ def trusted_unpickler_class() -> type:
             load = Guard.load
 
             def __init__(self, file: BinaryIO, state: State) -> None:
-                NumpyUnpickler.__init__(self, "", file, ensure_native_byte_order=True)
+                NumpyUnpickler.__init__(self, "", file, **_native_order())
                 self._s, self._file = state, file
 
             def load_build(self) -> None:
@@ -82,7 +94,7 @@ def trusted_unpickler_class() -> type:
                 if isinstance(top, NumpyArrayWrapper) and getattr(top, "subclass", None) is np.ndarray:
                     self.stack[-1] = _read_wrapped(self, top)
                 elif isinstance(top, NumpyArrayWrapper):  # an ndarray subclass: joblib rebuilds it
-                    self.stack[-1] = top.read(self, True)
+                    self.stack[-1] = top.read(self, *_native_order().values())
                 elif isinstance(top, NDArrayWrapper):  # joblib <= 0.9 wrappers, as joblib reads them
                     self.stack[-1] = top.read(self)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
+import importlib
 import json
 import os
 import pickle
@@ -386,7 +387,8 @@ def test_numpy_dtype_states_that_numpy_would_trust_are_refused(case: str, tmp_pa
 def test_a_numpy_scalar_of_an_object_dtype_is_refused(tmp_path: Path, sentinel: Path) -> None:
     """numpy #28316: `scalar(dtype('O'), bytes)` reads the bytes as a pointer."""
     np = require("numpy")
-    path = bare(tmp_path, pickle.dumps(Reduce(np._core.multiarray.scalar, np.dtype("O"), b"\x41" * 8), protocol=4))
+    scalar = importlib.import_module("numpy._core.multiarray").scalar  # numpy.core.multiarray's before numpy 2
+    path = bare(tmp_path, pickle.dumps(Reduce(scalar, np.dtype("O"), b"\x41" * 8), protocol=4))
     with watched(), pytest.raises(UntrustedContentError, match="object dtype"):
         load_any(path)
 
