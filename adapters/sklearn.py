@@ -337,6 +337,17 @@ def _require(ok: Any, obj: Any, where: str, what: str) -> None:
 
 
 def _check_predictor_nodes(predictor: Any, nodes: np.ndarray, n_features: int | None, where: str) -> None:
+    try:
+        ok = _predictor_nodes_ok(predictor, nodes, n_features)
+    except (ValueError, KeyError, TypeError):  # a field renamed or retyped (one byte changed in its dtype)
+        ok = False
+    if not ok:
+        raise UntrustedContentError(
+            f"{where}: a gradient-boosting predictor's node indices point outside its arrays; "
+            "the file is crafted or damaged, refusing it", ["sklearn.ensemble._hist_gradient_boosting"])
+
+
+def _predictor_nodes_ok(predictor: Any, nodes: np.ndarray, n_features: int | None) -> bool:
     count = len(nodes)
     inner = nodes["is_leaf"] == 0
     ok = bool(np.all(~inner | ((nodes["left"] < count) & (nodes["right"] < count)
@@ -348,7 +359,4 @@ def _check_predictor_nodes(predictor: Any, nodes: np.ndarray, n_features: int | 
         rows = nodes["bitset_idx"][inner & (nodes["is_categorical"] != 0)]
         tables = [np.asarray(getattr(predictor, k, None)) for k in ("raw_left_cat_bitsets", "binned_left_cat_bitsets")]
         ok = all(t.ndim == 2 and t.shape[1] == 8 and (len(rows) == 0 or int(rows.max()) < len(t)) for t in tables)
-    if not ok:
-        raise UntrustedContentError(
-            f"{where}: a gradient-boosting predictor's node indices point outside its arrays; "
-            "the file is crafted or damaged, refusing it", ["sklearn.ensemble._hist_gradient_boosting"])
+    return ok

@@ -83,7 +83,7 @@ def _estimators() -> dict[str, Callable[[], Any]]:
             [("t", require("sklearn.tree").DecisionTreeClassifier(random_state=0)),
              ("n", require("sklearn.naive_bayes").GaussianNB())], voting="soft"),
         "calibrated": lambda: require("sklearn.calibration").CalibratedClassifierCV(
-            require("sklearn.svm").LinearSVC(random_state=0), cv=3),
+            require("sklearn.svm").LinearSVC(dual="auto", random_state=0), cv=3),  # 1.3-1.4 warn on the default
         "select-k-best": lambda: require("sklearn.pipeline").make_pipeline(
             require("sklearn.feature_selection").SelectKBest(k=3),
             require("sklearn.linear_model").LogisticRegression()),
@@ -391,6 +391,8 @@ def test_a_pickle_naming_a_compiled_module_by_its_short_name_loads(tmp_path: Pat
     x, y = data()
     model = GradientBoostingClassifier(n_estimators=5, random_state=0).fit(x, y)
     raw = pickle.dumps(model, protocol=2)  # GLOBAL opcodes: module and name as text lines
+    if b"_loss\nCyHalfBinomialLoss\n" not in raw:
+        pytest.skip("this scikit-learn's gradient boosting keeps no compiled loss object (before 1.4)")
     short = raw.replace(b"csklearn._loss._loss\n", b"c_loss\n")  # as 1.7 writes it (1.7 itself: already)
     assert b"c_loss\nCyHalfBinomialLoss\n" in short
     (tmp_path / "model.pkl").write_bytes(short)

@@ -600,6 +600,11 @@ def _crafted_compiled_state(kind: str) -> Any:
             assert split.any()  # else the case would test nothing
             if kind == "hgb-bitset":
                 nodes["bitset_idx"][split] = 10**6
+            if kind == "hgb-field":  # a node field renamed, as one byte changed in the dtype's names does
+                fields = {("bitset_idy" if n == "bitset_idx" else n): nodes.dtype.fields[n] for n in nodes.dtype.names}
+                predictor.nodes = nodes.view(np.dtype({
+                    "names": list(fields), "formats": [f[0] for f in fields.values()],
+                    "offsets": [f[1] for f in fields.values()], "itemsize": nodes.dtype.itemsize}))
         if kind == "hgb-feature":  # a categorical split on a feature binned as numerical
             model._bin_mapper.is_categorical_ = np.zeros_like(model._bin_mapper.is_categorical_)
         return model
@@ -630,6 +635,17 @@ def test_crafted_compiled_state_is_refused_before_predict(kind: str, tmp_path: P
     with pytest.raises(UntrustedContentError, match=r"point outside its (data|arrays)"):
         load_any(tmp_path / "m")
     assert load_any(tmp_path / "m", trusted=True) is not None
+
+def test_predictor_nodes_with_a_renamed_field_are_refused_typed() -> None:
+    """A node field renamed (one byte of the pickled dtype changed: found by the copy test on scikit-learn 1.3,
+    whose predictors keep the dtype as read; later ones cast it back to theirs on load) is refused, typed."""
+    from mlpersist.adapters.sklearn import validate
+
+    model = _crafted_compiled_state("hgb-field")
+    assert "bitset_idy" in model._predictors[0][0].nodes.dtype.names
+    with pytest.raises(UntrustedContentError, match="point outside its arrays"):
+        validate(model)
+
 
 # --- M02/M03: digests are not a trust boundary; signatures and pins are ---------------------------------
 
