@@ -55,8 +55,9 @@ for _fw, (_extras, _packages) in FRAMEWORKS.items():
     _adapter_session(_fw, _extras, _packages)
 
 
-# The other ends of the supported range: the core, scikit-learn and XGBoost tests on the oldest and newest
-# Python, each with the pins it can install (torch's CPU build here is for 3.11 only; Keras stays on PYTHON).
+# The other ends of the supported range: the core, scikit-learn and XGBoost tests on the oldest Python with the
+# oldest releases pyproject.toml admits, and on the newest Python with the newest (torch's CPU build here is for
+# 3.11 only; Keras stays on PYTHON).
 COMPAT = {"3.10": "tests/constraints-py310.txt", "3.13": "tests/constraints.txt"}
 
 
