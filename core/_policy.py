@@ -119,16 +119,17 @@ CYTHON_SHORT_NAMES = {"_loss": "sklearn._loss._loss", "_cyutility": "sklearn._cy
                       "_csparsetools": "scipy.sparse._csparsetools", "_moduleTNC": "scipy.optimize._moduleTNC",
                       "_ni_label": "scipy.ndimage._ni_label"}
 
-
-def module_of(obj: Any) -> str:
-    """The module `obj` says it comes from, with a Cython short name spelled out in full."""
-    module = str(getattr(obj, "__module__", None) or "")
-    return CYTHON_SHORT_NAMES.get(module, module)
 _PYX = "__pyx_unpickle_"
 _SKLEARN_FUNCTION_MODULES = ("sklearn.metrics.", "sklearn.feature_selection._univariate_selection",
                              "sklearn.feature_selection._mutual_info")
 _SCIPY_CLASS_MODULES = ("scipy.sparse.", "scipy.stats._distn_infrastructure", "scipy.stats._continuous_distns",
                         "scipy.stats._discrete_distns")
+
+
+def module_of(obj: Any) -> str:
+    """The module `obj` says it comes from, with a Cython short name spelled out in full."""
+    module = str(getattr(obj, "__module__", None) or "")
+    return CYTHON_SHORT_NAMES.get(module, module)
 
 
 def denied(module: str, name: str) -> bool:
