@@ -71,6 +71,14 @@ def compat(session: nox.Session) -> None:
                 *session.posargs, env={"MLPERSIST_REQUIRE": "sklearn,xgboost"})
 
 
+@nox.session(name="compat-keras", python=PYTHON)
+def compat_keras(session: nox.Session) -> None:
+    """The Keras tests on the oldest Keras pyproject.toml admits (3.6, with TensorFlow 2.18 and numpy 1)."""
+    session.install("-c", "tests/constraints-keras-oldest.txt", "-e", ".[keras,sign]", "tensorflow-cpu", *TEST)
+    session.run("pytest", "tests/contract.py", *_adapter_tests("keras"), *session.posargs,
+                env={"MLPERSIST_REQUIRE": "keras"})
+
+
 @nox.session(name="keras-torch", python=PYTHON)
 def keras_torch(session: nox.Session) -> None:
     """The backend-independent Keras tests again on KERAS_BACKEND=torch (no TensorFlow installed)."""
