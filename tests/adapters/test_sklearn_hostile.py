@@ -636,6 +636,7 @@ def test_crafted_compiled_state_is_refused_before_predict(kind: str, tmp_path: P
         load_any(tmp_path / "m")
     assert load_any(tmp_path / "m", trusted=True) is not None
 
+
 def test_predictor_nodes_with_a_renamed_field_are_refused_typed() -> None:
     """A node field renamed (one byte of the pickled dtype changed: found by the copy test on scikit-learn 1.3,
     whose predictors keep the dtype as read; later ones cast it back to theirs on load) is refused, typed."""
