@@ -323,13 +323,17 @@ def _as_wide_as_x(model: Any) -> bool:
                for a in (getattr(model, k) for k in _AS_WIDE_AS_X if hasattr(model, k)))
 
 
-def _require(ok: Any, obj: Any, where: str, what: str) -> None:
-    """Refuse `obj` unless `ok(obj)`; arrays too malformed to even be compared fail it too."""
+def _passes(ok: Any, *args: Any) -> bool:
+    """Whether `ok(*args)` holds; arrays too malformed to even be compared (a field renamed, a shape off) fail it."""
     try:
-        passed = bool(ok(obj))
+        return bool(ok(*args))
     except (ValueError, TypeError, AttributeError, IndexError, KeyError):
-        passed = False
-    if not passed:
+        return False
+
+
+def _require(ok: Any, obj: Any, where: str, what: str) -> None:
+    """Refuse `obj` unless `ok(obj)` passes."""
+    if not _passes(ok, obj):
         raise UntrustedContentError(
             f"{where}: {what} whose index arrays point outside its data or disagree with its shape; the file is "
             "crafted or damaged, refusing it (trusted=True loads it as it is)",
@@ -337,11 +341,7 @@ def _require(ok: Any, obj: Any, where: str, what: str) -> None:
 
 
 def _check_predictor_nodes(predictor: Any, nodes: np.ndarray, n_features: int | None, where: str) -> None:
-    try:
-        ok = _predictor_nodes_ok(predictor, nodes, n_features)
-    except (ValueError, KeyError, TypeError):  # a field renamed or retyped (one byte changed in its dtype)
-        ok = False
-    if not ok:
+    if not _passes(_predictor_nodes_ok, predictor, nodes, n_features):  # a renamed field fails it too
         raise UntrustedContentError(
             f"{where}: a gradient-boosting predictor's node indices point outside its arrays; "
             "the file is crafted or damaged, refusing it", ["sklearn.ensemble._hist_gradient_boosting"])

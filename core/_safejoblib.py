@@ -60,11 +60,9 @@ def unpickler_class() -> type:
 @functools.cache
 def _native_order() -> dict[str, bool]:
     """The reader's option for arrays in native byte order, where joblib has one (1.5+; before, they always were)."""
-    import inspect
-
     from joblib.numpy_pickle import NumpyUnpickler
 
-    known = "ensure_native_byte_order" in inspect.signature(NumpyUnpickler.__init__).parameters
+    known = "ensure_native_byte_order" in NumpyUnpickler.__init__.__code__.co_varnames
     return {"ensure_native_byte_order": True} if known else {}
 
 

@@ -63,19 +63,15 @@ def refusal(what: str, names: Iterable[str]) -> UntrustedContentError:
 def _run(fileobj: BinaryIO, policy: TrustPolicy, *, what: str, joblib_format: bool,
          seen: list[tuple[str, bool]] | None = None) -> tuple[Any, list[str]]:
     state = State(policy, what, seen)
-    if policy.trusted:
-        if joblib_format:  # trusted: joblib's reader, unguarded (what the file names is imported and called)
-            from . import _safejoblib
-
-            stream = _safejoblib.decompressed(fileobj, what)
-            state.raw_stream = stream is fileobj
-            return _guarded_call(_safejoblib.trusted_unpickler_class()(stream, state).load, state), []
-        return _guarded_call(lambda: pickle.load(fileobj), state), []
     if joblib_format:
         from . import _safejoblib  # joblib is imported only for joblib files
 
         stream = _safejoblib.decompressed(fileobj, what)
-        up = _safejoblib.unpickler_class()(stream, state)
+        # trusted: joblib's reader with the same read loop, unguarded (what the file names is imported and called)
+        kind = _safejoblib.trusted_unpickler_class() if policy.trusted else _safejoblib.unpickler_class()
+        up = kind(stream, state)
+    elif policy.trusted:
+        return _guarded_call(lambda: pickle.load(fileobj), state), []
     else:
         stream, up = fileobj, PlainUnpickler(fileobj, state)
     state.raw_stream = stream is fileobj
