@@ -64,8 +64,8 @@ class KerasAdapter:
             except PersistError:
                 raise
             except Exception as exc:  # ValueError/TypeError from Keras; h5py's and zipfile's errors for its weights
-                raise CorruptArtifactError(f"Keras could not rebuild the model from {name}: {type(exc).__name__}: "
-                                           f"{exc}") from exc
+                raise CorruptArtifactError(f"Keras could not rebuild the model from {payload.label(name)}: "
+                                           f"{type(exc).__name__}: {exc}") from exc
 
 
 def _load_saved_model(payload: Payload, call_endpoint: str) -> Any:

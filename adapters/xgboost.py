@@ -69,7 +69,8 @@ class XGBoostAdapter:
             model.load_model(bytearray(raw))
         except Exception as exc:  # XGBoostError; UnicodeDecodeError when XGBoost's message quotes the file's bytes
             why = str(exc).splitlines()[0][:200] if str(exc) else ""
-            raise CorruptArtifactError(f"XGBoost could not read {name}: {type(exc).__name__}: {why}") from exc
+            raise CorruptArtifactError(f"XGBoost could not read {payload.label(name)}: {type(exc).__name__}: "
+                                       f"{why}") from exc
         return model
 
 

@@ -62,7 +62,8 @@ def load_file(path: Path, policy: TrustPolicy, *, digest: str | None, signed_req
             raise IntegrityError(str(path), f"pinned digest {digest}", manifest.files[payload_name].digest)
         adapter = _parts.adapter_for(_parts.part_of(manifest), strict=False)
         with held_throughout([f]):  # a file read under a lease, opened for writing meanwhile: load again
-            return adapter.load(Payload({payload_name: f}, policy), manifest.info, format=manifest.format, **options)
+            return adapter.load(Payload({payload_name: f}, policy, labels={payload_name: str(path)}), manifest.info,
+                                format=manifest.format, **options)
     finally:
         f.close()
 

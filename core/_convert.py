@@ -49,7 +49,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, trusted
         else:
             shutil.copyfile(source, copy)
             with open(copy, "rb") as f:
-                model = adapter.load(Payload({payload_name: f}, policy), {"bare": True}, format=fmt)
+                model = adapter.load(Payload({payload_name: f}, policy, labels={payload_name: str(source)}),
+                                     {"bare": True}, format=fmt)
         cls = type(model)
         info = {"adapter_format_version": adapter.format_version, "bare": True, "converted_from": source.name}
         return Part(name, "", fmt, f"{cls.__module__}:{cls.__qualname__}", spec.package,

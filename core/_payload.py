@@ -22,8 +22,13 @@ class Payload:
     """
 
     def __init__(self, handles: Mapping[str, BinaryIO], policy: TrustPolicy, root: Path | None = None,
-                 dirs: Mapping[str, Path] | None = None) -> None:
+                 dirs: Mapping[str, Path] | None = None, labels: Mapping[str, str] | None = None) -> None:
         self._handles, self.policy, self.root, self._dirs = dict(handles), policy, root, dict(dirs or {})
+        self._labels = dict(labels or {})
+
+    def label(self, name: str) -> str:
+        """How to name payload file `name` in a message: its name, or the caller's path for a bare file."""
+        return self._labels.get(name, name)
 
     @property
     def names(self) -> list[str]:
@@ -114,4 +119,5 @@ class Payload:
         """
         from . import _safepickle  # imported with the first pickle, not with mlpersist
 
-        return _safepickle.load(self.open(name), self.policy, what=name, joblib_format=joblib_format)
+        return _safepickle.load(self.open(name), self.policy, what=self.label(name),
+                                 joblib_format=joblib_format)

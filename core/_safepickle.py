@@ -35,33 +35,49 @@ def load(fileobj: BinaryIO, policy: TrustPolicy, *, what: str, joblib_format: bo
         mlpersist.errors.CorruptArtifactError: the stream is malformed.
 
     """
-    obj, refused = _run(fileobj, policy, what=what, joblib_format=joblib_format)
+    obj, state = _run(fileobj, policy, what=what, joblib_format=joblib_format)
+    refused = state.refused
     if refused:
-        raise refusal(what, refused)
+        raise refusal(what, refused, state.floor)
     return obj
 
 
-def audit(fileobj: BinaryIO, *, what: str, joblib_format: bool = True) -> list[tuple[str, bool]]:
+def audit(fileobj: BinaryIO, *, what: str, joblib_format: bool = True,
+          floor: set[str] | None = None) -> list[tuple[str, bool]]:
     """Return every global the file names, with whether the default policy allows it.
 
-    Refused globals are never imported or called; allowed ones are data constructors.
+    Refused globals are never imported or called; allowed ones are data constructors. `floor`, if
+    given, receives the refused names that are on the deny-floor (no `allow=` admits them).
     """
     seen: list[tuple[str, bool]] = []
-    _run(fileobj, TrustPolicy(), what=what, joblib_format=joblib_format, seen=seen)
+    _, state = _run(fileobj, TrustPolicy(), what=what, joblib_format=joblib_format, seen=seen)
+    if floor is not None:
+        floor.update(state.floor)
     return seen
 
 
-def refusal(what: str, names: Iterable[str]) -> UntrustedContentError:
-    """Build the error that lists every refused name and the `allow=` that would admit them."""
+def refusal(what: str, names: Iterable[str], floor: Iterable[str] = ()) -> UntrustedContentError:
+    """Build the error that lists every refused name and what would admit them.
+
+    `floor`: those of `names` on the deny-floor (they run code, import, or open files), which only
+    `trusted=True` admits: `allow=` is offered for the others only, or a caller who followed the advice
+    would meet the same refusal again.
+    """
     names = sorted(set(names))
-    listed = ", ".join(names)
-    return UntrustedContentError(
-        f"{what} would import {listed}, which the default trust policy does not allow; nothing was run. "
-        f"If you trust the file's author, pass allow={names!r} (or trusted=True) to load_any", names)
+    floor = sorted(set(floor))
+    admissible = [n for n in names if n not in floor]
+    head = f"{what} would import {', '.join(names)}, which the default trust policy does not allow; nothing was run. "
+    if not floor:
+        advice = f"If you trust the file's author, pass allow={admissible!r} (or trusted=True) to load_any"
+    else:
+        advice = (f"No allow= admits {', '.join(floor)} (such names run code, import modules or open files and "
+                  "sockets): only trusted=True loads this file, and only a file whose author you trust should be "
+                  "loaded that way")
+    return UntrustedContentError(head + advice, names)
 
 
 def _run(fileobj: BinaryIO, policy: TrustPolicy, *, what: str, joblib_format: bool,
-         seen: list[tuple[str, bool]] | None = None) -> tuple[Any, list[str]]:
+         seen: list[tuple[str, bool]] | None = None) -> tuple[Any, State]:
     state = State(policy, what, seen)
     if joblib_format:
         from . import _safejoblib  # joblib is imported only for joblib files
@@ -71,12 +87,12 @@ def _run(fileobj: BinaryIO, policy: TrustPolicy, *, what: str, joblib_format: bo
         kind = _safejoblib.trusted_unpickler_class() if policy.trusted else _safejoblib.unpickler_class()
         up = kind(stream, state)
     elif policy.trusted:
-        return _guarded_call(lambda: pickle.load(fileobj), state), []
+        return _guarded_call(lambda: pickle.load(fileobj), state), state
     else:
         stream, up = fileobj, PlainUnpickler(fileobj, state)
     state.raw_stream = stream is fileobj
     obj = _guarded_call(up.load, state)
-    return obj, state.refused
+    return obj, state
 
 
 def _guarded_call(fn: Any, state: State) -> Any:
@@ -93,7 +109,7 @@ def _guarded_call(fn: Any, state: State) -> Any:
         raise CorruptArtifactError(f"{state.what}: pickle declares more data than memory holds") from None
     except Exception as exc:
         if state.refused:  # a refused global's stand-in broke the stream: the refusal is the story
-            raise refusal(state.what, state.refused) from None
+            raise refusal(state.what, state.refused, state.floor) from None
         raise CorruptArtifactError(f"{state.what} could not be unpickled ({type(exc).__name__}: "
                                    f"{str(exc)[:200]}); the file is damaged or not a pickle") from exc
 
@@ -119,6 +135,7 @@ class State:
     def __init__(self, policy: TrustPolicy, what: str, seen: list[tuple[str, bool]] | None) -> None:
         self.policy, self.what, self.seen = policy, what, seen
         self.refused: list[str] = []
+        self.floor: set[str] = set()  # those of `refused` on the deny-floor (no allow= admits them)
         self.globals: set[int] = set()  # ids of objects find_class handed out
         self.cache: dict[tuple[str, str], Any] = {}
         self.raw_stream = False  # True when the unpickler reads the file itself (not a decompressor)
@@ -227,6 +244,8 @@ class Guard:
         obj = s.cache[key]
         if obj is None:
             s.refused.append(f"{module}.{name}")
+            if denied(module, name):
+                s.floor.add(f"{module}.{name}")
             return _Refused(f"{module}.{name}")
         s.globals.add(id(obj))
         return obj

@@ -188,7 +188,7 @@ def _adapters(args: argparse.Namespace) -> int:
 def _scan(args: argparse.Namespace) -> int:
     root = Path(args.path)
     files = [root] if root.is_file() else [root / n for n in sorted(_api.inspect(root).files)]
-    refused = 0
+    refused, floor = 0, set[str]()
     for f in files:
         try:
             _dispatch.sniff(f)
@@ -196,12 +196,15 @@ def _scan(args: argparse.Namespace) -> int:
             print(f"{f}: not pickle-based, nothing to scan")
             continue
         with open(f, "rb") as handle:
-            found = _safepickle.audit(handle, what=str(f))
+            found = _safepickle.audit(handle, what=str(f), floor=floor)
         print(f"{f}: {len(found)} global(s)")
         for name, allowed in found:
-            print(f"  {'allowed' if allowed else 'REFUSED'}  {name}")
+            note = "  (deny-floor: no allow= admits it)" if name in floor else ""
+            print(f"  {'allowed' if allowed else 'REFUSED'}  {name}{note}")
             refused += not allowed
-    print(f"{refused} refused global(s)" + (": load with allow=[...] only if you trust the author" if refused else ""))
+    advice = ("" if not refused else ": only trusted=True loads it, and only if you trust the author" if floor
+              else ": load with allow=[...] only if you trust the author")
+    print(f"{refused} refused global(s){advice}")
     return 1 if refused else 0
 
 

@@ -227,7 +227,30 @@ def test_a_refusal_lists_every_offending_global_at_once(tmp_path: Path, sentinel
 
     payload = pickle.dumps([Reduce(os.getcwd), Reduce(subprocess.list2cmdline, ["x"]), Reduce(open, str(sentinel))])
     err = load_refused(bare(tmp_path, payload), sentinel, "posix.getcwd", "subprocess.list2cmdline", OPEN)
-    assert "allow=[" in str(err)
+    # all three are on the deny-floor: allow= would be refused again, so only trusted=True is offered
+    assert "allow=[" not in str(err) and "only trusted=True loads this file" in str(err)
+
+
+def test_a_refusal_offers_allow_only_for_the_names_allow_admits(tmp_path: Path, sentinel: Path) -> None:
+    import os
+
+    from sklearn_custom import ClipTransformer as Clip
+
+    own = f"{Clip.__module__}.{Clip.__qualname__}"
+    err = load_refused(bare(tmp_path, pickle.dumps([Clip()])), sentinel, own)
+    assert f"pass allow={[own]!r}" in str(err)
+    with watched():
+        assert isinstance(load_any(tmp_path / "model.pkl", allow=[own])[0], Clip)  # the advice works
+    err = load_refused(bare(tmp_path, pickle.dumps([Clip(), Reduce(os.getcwd)])), sentinel, own, "posix.getcwd")
+    assert "allow=[" not in str(err) and "No allow= admits posix.getcwd (" in str(err)
+    load_refused(tmp_path / "model.pkl", sentinel, "posix.getcwd", allow=[own, "posix.getcwd"])  # as it says
+
+
+def test_a_refusal_names_a_bare_file_by_the_path_given(tmp_path: Path, sentinel: Path) -> None:
+    path = tmp_path / "downloaded.pkl"
+    path.write_bytes(pickle.dumps(Reduce(open, str(sentinel), "w")))
+    err = load_refused(path, sentinel, OPEN)
+    assert str(err).startswith(f"{path} would import {OPEN}")
 
 
 # --- P04/P05: STACK_GLOBAL from the memo, escapes, dotted names ------------------------------------
@@ -743,7 +766,14 @@ def test_scan_reports_every_global_without_running_any(tmp_path: Path, sentinel:
     path = as_artifact(tmp_path, pickle.dumps([Reduce(open, str(sentinel), "w"), Reduce(os.getcwd)]))
     out = run_cli("scan", str(path))
     assert out.returncode == 1 and f"REFUSED  {OPEN}" in out.stdout and "REFUSED  posix.getcwd" in out.stdout
+    assert "posix.getcwd  (deny-floor: no allow= admits it)" in out.stdout
+    assert "only trusted=True loads it" in out.stdout
     assert not sentinel.exists()
+    from sklearn_custom import ClipTransformer
+
+    (tmp_path / "own.pkl").write_bytes(pickle.dumps(ClipTransformer()))
+    own = run_cli("scan", str(tmp_path / "own.pkl"))
+    assert own.returncode == 1 and "deny-floor" not in own.stdout and "load with allow=[...]" in own.stdout
     linear = require("sklearn.linear_model")
     save_any(linear.LinearRegression().fit([[0.0], [1.0]], [0.0, 1.0]), tmp_path / "clean")
     clean = run_cli("scan", str(tmp_path / "clean"))

@@ -44,14 +44,15 @@ class CatBoostAdapter:
             raise CorruptArtifactError(f"unknown CatBoost class {info.get('wrapper')!r}")
         if not payload.policy.trusted:
             raise UntrustedContentError(
-                f"{MODEL}: CatBoost's model reader is native code that crashes on crafted files, and nothing can "
-                "check a .cbm as it reads it; load it with trusted=True if you trust its author, or have the author "
-                "sign it (mlpersist sign) and configure their public key", [f"catboost.{cls.__name__}"])
+                f"{payload.label(MODEL)}: CatBoost's model reader is native code that crashes on crafted files, and "
+                "nothing can check a .cbm as it reads it; load it with trusted=True if you trust its author, or have "
+                "the author sign it (mlpersist sign) and configure their public key", [f"catboost.{cls.__name__}"])
         model = cls()
         try:
             model.load_model(blob=payload.read_bytes(MODEL))
         except Exception as exc:  # CatBoostError, and its metadata's UnicodeDecodeError or JSONDecodeError
-            raise CorruptArtifactError(f"CatBoost could not read {MODEL}: {type(exc).__name__}: {exc}") from exc
+            raise CorruptArtifactError(f"CatBoost could not read {payload.label(MODEL)}: {type(exc).__name__}: "
+                                       f"{exc}") from exc
         return model
 
 

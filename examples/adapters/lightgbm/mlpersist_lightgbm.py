@@ -51,14 +51,14 @@ class LightGBMAdapter:
         try:
             text = payload.read_bytes(MODEL).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise CorruptArtifactError(f"{MODEL} is not UTF-8 text ({exc.reason} at byte {exc.start}); a LightGBM "
-                                       "text model is: the file is damaged or not LightGBM's") from None
+            raise CorruptArtifactError(f"{payload.label(MODEL)} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                       "a LightGBM text model is: the file is damaged or not LightGBM's") from None
         if not payload.policy.trusted:
             text = prepared(text)  # checked, and read by LightGBM as it was checked
         try:
             booster = lightgbm.Booster(model_str=text)
         except lightgbm.basic.LightGBMError as exc:
-            raise CorruptArtifactError(f"LightGBM could not read {MODEL}: {exc}") from exc
+            raise CorruptArtifactError(f"LightGBM could not read {payload.label(MODEL)}: {exc}") from exc
         cls = _WRAPPERS.get(str(info.get("wrapper", "Booster")))
         if cls is None:
             raise CorruptArtifactError(f"unknown LightGBM wrapper {info.get('wrapper')!r}")
