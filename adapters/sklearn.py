@@ -42,7 +42,7 @@ class SklearnAdapter:
             joblib.dump(model, dest / _FILES["joblib"], compress=compress, protocol=protocol)
         else:
             with open(dest / _FILES["pickle"], "wb") as f:
-                pickle.dump(model, f, protocol=protocol or pickle.HIGHEST_PROTOCOL)
+                pickle.dump(model, f, protocol=pickle.HIGHEST_PROTOCOL if protocol is None else protocol)
         return describe(model)
 
     def load(self, payload: Payload, info: Mapping[str, Any], *, format: str, **options: Any) -> Any:

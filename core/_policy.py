@@ -85,7 +85,7 @@ EXACT_NAMES = frozenset(
     numpy.mean numpy.median numpy.average numpy.max numpy.min numpy.amax numpy.amin numpy.sum numpy.prod
     numpy.std numpy.var sklearn.utils.validation.check_array sklearn.cluster._kmeans._kmeans_single_lloyd
     sklearn.cluster._kmeans._kmeans_single_elkan scipy.interpolate._bsplines.BSpline
-    scipy._lib.array_api_compat.numpy._aliases.asarray functools.partial
+    scipy._lib.array_api_compat.numpy._aliases.asarray functools.partial copyreg._reconstructor
     """.split())
 EXACT = EXACT_NAMES
 # Fitted scikit-learn models keep these (FeatureAgglomeration's pooling function, BisectingKMeans's
@@ -93,8 +93,10 @@ EXACT = EXACT_NAMES
 # `partial(check_array, ...)`, whenever it has categorical features): pure functions and data.
 # functools.partial is the one name of a deny-floor module admitted: it only binds arguments to a
 # callable the pickle had to load through this list, and calling it later does what a REDUCE of
-# that callable could already do during the load.
-FLOOR_EXCEPTIONS = frozenset({"functools.partial"})
+# that callable could already do during the load. copyreg._reconstructor is how protocols 0 and 1 rebuild
+# a plain object (every estimator): the unpickler lets it build only an allowed class on a builtin base
+# (`Guard._reconstruct`), which is what protocol 2's NEWOBJ does.
+FLOOR_EXCEPTIONS = frozenset({"functools.partial", "copyreg._reconstructor"})
 
 # Frameworks whose objects (the Boosters and scikit-learn wrappers admitted above) carry a native model
 # in their pickled state. The unpickler builds them with `__new__` and sets their state, never calls

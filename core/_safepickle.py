@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _compat_pickle
+import copyreg
 import importlib
 import io
 import math
@@ -112,6 +113,11 @@ def _guarded_call(fn: Any, state: State) -> Any:
             raise refusal(state.what, state.refused, state.floor) from None
         raise CorruptArtifactError(f"{state.what} could not be unpickled ({type(exc).__name__}: "
                                    f"{str(exc)[:200]}); the file is damaged or not a pickle") from exc
+
+
+# The bases copyreg._reconstructor may build a protocol 0/1 object on: object (every estimator) and the
+# builtin containers and values a Python class can derive from (a dict subclass such as sklearn's Bunch).
+_RECONSTRUCTOR_BASES = (object, dict, list, set, frozenset, tuple, int, float, complex, str, bytes, bytearray)
 
 
 class _Refused:
@@ -261,8 +267,27 @@ class Guard:
         fn = self.stack[-1]
         if not self._callable_ok(fn):
             raise self._s.structural(f"REDUCE calls {type(fn).__name__}, which no allowed global provided")
+        if fn is copyreg._reconstructor:  # type: ignore[attr-defined]
+            self.stack[-1] = self._reconstruct(args)
+            return
         self._not_native(fn, "REDUCE")
         self.stack[-1] = fn(*args)
+
+    def _reconstruct(self, args: Any) -> Any:
+        """copyreg._reconstructor(cls, base, state): how protocols 0 and 1 rebuild a plain object.
+
+        It makes `base.__new__(cls, state)` and, for a base other than object, runs `base.__init__` on
+        it. With `cls` a class this load handed out and `base` a builtin type `cls` derives from, that
+        is protocol 2's NEWOBJ followed by a builtin's constructor, both admitted anyway; with anything
+        else it could call any type's constructor, so anything else is refused.
+        """
+        if type(args) is tuple and len(args) == 3 and isinstance(args[0], _Refused):
+            return args[0]  # the refusal is what gets reported
+        if not (type(args) is tuple and len(args) == 3 and isinstance(args[0], type) and self._callable_ok(args[0])
+                and any(args[1] is b for b in _RECONSTRUCTOR_BASES) and issubclass(args[0], args[1])):
+            raise self._s.structural("copyreg._reconstructor is called with something other than an allowed class "
+                                     "and a builtin base type it derives from")
+        return copyreg._reconstructor(*args)  # type: ignore[attr-defined]
 
     def _instantiate(self, klass: Any, args: list[Any]) -> None:  # OBJ and INST
         self._not_native(klass, "OBJ/INST")

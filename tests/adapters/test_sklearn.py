@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sys
 from collections.abc import Callable
@@ -272,6 +273,27 @@ def test_compression_and_formats_round_trip(options: dict[str, Any], tmp_path: P
     model = RandomForestClassifier(n_estimators=10, random_state=0).fit(x, y)
     save_any(model, tmp_path / "m", **options)
     np.testing.assert_array_equal(load_any(tmp_path / "m").predict_proba(x), model.predict_proba(x))
+
+
+@pytest.mark.parametrize("protocol", [0, 1])
+@pytest.mark.parametrize("fmt", ["pickle", "joblib"])
+def test_protocols_0_and_1_load_under_the_default_policy(protocol: int, fmt: str, tmp_path: Path) -> None:
+    """Protocols 0 and 1 rebuild every estimator with copyreg._reconstructor (a deny-floor module's name, admitted
+    for an allowed class on a builtin base): such pickles, saved by mlpersist or not, load without trusted=True."""
+    np = require("numpy")
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = data()
+    model = make_pipeline(StandardScaler(), RandomForestClassifier(n_estimators=5, random_state=0)).fit(x, y)
+    save_any(model, tmp_path / "m", format=fmt, protocol=protocol)
+    (name,) = [n for n in os.listdir(tmp_path / "m") if n != "manifest.json"]
+    written = (tmp_path / "m" / name).read_bytes()
+    assert not written.startswith(b"\x80") and b"_reconstructor" in written  # protocol 0/1: no PROTO opcode
+    np.testing.assert_array_equal(load_any(tmp_path / "m").predict_proba(x), model.predict_proba(x))
+    (tmp_path / "bare.pkl").write_bytes(pickle.dumps(model, protocol=protocol))
+    np.testing.assert_array_equal(load_any(tmp_path / "bare.pkl").predict_proba(x), model.predict_proba(x))
 
 
 def test_unknown_options_and_formats_are_typed_errors(tmp_path: Path) -> None:

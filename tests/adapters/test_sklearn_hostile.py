@@ -283,6 +283,40 @@ def test_p06_extension_codes_are_refused(tmp_path: Path, sentinel: Path) -> None
         copyreg.remove_extension("builtins", "open", 0x7FF0)
 
 
+# --- protocols 0 and 1: copyreg._reconstructor, admitted for allowed classes on builtin bases only -------
+
+def _reconstructor_call(cls: str, base: str, state: str = "N") -> bytes:
+    """A protocol 0 pickle of copyreg._reconstructor(cls, base, state), the classes given as module\nname."""
+    return (b"ccopy_reg\n_reconstructor\n(c" + cls.encode() + b"\nc" + base.encode() + b"\n" + state.encode()
+            + b"tR.")
+
+
+@pytest.mark.parametrize("cls,base", [
+    ("sklearn.linear_model._base\nLinearRegression", "sklearn.linear_model._base\nLinearRegression"),  # not builtin
+    ("sklearn.linear_model._base\nLinearRegression", "__builtin__\ndict"),  # not a dict subclass
+    ("numpy\nndarray", "numpy\nndarray"),  # an allowed class, but its constructor is not a builtin's
+], ids=["base-not-builtin", "not-a-subclass", "extension-base"])
+def test_reconstructor_builds_only_an_allowed_class_on_a_builtin_base(cls: str, base: str, tmp_path: Path,
+                                                                      sentinel: Path) -> None:
+    path = bare(tmp_path, _reconstructor_call(cls, base))
+    with watched(), pytest.raises(UntrustedContentError, match=r"copyreg\._reconstructor is called with"):
+        load_any(path)
+
+
+def test_reconstructor_of_a_refused_class_reports_the_class(tmp_path: Path, sentinel: Path) -> None:
+    err = load_refused(bare(tmp_path, _reconstructor_call("subprocess\nPopen", "__builtin__\nobject")), sentinel,
+                       "subprocess.Popen")
+    assert err.names == ("subprocess.Popen",)  # copyreg._reconstructor itself is admitted
+    path = bare(tmp_path, b"ccopy_reg\n_reconstructor\n(S'x'\nc__builtin__\nobject\nNtR.")  # not a class
+    with watched(), pytest.raises(UntrustedContentError, match=r"copyreg\._reconstructor is called with"):
+        load_any(path)
+
+
+def test_copyreg_stays_on_the_deny_floor_but_for_the_reconstructor(tmp_path: Path, sentinel: Path) -> None:
+    load_refused(bare(tmp_path, b"ccopy_reg\n__newobj__\n(c__builtin__\nobject\ntR."), sentinel, "copyreg.__newobj__",
+                 allow=["copyreg.__newobj__"])
+
+
 # --- P08/P09: joblib's inner streams and legacy side files -------------------------------------------
 
 def test_p08_object_arrays_inside_joblib_go_through_the_same_guard(tmp_path: Path, sentinel: Path) -> None:
