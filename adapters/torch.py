@@ -33,6 +33,20 @@ class TorchAdapter:
     # programs torch reads only by path (trusted loads): a sealed in-memory copy of the checked bytes
     read_by_path: ClassVar[tuple[str, ...]] = tuple(_FILES.values())
 
+    def unwrap(self, model: Any) -> Any:
+        """The module a runtime wrapper holds (`torch.compile`'s `OptimizedModule`, `DataParallel`, DDP).
+
+        Their state dicts are the wrapped module's under a prefix (`_orig_mod.`, `module.`), and they
+        cannot be rebuilt from a file (a compiled graph is made anew in each process): the module is
+        saved, and loads as itself; compile or wrap it again after loading.
+        """
+        cls = type(model)
+        if cls.__name__ == "OptimizedModule" and cls.__module__.startswith("torch._dynamo"):
+            return model._orig_mod
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            return model.module
+        return model
+
     def save(self, model: Any, dest: Path, *, format: str, init_kwargs: Mapping[str, Any] | None = None,
              optimizer: Any = None, extra: Any = None, example: Any = None) -> Mapping[str, Any]:
         """Write weights (and optimizer state) as safetensors, or a TorchScript / torch.export program."""

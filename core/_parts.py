@@ -39,13 +39,12 @@ def save_part(model: Any, dest: Path, *, fmt: str | None, options: dict[str, Any
     """Write `model` (a bundle if it is a dict) into the empty directory `dest`; return what the manifest keeps."""
     if type(model) is dict:
         return _save_bundle(model, dest, fmt=fmt, options=options, example=example, prefix=prefix, where=where)
-    name = detect(model)
+    name, adapter, model = _adapter_of(model)
     spec = _registry.get_spec(name)
     assert spec is not None  # detect only returns registered names
     fmt = fmt or (spec.formats[0] if spec.formats else "default")
     if spec.formats and fmt not in spec.formats:
         raise PersistError(f"format {fmt!r} is not one the {name} adapter writes ({', '.join(spec.formats)})")
-    adapter = _registry.get_adapter(name)
     if example is not None and _takes_example(adapter):
         options["example"] = example  # the adapter uses it too (torch.export traces with it)
     try:
@@ -67,6 +66,23 @@ def save_part(model: Any, dest: Path, *, fmt: str | None, options: dict[str, Any
     cls = type(model)
     return Part(name, prefix.rstrip("/"), fmt, f"{cls.__module__}:{cls.__qualname__}", spec.package,
                 _environment.framework_version(spec) or "unknown", info, stored)
+
+
+def _adapter_of(model: Any) -> tuple[str, Any, Any]:
+    """The adapter that saves `model`, and what it saves: the model, or what its `unwrap` hook returns.
+
+    A runtime wrapper (`torch.compile`'s module, `DataParallel`) is saved as the model it wraps: the
+    wrapper holds no state of its own to keep, and the manifest then names the wrapped class.
+    """
+    for _ in range(8):  # a wrapper of a wrapper: unwrap again, with the adapter claiming what came out
+        name = detect(model)
+        adapter = _registry.get_adapter(name)
+        unwrap = getattr(adapter, "unwrap", None)
+        inner = model if unwrap is None else unwrap(model)
+        if inner is model:
+            return name, adapter, model
+        model = inner
+    raise UnsupportedModelError(f"{type(model).__qualname__}: still wrapped after 8 unwraps")
 
 
 def _takes_example(adapter: Any) -> bool:

@@ -64,6 +64,24 @@ def test_the_module_is_built_on_the_meta_device_without_random_initialisation(tm
     same(loaded, model, torch.randn(3, 4))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch.compile's
+@pytest.mark.parametrize("wrapping", ["compile", "DataParallel", "compile(DataParallel)"])
+def test_a_compiled_or_data_parallel_model_is_saved_as_the_module_it_wraps(wrapping: str, tmp_path: Path) -> None:
+    """Their state dicts are the module's under a prefix, and a compiled graph is made anew in each process:
+    the artifact holds the module, and loads as it (to be compiled or wrapped again)."""
+    torch = require("torch")
+    model = tm().MLP(4).eval()
+    wrapped = {"compile": lambda: torch.compile(model), "DataParallel": lambda: torch.nn.DataParallel(model),
+               "compile(DataParallel)": lambda: torch.compile(torch.nn.DataParallel(model))}[wrapping]()
+    assert list(wrapped.state_dict()) != list(model.state_dict())  # a prefix: what loading it into MLP would miss
+    x = torch.randn(3, 4)
+    m = save_any(wrapped, tmp_path / "m", example=x)
+    assert m.model_class == f"{tm().__name__}:MLP"
+    loaded = load_any(tmp_path / "m", check=0.0)  # the stored example rerun on the module, bit for bit
+    assert type(loaded) is tm().MLP and list(loaded.state_dict()) == list(model.state_dict())
+    same(loaded, model, x)
+
+
 def test_positional_keyword_and_default_arguments_are_captured(tmp_path: Path) -> None:
     torch = require("torch")
     model = tm().Captured((4, 6, 2), "tanh", dropout=0.1).eval()
