@@ -8,7 +8,7 @@ import pickle
 from typing import Any, BinaryIO, ClassVar
 
 from ._safepickle import Guard, PlainUnpickler, State, guarded_dispatch
-from .errors import CorruptArtifactError
+from .errors import CorruptArtifactError, MissingFrameworkError
 
 
 def decompressed(fileobj: BinaryIO, what: str) -> BinaryIO:
@@ -16,6 +16,7 @@ def decompressed(fileobj: BinaryIO, what: str) -> BinaryIO:
 
     Raises:
         mlpersist.errors.CorruptArtifactError: joblib's pre-0.10 format, whose side files are never opened.
+        mlpersist.errors.MissingFrameworkError: LZ4-compressed, and the lz4 package is not installed.
 
     """
     from joblib.numpy_pickle_utils import _COMPRESSORS, _ZFILE_PREFIX, _buffered_read_file, _detect_compressor
@@ -25,7 +26,12 @@ def decompressed(fileobj: BinaryIO, what: str) -> BinaryIO:
         raise CorruptArtifactError(f"{what} uses joblib's pre-0.10 format, whose side files mlpersist never "
                                    f"opens (prefix {_ZFILE_PREFIX!r}); re-save it with a current joblib")
     if kind in _COMPRESSORS:
-        return _buffered_read_file(_COMPRESSORS[kind].decompressor_file(fileobj))  # type: ignore[no-any-return]
+        try:
+            reader = _COMPRESSORS[kind].decompressor_file(fileobj)
+        except ValueError:  # joblib's LZ4 wrapper, where the lz4 package is missing (or older than joblib needs)
+            raise MissingFrameworkError(f"{what} is compressed with {kind}, which joblib reads only with the {kind} "
+                                        f"package: pip install {kind}") from None
+        return _buffered_read_file(reader)  # type: ignore[no-any-return]
     return fileobj
 
 

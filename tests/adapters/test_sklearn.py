@@ -296,6 +296,26 @@ def test_protocols_0_and_1_load_under_the_default_policy(protocol: int, fmt: str
     np.testing.assert_array_equal(load_any(tmp_path / "bare.pkl").predict_proba(x), model.predict_proba(x))
 
 
+def test_an_lz4_compressed_file_loads_or_says_to_install_lz4(tmp_path: Path) -> None:
+    """joblib reads LZ4 only with the lz4 package; without it joblib raised a raw ValueError from inside the load."""
+    import importlib.util
+
+    joblib, np = require("joblib"), require("numpy")
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = data()
+    model = LogisticRegression().fit(x, y)
+    if importlib.util.find_spec("lz4") is not None:
+        joblib.dump(model, tmp_path / "m.joblib", compress="lz4")
+        np.testing.assert_array_equal(load_any(tmp_path / "m.joblib").predict_proba(x), model.predict_proba(x))
+    else:
+        from joblib.compressor import _LZ4_PREFIX
+
+        (tmp_path / "m.joblib").write_bytes(_LZ4_PREFIX + bytes(64))  # what joblib.dump(compress="lz4") starts with
+        with pytest.raises(MissingFrameworkError, match=r"compressed with lz4, .* pip install lz4"):
+            load_any(tmp_path / "m.joblib")
+
+
 def test_unknown_options_and_formats_are_typed_errors(tmp_path: Path) -> None:
     from sklearn.linear_model import LinearRegression
 
