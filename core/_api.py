@@ -12,7 +12,7 @@ from ._dispatch import detect
 from ._manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, Part
 from ._policy import TrustPolicy
 from ._strictjson import check_json_value
-from .errors import ArtifactNotFoundError, PersistError
+from .errors import ArtifactNotFoundError, PersistError, StorageError
 
 if TYPE_CHECKING:
     from . import _example
@@ -72,7 +72,13 @@ def write_artifact(root: Path, *, overwrite: bool, metadata: Any, fill: Callable
 
     On any failure (or interruption) the staging directory is removed and `root` is untouched.
     """
-    staging = _storage.Staging(root, overwrite=overwrite)
+    try:
+        staging = _storage.Staging(root, overwrite=overwrite)
+    except OSError as exc:
+        if isinstance(exc, PersistError):
+            raise
+        raise StorageError.of(exc, f"cannot save to {root}: {exc.filename or root}: {exc.strerror or exc}; "
+                                   "choose a path under a directory you can write to") from None
     try:
         part = fill(staging.dir)
         manifest = Manifest(
@@ -83,6 +89,14 @@ def write_artifact(root: Path, *, overwrite: bool, metadata: Any, fill: Callable
             parts=part.parts)
         raw = manifest.to_json()
         staging.commit(raw)
+    except OSError as exc:
+        staging.abort()
+        if isinstance(exc, PersistError):
+            raise
+        state = ("the new artifact is in place, but the disk did not confirm it is durable: save again" if
+                 staging.committed else "nothing was replaced and no temporary file is left: free space or fix "
+                 "the disk, then save again")
+        raise StorageError.of(exc, f"saving to {root} failed ({exc.strerror or exc}); {state}") from exc
     except BaseException:
         staging.abort()
         raise

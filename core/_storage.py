@@ -42,6 +42,7 @@ class Staging:
 
     def __init__(self, target: Path, *, overwrite: bool) -> None:
         self.target, self.overwrite = target, overwrite
+        self.committed = False  # True once the artifact is in place (only the durability steps may fail after)
         check_target(target, overwrite=overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(target)
@@ -103,6 +104,7 @@ class Staging:
         _fsync_dir(self.dir)
         if self.overwrite and _is_artifact(self.target):
             old = exchange(self.dir, self.target)  # self.dir now holds the previous artifact
+            self.committed = True
             try:
                 _fsync_dir(self.target.parent)
             finally:
@@ -111,6 +113,7 @@ class Staging:
             if not rename_noreplace(self.dir, self.target):
                 raise ArtifactExistsError(f"{self.target} appeared while saving (another writer?); "
                                           "nothing was replaced: pass overwrite=True to replace it")
+            self.committed = True
             _fsync_dir(self.target.parent)
 
     def abort(self) -> None:

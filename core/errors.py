@@ -12,7 +12,8 @@ The tree::
     ├── UntrustedContentError                    loading would run code the caller did not allow
     ├── MissingFrameworkError (+ ImportError)    the adapter's framework is not installed
     ├── CheckFailedError                         the loaded model's answers on the stored example differ
-    ├── StorageError (+ OSError)                 a remote store refused or failed (credentials, bucket, network)
+    ├── StorageError (+ OSError)                 a store refused or failed: remote (credentials, bucket, network)
+    │                                            or the local disk on a save (full, read-only, a file in the way)
     └── VersionMismatchError                     strict=True and the versions differ
 
     VersionMismatchWarning (UserWarning)         the versions differ (not strict)
@@ -90,7 +91,21 @@ class CheckFailedError(PersistError):
 
 
 class StorageError(PersistError, OSError):
-    """A remote store (an fsspec URL) refused or failed a request: credentials, permissions, bucket, network."""
+    """A store refused or failed.
+
+    A remote one (an fsspec URL: credentials, permissions, bucket, network), or the local disk during a
+    save (full, read-only, a file where a directory must be), its `errno` kept.
+    """
+
+    @classmethod
+    def of(cls, exc: OSError, message: str) -> StorageError:
+        """`message`, with the `errno`, `strerror` and `filename` of the OSError it reports."""
+        err = cls(message)
+        err.errno, err.strerror, err.filename = exc.errno, exc.strerror, exc.filename
+        return err
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno N] strerror: filename"
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
 
 
 class VersionMismatchError(PersistError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -17,6 +18,7 @@ from mlpersist import (
     CorruptArtifactError,
     IntegrityError,
     PersistError,
+    StorageError,
     UnsupportedModelError,
     VersionMismatchError,
     VersionMismatchWarning,
@@ -47,6 +49,14 @@ def test_round_trip_keeps_predictions_and_writes_a_complete_manifest(tmp_path: P
 def test_a_parent_directory_is_created(tmp_path: Path, dummy: DummyModel) -> None:
     save_any(dummy, tmp_path / "team" / "churn" / "v3")
     verify(tmp_path / "team" / "churn" / "v3")
+
+
+def test_a_file_where_a_parent_directory_must_be_is_a_storage_error(tmp_path: Path, dummy: DummyModel) -> None:
+    (tmp_path / "team").write_text("notes")
+    with pytest.raises(StorageError, match=r"cannot save to .*team/churn: .*team: File exists; choose a path") as info:
+        save_any(dummy, tmp_path / "team" / "churn")
+    assert isinstance(info.value, OSError) and info.value.errno == errno.EEXIST  # an OSError too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["team"] and (tmp_path / "team").read_text() == "notes"
 
 
 def test_an_existing_artifact_is_kept_without_overwrite(tmp_path: Path, dummy: DummyModel) -> None:

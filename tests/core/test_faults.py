@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from mlp_testkit import ROOT, DummyModel
 
-from mlpersist import _storage, load_any, save_any, verify
+from mlpersist import StorageError, _storage, load_any, save_any, verify
 
 WRITER = """
 import sys, json, mlpersist, fault_models as fm
@@ -115,13 +115,15 @@ def test_an_io_error_at_any_step_of_an_overwrite_keeps_the_old_artifact_and_no_l
     try:
         save_any(DummyModel(7, 7), tmp_path / "a", overwrite=True)
         failed = False
-    except OSError as exc:
-        assert exc.errno == err
-        failed = True
+    except StorageError as exc:  # a PersistError, and the OSError it reports (errno kept)
+        assert exc.errno == err and isinstance(exc, OSError)
+        failed, message = True, str(exc)
     monkeypatch.undo()
     verify(tmp_path / "a")
     result = load_any(tmp_path / "a").predict([1])
     committed = "exchange" in calls[:step]  # the fault came after the swap: the new artifact is in place
+    if failed:  # the message says which artifact the path holds
+        assert ("the new artifact is in place" if committed else "nothing was replaced") in message, message
     assert result == ([14] if not failed or committed else dummy.predict([1]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporaries left behind
     assert failed or step >= len(calls)  # every step up to the last one was faulted by some case
