@@ -91,7 +91,7 @@ EXACT = EXACT_NAMES
 # Fitted scikit-learn models keep these (FeatureAgglomeration's pooling function, BisectingKMeans's
 # solver, SplineTransformer's splines, and HistGradientBoosting's check of its numerical columns,
 # `partial(check_array, ...)`, whenever it has categorical features): pure functions and data.
-# functools.partial is the one name of a deny-floor module admitted: it only binds arguments to a
+# Two names of deny-floor modules are admitted. functools.partial only binds arguments to a
 # callable the pickle had to load through this list, and calling it later does what a REDUCE of
 # that callable could already do during the load. copyreg._reconstructor is how protocols 0 and 1 rebuild
 # a plain object (every estimator): the unpickler lets it build only an allowed class on a builtin base

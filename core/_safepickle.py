@@ -37,9 +37,8 @@ def load(fileobj: BinaryIO, policy: TrustPolicy, *, what: str, joblib_format: bo
 
     """
     obj, state = _run(fileobj, policy, what=what, joblib_format=joblib_format)
-    refused = state.refused
-    if refused:
-        raise refusal(what, refused, state.floor)
+    if state.refused:
+        raise refusal(what, state.refused, state.floor)
     return obj
 
 
