@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import numpy as np
 import xgboost
@@ -14,7 +15,7 @@ from mlpersist import Payload, PersistError, _gc
 from mlpersist._trees import first_bad_tree
 from mlpersist._ubjson import joined
 from mlpersist._ubjson import loads as ubjson_loads
-from mlpersist.errors import CorruptArtifactError, UntrustedContentError
+from mlpersist.errors import CorruptArtifactError, UntrustedContentError, VersionMismatchError
 
 _FILES = {"ubj": "model.ubj", "json": "model.json"}
 # A fixed table: the class to rebuild is never taken from the file.
@@ -52,6 +53,10 @@ class XGBoostAdapter:
         A trusted load (`trusted=True`, or a manifest signed by a configured key) skips the check, as
         scikit-learn's tree validation and Keras's config vetting are skipped: the caller vouches for
         the file's author, and XGBoost reads it as it would read any file of theirs.
+
+        Either way, an XGBoost older than 3.1 would read the base score that 3.1 and later write (a list,
+        one per output) as 0.5: every prediction off, silently. A single one is set after loading; several
+        cannot be (those versions keep one for all outputs), and are a VersionMismatchError.
         """
         if options:
             raise PersistError(f"the xgboost adapter takes no load options, not {', '.join(sorted(options))}")
@@ -59,8 +64,12 @@ class XGBoostAdapter:
         if name is None:
             raise CorruptArtifactError(f"unknown xgboost format {format!r}")
         raw = payload.read_bytes(name)
+        label = payload.label(name)
         if not payload.policy.trusted:
-            vet(raw, format, name)
+            base_score = vet(raw, format, label)
+        else:  # older XGBoost only: the document is read for its base score
+            base_score = None if _LIST_BASE_SCORE_READER else _base_score(parse(raw, format, label))
+        score = _scalar_base_score(base_score, label)
         cls = _WRAPPERS.get(str(info.get("wrapper", "Booster")))
         if cls is None:
             raise CorruptArtifactError(f"unknown XGBoost wrapper {info.get('wrapper')!r}")
@@ -69,8 +78,9 @@ class XGBoostAdapter:
             model.load_model(bytearray(raw))
         except Exception as exc:  # XGBoostError; UnicodeDecodeError when XGBoost's message quotes the file's bytes
             why = str(exc).splitlines()[0][:200] if str(exc) else ""
-            raise CorruptArtifactError(f"XGBoost could not read {payload.label(name)}: {type(exc).__name__}: "
-                                       f"{why}") from exc
+            raise CorruptArtifactError(f"XGBoost could not read {label}: {type(exc).__name__}: {why}") from exc
+        if score is not None:
+            (model if isinstance(model, xgboost.Booster) else model.get_booster()).set_param({"base_score": score})
         return model
 
 
@@ -86,15 +96,44 @@ class XGBoostAdapter:
         vet(bytes(booster.save_raw("ubj")), "ubj", where)
 
 
-def vet(raw: bytes, format: str, what: str) -> None:
-    """Parse and check the model document, with the garbage collector paused until it is dropped.
+def vet(raw: bytes, format: str, what: str) -> str | None:
+    """Parse and check the model document, with the garbage collector paused until it is dropped; its base score.
 
     Its thousands of dicts and arrays are garbage once checked: freed before the collector resumes,
     they count toward no collection (one that walked them took 1.5-3 ms in a process with TensorFlow
     and torch imported).
     """
     with _gc.paused():
-        validate(parse(raw, format, what), what)
+        doc = parse(raw, format, what)
+        validate(doc, what)
+        return _base_score(doc)
+
+
+def _base_score(doc: Any) -> str | None:
+    """The document's base score as XGBoost writes it: a number, or from 3.1 a list of one per output."""
+    try:
+        score = doc["learner"]["learner_model_param"]["base_score"]
+    except (KeyError, TypeError):
+        return None  # XGBoost says what is missing
+    return score if isinstance(score, str) else None
+
+
+def _scalar_base_score(score: str | None, what: str) -> str | None:
+    """What an XGBoost older than 3.1 must be given as base score after loading, or None: it reads a list as 0.5.
+
+    Raises:
+        mlpersist.errors.VersionMismatchError: a list of several, which those versions cannot hold.
+
+    """
+    if _LIST_BASE_SCORE_READER or score is None or not score.strip().startswith("["):
+        return None
+    values = [v.strip() for v in score.strip()[1:-1].split(",")]
+    if len(values) == 1 and values[0]:
+        return values[0]  # the same prediction, bit for bit, on 2.1 and 3.0 (binary:logistic, squared error, ...)
+    raise VersionMismatchError(
+        f"{what} was saved by XGBoost 3.1 or later with a base score per output ({len(values)}); XGBoost "
+        f"{xgboost.__version__} keeps one for all outputs and would read it as 0.5, so every prediction would be "
+        "off; install xgboost>=3.1 to load it")
 
 
 def parse(raw: bytes, format: str, what: str) -> Any:
@@ -108,24 +147,45 @@ def parse(raw: bytes, format: str, what: str) -> Any:
 
 
 def validate(doc: Any, what: str) -> None:
-    """Refuse trees whose child, feature or category indices point outside their arrays (xgboost #7903).
+    """Refuse a model whose indices point outside the arrays XGBoost will index with them (xgboost #7903).
+
+    The trees' child, parent, feature and category indices; each tree's output group (`tree_info`) and id;
+    the iteration boundaries; the leaf vectors of vector-leaf trees; the category encodings of the
+    training frame (`cats`, XGBoost 3.1+); a linear booster's weight count. XGBoost checks none of these
+    before it predicts: each was a segfault or heap corruption in a crafted copy.
 
     Raises:
-        mlpersist.errors.UntrustedContentError: naming the first bad tree.
+        mlpersist.errors.UntrustedContentError: naming the first bad tree, or the bad field.
+        mlpersist.errors.VersionMismatchError: a vector-leaf tree in a layout the installed XGBoost misreads.
 
     """
     try:
         learner = doc["learner"]
-        n_features = int(learner["learner_model_param"]["num_feature"])
+        param = learner["learner_model_param"]
+        n_features = int(param["num_feature"])
+        outputs = max(int(param.get("num_class", 0)), int(param.get("num_target", 1)))  # as XGBoost counts them
+        if outputs < 1:
+            raise ValueError("num_class and num_target leave the model no output")
         booster = learner["gradient_booster"]
-        if booster["name"] == "gblinear":
-            return  # a weight vector: no indices to follow
+        if booster["name"] == "gblinear":  # a weight per feature and output, and a bias per output
+            if len(booster["model"]["weights"]) != (n_features + 1) * outputs:
+                raise ValueError(f"a linear booster of {n_features} features and {outputs} outputs needs "
+                                 f"{(n_features + 1) * outputs} weights, not {len(booster['model']['weights'])}")
+            return
         model = (booster["gbtree"] if booster["name"] == "dart" else booster)["model"]
         trees = model["trees"]
         if len(model["tree_info"]) != len(trees) or int(model["gbtree_model_param"]["num_trees"]) != len(trees):
             raise ValueError("tree_info and num_trees disagree with the number of trees")
-        _check_trees(trees, n_features)
-    except UntrustedContentError:
+        if booster["name"] == "dart" and len(booster["weight_drop"]) != len(trees):
+            raise ValueError("weight_drop needs one weight per tree")
+        _check_groups(model, len(trees), outputs)
+        _check_trees(trees, n_features, outputs, what)
+        if "cats" in model:
+            _check_cats(model["cats"])
+    except _BadTree as bad:
+        raise UntrustedContentError(f"{what}: tree {bad.args[0]}: {bad.args[1]}; the model is crafted or damaged, "
+                                    "refusing it", ["xgboost.Booster"]) from None
+    except (UntrustedContentError, VersionMismatchError):
         raise
     except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:  # Overflow: an int past int64
         raise UntrustedContentError(f"{what}: the booster's structure is malformed or out of range ({exc}); "
@@ -133,25 +193,59 @@ def validate(doc: Any, what: str) -> None:
 
 
 _ARRAYS = ("left_children", "right_children", "parents", "split_indices", "split_conditions", "default_left")
+# a vector-leaf tree (`multi_strategy="multi_output_tree"`): XGBoost 3.2 keeps each leaf's vector in
+# `leaf_weights`, at the leaf's `right_children` entry, and reads these without checking they are there
+_VECTOR_ARRAYS = ("loss_changes", "sum_hessian")
+_VERSION = tuple(int(p) for p in re.findall(r"\d+", xgboost.__version__)[:2])
+_LEAF_WEIGHTS_READER = _VERSION >= (3, 2)
+_LIST_BASE_SCORE_READER = _VERSION >= (3, 1)  # reads `base_score` "[0.27]"; older ones take it for 0.5
 
 
-def _check_trees(trees: list[Any], n_features: int) -> None:
+def _ints(values: Any, what: str) -> Any:
+    """`values` as a one-dimensional integer array, or ValueError."""
+    array = np.asarray(values)
+    if array.size == 0:
+        return array.reshape(0).astype(np.int64)
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be a list of integers")
+    return array
+
+
+def _check_groups(model: Any, n_trees: int, outputs: int) -> None:
+    """Each tree adds to an output column XGBoost indexes unchecked; iterations slice the trees."""
+    info = _ints(model["tree_info"], "tree_info")
+    if len(info) and (int(info.min()) < 0 or int(info.max()) >= outputs):
+        raise ValueError(f"tree_info names an output outside the model's {outputs}")
+    if "iteration_indptr" in model:  # absent before XGBoost 2.0: rebuilt from tree_info
+        bounds = _ints(model["iteration_indptr"], "iteration_indptr")
+        if not len(bounds) or bounds[0] != 0 or bounds[-1] != n_trees or bool((np.diff(bounds) < 0).any()):
+            raise ValueError("iteration_indptr must rise from 0 to the number of trees")
+
+
+def _check_trees(trees: list[Any], n_features: int, outputs: int, what: str) -> None:
     """Check every tree's child, parent, feature and category indices (all trees' node arrays at once)."""
-    sizes, categorical = [], set()
+    sizes, categorical, vector = [], set(), {}
     for i, tree in enumerate(trees):
         n = int(tree["tree_param"]["num_nodes"])
         if n < 1 or any(len(tree[k]) != n for k in _ARRAYS):
             _refuse(i)
+        if tree["id"] != i:  # XGBoost puts each tree at its id: a repeated one left a tree unset (segfault)
+            _refuse(i, f"its id is {tree['id']!r}, not its place in the list")
         sizes.append(n)
         if len(tree.get("categories_nodes", ())):
             categorical.add(i)
+        width = tree["tree_param"].get("size_leaf_vector", "1")  # "0" or "1": one value per leaf
+        if width not in ("0", "1") and int(width) > 1:
+            vector[i] = _vector_layout(i, tree, n, int(width), outputs=outputs, what=what)
     if not trees:
         return
     left, right, split, parents = (joined([t[k] for t in trees])
                                    for k in ("left_children", "right_children", "split_indices", "parents"))
+    if any(vector.values()):
+        right = _leaf_indices_checked(sizes, vector, left, right)
     bad = first_bad_tree(sizes, left, right, split, n_features, adjacent=True)  # predict assumes adjacent children
     if bad is None:
-        bad = _first_bad_parents(sizes, left, right, parents)
+        bad = _first_bad_parents(sizes, left, right, parents, list(vector))
     if bad is not None:
         _refuse(bad)
     split_type = joined([t["split_type"] if "split_type" in t else np.zeros(n, np.uint8) for t, n in zip(
@@ -171,18 +265,107 @@ def _check_trees(trees: list[Any], n_features: int) -> None:
             _refuse(i)
 
 
+def _vector_layout(i: int, tree: Any, n: int, width: int, *, outputs: int, what: str) -> bool:
+    """Check a vector-leaf tree's weight arrays; whether its leaves index `leaf_weights` (XGBoost 3.2's layout).
+
+    Each node has `width` base weights, read by every version. XGBoost 3.2 reads a leaf's vector from
+    `leaf_weights` at the leaf's `right_children` entry (checked with the children), and reads the
+    statistics arrays as if present: it crashes on the layout earlier versions wrote, which lacks them.
+    Earlier versions read the base weights of the leaves, which 3.2 still writes.
+    """
+    if width != outputs:  # every leaf adds `width` values to the row's `outputs` columns
+        _refuse(i, f"its leaves hold {width} values for the model's {outputs} outputs")
+    if len(tree["base_weights"]) != n * width:
+        _refuse(i, f"it needs {n * width} base weights, not {len(tree['base_weights'])}")
+    layout = "leaf_weights" in tree
+    if _LEAF_WEIGHTS_READER and not (layout and all(k in tree for k in _VECTOR_ARRAYS)):
+        raise VersionMismatchError(
+            f"{what}: tree {i} is a vector-leaf tree (multi_strategy='multi_output_tree') in the layout XGBoost "
+            f"wrote before 3.2, which XGBoost {xgboost.__version__} reads past its arrays (it crashes); load it "
+            "where xgboost<3.2 is installed, or train it again with this version")
+    if layout:
+        if any(len(tree[k]) != n for k in _VECTOR_ARRAYS):
+            _refuse(i)
+        leaves = int(np.count_nonzero(np.asarray(tree["left_children"]) == -1))
+        if len(tree["leaf_weights"]) != leaves * width:
+            _refuse(i, f"its {leaves} leaves need {leaves * width} leaf weights, not {len(tree['leaf_weights'])}")
+    return layout
+
+
+def _leaf_indices_checked(sizes: list[int], vector: dict[int, bool], left: Any, right: Any) -> Any:
+    """`right` with -1 at the leaves of trees whose leaves index `leaf_weights`, once those indices are checked.
+
+    A leaf of such a tree keeps its place in `leaf_weights` in `right_children`: the leaves of a tree must
+    number their vectors 0, 1, ... once each. With them set to -1, the tree checks as any other.
+    """
+    tree = np.repeat(np.arange(len(sizes)), np.asarray(sizes, dtype=np.int64))
+    indexed = np.zeros(len(sizes), dtype=bool)
+    indexed[[i for i, layout in vector.items() if layout]] = True
+    at = np.flatnonzero((np.asarray(left) == -1) & indexed[tree])  # the leaves that index leaf_weights
+    value = np.asarray(right[at], dtype=np.int64)
+    per_tree = np.bincount(tree[at], minlength=len(sizes))
+    first = np.cumsum(per_tree) - per_tree  # where each tree's leaves start among `at`
+    rank = value + first[tree[at]]  # each leaf's vector, numbered across all trees
+    ok = (value >= 0) & (value < per_tree[tree[at]])
+    if not ok.all():
+        _refuse(int(tree[at][np.argmax(~ok)]))
+    taken = np.bincount(rank, minlength=len(at))
+    if (taken != 1).any():
+        _refuse(int(np.searchsorted(np.cumsum(per_tree), int(np.argmax(taken != 1)), side="right")))
+    checked = np.array(right, dtype=np.int64)
+    checked[at] = -1
+    return checked
+
+
+def _check_cats(cats: Any) -> None:
+    """The category encodings XGBoost 3.1+ keeps to recode a frame's categories at predict time.
+
+    Per feature, a string column's `offsets` into its bytes or a numeric column's values; the
+    features' category counts laid end to end (`feature_segments`); each feature's categories in sorted
+    order (`sorted_idx`, indices into that feature's). XGBoost follows all of these unchecked: offsets
+    or sorted indices out of range crashed it.
+    """
+    counts = []
+    for column in cats["enc"]:
+        if "offsets" in column:
+            offsets = _ints(column["offsets"], "a category column's offsets")
+            if len(offsets) and (offsets[0] != 0 or bool((np.diff(offsets) < 0).any())
+                                 or int(offsets[-1]) > len(column["values"])):
+                raise ValueError("a category column's offsets must rise from 0 within its values")
+            counts.append(max(len(offsets) - 1, 0))
+        else:
+            counts.append(len(column["values"]))
+    segments = _ints(cats["feature_segments"], "feature_segments")
+    order = _ints(cats["sorted_idx"], "sorted_idx")
+    if not len(segments):
+        if len(order) or counts:
+            raise ValueError("category encodings without feature_segments")
+        return
+    if len(segments) != len(counts) + 1 or segments[0] != 0 or not np.array_equal(np.diff(segments), counts):
+        raise ValueError("feature_segments disagree with the category encodings")
+    total = int(segments[-1])
+    if len(order) not in (0, total) or (cats.get("sorted") is True and len(order) != total):
+        raise ValueError("sorted_idx needs one entry per category")
+    if len(order):  # each feature's entries: its own categories, each once
+        feature = np.repeat(np.arange(len(counts)), counts)
+        local = np.asarray(order, dtype=np.int64)
+        if bool(((local < 0) | (local >= np.asarray(counts, dtype=np.int64)[feature])).any()) or not np.array_equal(
+                np.sort(local + np.asarray(segments[:-1], dtype=np.int64)[feature]), np.arange(total)):
+            raise ValueError("sorted_idx must order each feature's own categories")
+
+
 def _tree_of(sizes: list[int], node: int) -> int:
     """The tree that holds the `node`-th node of all trees' joined arrays."""
     return int(np.searchsorted(np.cumsum(sizes), node, side="right"))
 
 
-def _first_bad_parents(sizes: list[int], left: Any, right: Any, parents: Any) -> int | None:
+def _first_bad_parents(sizes: list[int], left: Any, right: Any, parents: Any, vector: list[int]) -> int | None:
     """Return the first tree whose `parents` disagree with its children, or None.
 
     Every node but the root is the child of exactly one node, which is its parent; the root's parent
-    is 2**31 - 1, as XGBoost writes it. XGBoost follows each node's parent as it loads (to mark left
-    children), unchecked: a parent index past the tree made the load segfault. Called once children
-    are known to lie inside their trees.
+    is 2**31 - 1 as XGBoost writes it (-1 in the `vector` trees, the vector-leaf ones). XGBoost follows
+    each node's parent as it loads (to mark left children), unchecked: a parent index past the tree
+    made the load segfault. Called once children are known to lie inside their trees.
     """
     counts = np.asarray(sizes, dtype=np.int64)
     starts = np.cumsum(counts) - counts
@@ -191,6 +374,7 @@ def _first_bad_parents(sizes: list[int], left: Any, right: Any, parents: Any) ->
     inner = np.flatnonzero(np.asarray(left) != -1)
     children = np.concatenate([left[inner] + base[inner], right[inner] + base[inner]]).astype(np.int64)
     expected = np.full(len(left), _ROOT_PARENT, dtype=np.int64)
+    expected[starts[vector]] = -1
     expected[children] = np.concatenate([local[inner], local[inner]])
     times_a_child = np.bincount(children, minlength=len(left))
     bad = (np.asarray(parents, dtype=np.int64) != expected) | (times_a_child != (local != 0))
@@ -220,6 +404,9 @@ def _categories_ok(tree: Any, split_type: Any, left: Any) -> bool:
 _ROOT_PARENT = _INT32_MAX = 2**31 - 1
 
 
-def _refuse(i: int) -> None:
-    raise UntrustedContentError(f"tree {i}: child, feature or category indices point outside its arrays; "
-                                "the model is crafted or damaged, refusing it", ["xgboost.Booster"])
+class _BadTree(Exception):
+    """Tree `args[0]` is refused for `args[1]`: `validate` names the file."""
+
+
+def _refuse(i: int, why: str = "child, feature or category indices point outside its arrays") -> NoReturn:
+    raise _BadTree(i, why)

@@ -140,7 +140,8 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
         mlpersist.errors.SignatureError: keys are configured and no valid signature by one of them exists.
         mlpersist.errors.UntrustedContentError: the payload would run code the policy does not allow.
         mlpersist.errors.MissingFrameworkError: the framework that wrote it is not installed.
-        mlpersist.errors.VersionMismatchError: with `strict=True`, the framework versions differ.
+        mlpersist.errors.VersionMismatchError: with `strict=True`, the framework versions differ; without, the
+            installed version would misread the artifact.
         mlpersist.errors.CheckFailedError: with `check`, an output differs beyond the tolerance.
         mlpersist.errors.StorageError: a remote store refused or failed (credentials, network).
 

@@ -14,7 +14,8 @@ The tree::
     ├── CheckFailedError                         the loaded model's answers on the stored example differ
     ├── StorageError (+ OSError)                 a store refused or failed: remote (credentials, bucket, network)
     │                                            or the local disk on a save (full, read-only, a file in the way)
-    └── VersionMismatchError                     strict=True and the versions differ
+    └── VersionMismatchError                     strict=True and the versions differ, or the
+                                                 installed version would misread the artifact
 
     VersionMismatchWarning (UserWarning)         the versions differ (not strict)
 """
@@ -109,7 +110,11 @@ class StorageError(PersistError, OSError):
 
 
 class VersionMismatchError(PersistError):
-    """With `strict=True`: the artifact was written by another version of the framework."""
+    """The artifact was written by another version of the framework.
+
+    With `strict=True`, any other version raises it. Without, it is raised only when the installed
+    version would misread the artifact (an XGBoost older than the one that wrote it, for example).
+    """
 
 
 class VersionMismatchWarning(UserWarning):

@@ -47,6 +47,15 @@ def _build(kind: str) -> tuple[Any, Any, dict[str, Any]]:
         import xgboost
         model = xgboost.XGBClassifier(n_estimators=10, max_depth=3, n_jobs=1).fit(x, y)
         return model, lambda m: m.predict_proba(x), {"format": kind.rpartition("-")[2]}
+    if kind == "xgboost-multiclass":  # an output group per tree (`tree_info`), iterations of three trees
+        import xgboost
+        model = xgboost.XGBClassifier(n_estimators=4, max_depth=3, n_jobs=1).fit(x, y + (x[:, 3] > 0.5))
+        return model, lambda m: m.predict_proba(x), {}
+    if kind == "xgboost-vector":  # vector-leaf trees: a leaf's outputs at its index in `leaf_weights`
+        import xgboost
+        model = xgboost.XGBRegressor(n_estimators=4, max_depth=3, n_jobs=1, tree_method="hist",
+                                     multi_strategy="multi_output_tree").fit(x, x[:, :3])
+        return model, lambda m: m.predict(x), {}
     if kind == "lightgbm":
         import lightgbm
         import mlpersist_lightgbm  # noqa: F401 - registered by its entry point; imported to fail early here

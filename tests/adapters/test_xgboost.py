@@ -15,7 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlp_testkit import collections_started, require, run_python
 
-from mlpersist import CorruptArtifactError, PersistError, UntrustedContentError, load_any, save_any
+from mlpersist import (
+    CorruptArtifactError,
+    PersistError,
+    UntrustedContentError,
+    VersionMismatchError,
+    load_any,
+    save_any,
+)
 
 
 def data(n: int = 300, features: int = 6, seed: int = 0) -> tuple[Any, Any]:
@@ -25,7 +32,8 @@ def data(n: int = 300, features: int = 6, seed: int = 0) -> tuple[Any, Any]:
 class TestXGBoost(AdapterContract):
     adapter = "xgboost"
     framework_module = "xgboost"
-    mutants: ClassVar[tuple[tuple[str, int], ...]] = (("xgboost-ubj", 400), ("xgboost-json", 200))
+    mutants: ClassVar[tuple[tuple[str, int], ...]] = (("xgboost-ubj", 400), ("xgboost-json", 200),
+                                                      ("xgboost-multiclass", 200), ("xgboost-vector", 200))
 
     def make_model(self) -> Any:
         x, y = data()
@@ -181,6 +189,208 @@ def test_crafted_tree_indices_are_refused_before_xgboost_parses_them(kind: str, 
     assert proc.stdout.startswith("REFUSED"), proc.stdout + proc.stderr
     if kind != "tree-info":
         assert "tree 1:" in proc.stdout  # the crafted tree is named, though all trees are checked at once
+
+
+# --- the model beyond the node arrays: output groups, ids, iterations, leaf vectors, category encodings --------
+# Each kind below crashed XGBoost 3.2 (segfault, abort or heap corruption) when the crafted model predicted, or
+# read past an array without a crash (linear weights). Checked in a fresh process per base model: a kind that
+# got through would crash it there, not the test run.
+
+STRUCTURE = """
+import json, sys, numpy as np, xgboost as xgb
+import mlpersist
+out, base, kinds = sys.argv[1], sys.argv[2], sys.argv[3:]
+rng = np.random.default_rng(0)
+x = rng.normal(size=(200, 4))
+y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5).astype(int)
+if base == "multiclass":
+    model, data = xgb.XGBClassifier(n_estimators=3, max_depth=2).fit(x, y), x
+elif base == "vector":
+    model, data = xgb.XGBRegressor(n_estimators=3, max_depth=2, tree_method="hist",
+                                   multi_strategy="multi_output_tree").fit(x, x[:, :3] * 2), x
+elif base == "linear":
+    model, data = xgb.XGBClassifier(n_estimators=3, booster="gblinear").fit(x, y), x
+elif base == "dart":
+    model, data = xgb.XGBClassifier(n_estimators=3, booster="dart").fit(x, y), x
+else:
+    import pandas as pd
+    data = pd.DataFrame({"plan": pd.Categorical(rng.choice(["a", "b", "c", "d"], 200)), "x": x[:, 0],
+                         "n": pd.Categorical(rng.choice([3, 7, 9], 200))})
+    model = xgb.XGBClassifier(n_estimators=3, max_depth=2, enable_categorical=True, tree_method="hist",
+                              max_cat_to_onehot=1).fit(data, y)
+for kind in kinds:
+    doc = json.loads(bytes(model.get_booster().save_raw("json")))
+    booster = doc["learner"]["gradient_booster"]
+    m = booster["gbtree"]["model"] if booster["name"] == "dart" else booster["model"]
+    tree, cats = (m["trees"][1] if "trees" in m else None), m.get("cats")
+    if (kind.startswith(("leaf-index", "leaf-weights")) and "leaf_weights" not in tree
+            or base == "frame" and kind != "as-written" and not cats):
+        print(kind, "SKIPPED", "(not written by XGBoost", xgb.__version__ + ")")
+        continue
+    if kind == "tree-info-past-outputs":
+        m["tree_info"][0] = 3
+    elif kind == "tree-info-far":
+        m["tree_info"][0] = 100000
+    elif kind == "tree-info-negative":
+        m["tree_info"][0] = -5
+    elif kind == "iterations-negative":
+        m["iteration_indptr"][1] = -5
+    elif kind == "iterations-falling":
+        m["iteration_indptr"][1:3] = m["iteration_indptr"][2:0:-1]
+    elif kind == "repeated-id":
+        tree["id"] = 0
+    elif kind == "leaf-index-far":
+        tree["right_children"][-1] = 100000
+    elif kind == "leaf-index-negative":
+        tree["right_children"][-1] = -7
+    elif kind == "leaf-index-repeated":
+        tree["right_children"][-1] = tree["right_children"][-2]
+    elif kind == "leaf-weights-short":
+        tree["leaf_weights"] = tree["leaf_weights"][:3]
+    elif kind == "base-weights-short":
+        tree["base_weights"] = tree["base_weights"][:3]
+    elif kind == "leaf-vector-wider":
+        tree["tree_param"]["size_leaf_vector"] = "30"
+    elif kind == "fewer-outputs":
+        doc["learner"]["learner_model_param"].update(num_target="2", base_score="[0,0]")
+    elif kind == "offsets-past-values":
+        cats["enc"][0]["offsets"][-1] = 400000
+    elif kind == "sorted-index-far":
+        cats["sorted_idx"][3] = 300000
+    elif kind == "sorted-index-negative":
+        cats["sorted_idx"][3] = -3000000
+    elif kind == "sorted-index-repeated":
+        cats["sorted_idx"][1] = cats["sorted_idx"][0]
+    elif kind == "segments-past-end":
+        cats["feature_segments"][-1] = 700000
+    elif kind == "weights-short":
+        m["weights"] = m["weights"][:2]
+    elif kind == "more-features":
+        doc["learner"]["learner_model_param"]["num_feature"] = "1000"
+    elif kind == "weight-drop-short":
+        booster["weight_drop"] = booster["weight_drop"][:1]
+    elif kind != "as-written":
+        raise SystemExit("unknown kind " + kind)
+    path = f"{out}/{base}-{kind}.json"
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    try:
+        loaded = mlpersist.load_any(path)
+    except mlpersist.UntrustedContentError as exc:
+        print(kind, "REFUSED", exc)
+        continue
+    matrix = xgb.DMatrix(data, enable_categorical=True)  # predicting is what crashed
+    same = np.array_equal(loaded.predict(matrix), model.get_booster().predict(matrix))
+    print(kind, "LOADED", "same" if same else "differs")
+"""
+
+_STRUCTURE_KINDS = {
+    "multiclass": ["tree-info-past-outputs", "tree-info-far", "tree-info-negative", "iterations-negative",
+                   "iterations-falling", "repeated-id"],
+    "vector": ["leaf-index-far", "leaf-index-negative", "leaf-index-repeated", "leaf-weights-short",
+               "base-weights-short", "leaf-vector-wider", "fewer-outputs"],
+    "frame": ["offsets-past-values", "sorted-index-far", "sorted-index-negative", "sorted-index-repeated",
+              "segments-past-end"],
+    "linear": ["weights-short", "more-features"],
+    "dart": ["weight-drop-short"],
+}
+
+
+@pytest.mark.parametrize("base", sorted(_STRUCTURE_KINDS))
+def test_crafted_model_structure_is_refused(base: str, tmp_path: Path) -> None:
+    require("xgboost")
+    if base == "frame":
+        require("pandas")
+    (tmp_path / "structure.py").write_text(STRUCTURE)
+    kinds = ["as-written", *_STRUCTURE_KINDS[base]]
+    proc = run_python(f"import runpy, sys; sys.argv = ['x', {str(tmp_path)!r}, {base!r}, *{kinds!r}]; "
+                      f"runpy.run_path({str(tmp_path / 'structure.py')!r})", check=False, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # a signal here: a kind reached XGBoost's predictor
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert lines.pop("as-written") == "LOADED same"  # the base model itself passes the check, unchanged
+    assert set(lines) == set(_STRUCTURE_KINDS[base])
+    for kind, outcome in lines.items():
+        assert outcome.startswith(("REFUSED", "SKIPPED")), f"{kind}: {outcome}"
+    if all(outcome.startswith("SKIPPED") for outcome in lines.values()):
+        pytest.skip(f"this XGBoost writes none of the fields these {base} kinds change")  # `cats`: 3.1 and later
+    if base == "multiclass":
+        assert "tree 1: its id is 0, not its place in the list" in lines["repeated-id"]
+        assert "tree_info names an output outside the model's 3" in lines["tree-info-far"]
+
+
+def _vector_leaf_model(kind: str) -> tuple[Any, Any]:
+    xgb, np = require("xgboost"), require("numpy")
+    x = np.random.default_rng(0).normal(size=(200, 4))
+    if kind == "regressor":
+        return xgb.XGBRegressor(n_estimators=4, max_depth=3, tree_method="hist",
+                                multi_strategy="multi_output_tree").fit(x, x[:, :3] * 2 + x[:, 3:]), x
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5).astype(int)
+    return xgb.XGBClassifier(n_estimators=4, max_depth=3, tree_method="hist",
+                             multi_strategy="multi_output_tree").fit(x, y), x
+
+
+@pytest.mark.parametrize("fmt", ["ubj", "json"])
+@pytest.mark.parametrize("kind", ["regressor", "classifier"])
+def test_vector_leaf_models_round_trip(kind: str, fmt: str, tmp_path: Path) -> None:
+    """multi_strategy="multi_output_tree": one tree per round, a vector in each leaf (they were all refused)."""
+    np = require("numpy")
+    model, x = _vector_leaf_model(kind)
+    save_any(model, tmp_path / "m", format=fmt)
+    loaded = load_any(tmp_path / "m")
+    assert type(loaded) is type(model)
+    np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+    if kind == "classifier":
+        np.testing.assert_array_equal(loaded.predict_proba(x), model.predict_proba(x))
+
+
+def test_a_vector_leaf_tree_in_the_layout_before_3_2(tmp_path: Path) -> None:
+    """XGBoost 3.2 keeps leaf vectors in `leaf_weights` and crashed reading a vector-leaf model written before
+    it: such a model is a VersionMismatchError there, and loads where an older XGBoost is installed."""
+    xgb, np = require("xgboost"), require("numpy")
+    model, x = _vector_leaf_model("regressor")
+    doc = json.loads(bytes(model.get_booster().save_raw("json")))
+    for tree in doc["learner"]["gradient_booster"]["model"]["trees"]:  # as XGBoost 3.1 and older write it
+        for key in ("leaf_weights", "loss_changes", "sum_hessian"):
+            tree.pop(key, None)
+        tree["right_children"] = [-1 if left == -1 else right
+                                  for left, right in zip(tree["left_children"], tree["right_children"], strict=True)]
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    if tuple(int(p) for p in xgb.__version__.split(".")[:2]) >= (3, 2):
+        with pytest.raises(VersionMismatchError, match=r"tree 0 is a vector-leaf tree .* before 3\.2.*xgboost<3\.2"):
+            load_any(tmp_path / "old.json")
+    else:
+        matrix = xgb.DMatrix(x)
+        np.testing.assert_array_equal(load_any(tmp_path / "old.json").predict(matrix),
+                                      model.get_booster().predict(matrix))
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+@pytest.mark.parametrize("objective", ["binary:logistic", "reg:squarederror", "multi:softprob"])
+def test_a_base_score_per_output_loads_right_or_not_at_all(objective: str, trusted: bool, tmp_path: Path) -> None:
+    """XGBoost 3.1 and later write `base_score` as a list, one per output; 2.x and 3.0 read a list as 0.5, and
+    every prediction of such a model was off (by 4.5 for a regression), silently. A single score is set after
+    loading; several are a VersionMismatchError there. Where XGBoost reads lists, the model loads as it is."""
+    xgb, np = require("xgboost"), require("numpy")
+    x = np.random.default_rng(0).normal(size=(200, 4))
+    y = {"binary:logistic": (x[:, 0] > 0.7).astype(int), "reg:squarederror": x[:, 0] * 3 + 5,
+         "multi:softprob": (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5).astype(int)}[objective]
+    booster = xgb.train({"objective": objective, "max_depth": 2, **({"num_class": 3} if "multi" in objective else {})},
+                        xgb.DMatrix(x, y), 3)
+    doc = json.loads(bytes(booster.save_raw("json")))
+    param = doc["learner"]["learner_model_param"]
+    score = param["base_score"].strip("[]").split(",")[0]
+    assert "multi" in objective or float(score) != 0.5  # else a misread score would go unnoticed
+    if not param["base_score"].startswith("["):  # an XGBoost older than 3.1 wrote one number: as 3.1+ would
+        param["base_score"] = f"[{','.join([score] * (3 if 'multi' in objective else 1))}]"
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    matrix = xgb.DMatrix(x)
+    lists_read = tuple(int(p) for p in xgb.__version__.split(".")[:2]) >= (3, 1)
+    if "multi" in objective and not lists_read:
+        with pytest.raises(VersionMismatchError, match=r"base score per output \(3\).*install xgboost>=3\.1"):
+            load_any(tmp_path / "m.json", trusted=trusted)
+        return
+    loaded = load_any(tmp_path / "m.json", trusted=trusted)
+    np.testing.assert_array_equal(loaded.predict(matrix), booster.predict(matrix))
 
 
 def _categorical_model_json(tmp_path: Path) -> tuple[Any, Any, dict[str, Any]]:
