@@ -68,12 +68,29 @@ def test_a_ranker_round_trips(tmp_path: Path) -> None:
     np.testing.assert_array_equal(load_any(tmp_path / "m").predict(x), model.predict(x))
 
 
+def test_linear_trees_round_trip(tmp_path: Path) -> None:
+    """`linear_tree=True`: a linear model in each leaf, its features checked with the tree."""
+    lgb, np = require("lightgbm"), require("numpy")
+    require("mlpersist_lightgbm")
+    x, _ = data()
+    model = lgb.LGBMRegressor(n_estimators=5, verbose=-1, linear_tree=True).fit(x, x[:, 0] * 2 + x[:, 1])
+    lines = model.booster_.model_to_string().splitlines()
+    assert any(line.startswith("leaf_features=") and line.partition("=")[2].strip() for line in lines)
+    save_any(model, tmp_path / "m")
+    np.testing.assert_array_equal(load_any(tmp_path / "m").predict(x), model.predict(x))
+
+
 CRAFT = """
 import sys, lightgbm as lgb, re
 from sklearn.datasets import make_classification
 kind, out = sys.argv[1], sys.argv[2]
 x, y = make_classification(200, 5, random_state=0)
-text = lgb.LGBMClassifier(n_estimators=3, verbose=-1).fit(x, y).booster_.model_to_string()
+if kind.startswith("linear"):  # leaf models: `linear_tree=True`
+    text = lgb.LGBMRegressor(n_estimators=3, verbose=-1, linear_tree=True).fit(x, x[:, 0] * 2 + x[:, 1]).booster_
+    text = text.model_to_string()
+    assert "num_features=0 0" not in text.partition("\\nTree=1\\n")[2].partition("\\nTree=2")[0]
+else:
+    text = lgb.LGBMClassifier(n_estimators=3, verbose=-1).fit(x, y).booster_.model_to_string()
 head, sep, rest = text.partition("\\nTree=1\\n")
 lines = rest.split("\\n")
 for i, line in enumerate(lines):
@@ -100,6 +117,13 @@ for i, line in enumerate(lines):
     elif kind == "no-leaf-value" and key == "leaf_value":
         lines[i] = "leaf_weight_x=1"
         break
+    elif kind == "linear-feature-far" and key == "leaf_features":  # read from the row at this index (segfault)
+        v[0] = str(10**9)
+    elif kind == "linear-feature-negative" and key == "leaf_features":
+        v[0] = "-5"
+    elif kind == "linear-count-negative" and key == "num_features":  # the same total, cut at -1
+        first = next(j for j, c in enumerate(v) if c != "0")
+        v[first], v[-1] = "-1", str(int(v[-1]) + int(v[first]) + 1)
     else:
         continue
     lines[i] = key + "=" + " ".join(v)
@@ -118,6 +142,8 @@ elif kind == "wrapping-feature-count":  # 2**32 + 4: LightGBM's int32 reads 4, w
     text = text.replace("max_feature_idx=4", "max_feature_idx=4294967300")
 elif kind == "no-class":
     text = text.replace("num_tree_per_iteration=1", "num_tree_per_iteration=0")
+elif kind == "trees-per-iteration-past-classes":  # each adds to its own output of a row of num_class=1 (heap)
+    text = text.replace("num_tree_per_iteration=1", "num_tree_per_iteration=5")
 elif kind == "end-of-parameters":  # one byte changed: a section line without ":" (it segfaulted LightGBM)
     text = text.replace("end of parameters", "efd of parameters")
 elif kind == "parameter-without-colon":  # LightGBM takes the second part of each line split at ":", unchecked
@@ -161,7 +187,9 @@ def _load_crafted(kind: str, tmp_path: Path, trusted: bool = False) -> str:
 @pytest.mark.parametrize("kind", ["leaf-int-min", "inner-out-of-range", "feature", "underscore-digits",
                                   "tree-line-inside", "key-twice", "carriage-return", "nul", "no-class",
                                   "no-end", "categorical-without-categories", "huge-index",
-                                  "wrapping-feature-count", "end-of-parameters", "parameter-without-colon"])
+                                  "wrapping-feature-count", "end-of-parameters", "parameter-without-colon",
+                                  "trees-per-iteration-past-classes", "linear-feature-far", "linear-feature-negative",
+                                  "linear-count-negative"])
 def test_crafted_text_models_are_refused_before_lightgbm_parses_them(kind: str, tmp_path: Path) -> None:
     assert _load_crafted(kind, tmp_path).startswith("REFUSED UntrustedContentError")
 

@@ -54,7 +54,7 @@ class LightGBMAdapter:
             raise CorruptArtifactError(f"{payload.label(MODEL)} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
                                        "a LightGBM text model is: the file is damaged or not LightGBM's") from None
         if not payload.policy.trusted:
-            text = prepared(text)  # checked, and read by LightGBM as it was checked
+            text = prepared(text, payload.label(MODEL))  # checked, and read by LightGBM as it was checked
         try:
             booster = lightgbm.Booster(model_str=text)
         except lightgbm.basic.LightGBMError as exc:
@@ -141,8 +141,11 @@ def prepared(text: str, where: str = MODEL) -> str:
         else:
             i = len(lines)
         max_feature = _int(header["max_feature_idx"])
-        if _int(header["num_class"]) < 1 or _int(header.get("num_tree_per_iteration", "1")) < 1:
+        classes, per_iteration = _int(header["num_class"]), _int(header.get("num_tree_per_iteration", "1"))
+        if classes < 1 or per_iteration < 1:
             raise ValueError("fewer than one class or tree per iteration")  # LightGBM divides by them
+        if per_iteration > classes:  # each tree of an iteration adds to its own output, in a row of num_class
+            raise ValueError(f"{per_iteration} trees per iteration for {classes} outputs")
         tree_at = i
         n = 0
         while i < len(lines):
@@ -161,7 +164,7 @@ def prepared(text: str, where: str = MODEL) -> str:
                 i += 1
             if i >= len(lines) - 1:  # the last of `lines` is what follows the last newline: no blank line
                 raise ValueError(f"tree {n} runs to the end of the text")  # LightGBM would read on past it
-            _check_tree(tree, max_feature, n)
+            _check_tree(tree, max_feature, n, where)
             n += 1
         _check_parameters(lines[i:])
     except UntrustedContentError:
@@ -223,7 +226,7 @@ def _ints(tree: Mapping[str, str], key: str) -> np.ndarray:
     return np.array([int(t) for t in _tokens(tree, key, _INT)], dtype=np.int64)
 
 
-def _check_tree(tree: Mapping[str, str], max_feature: int, n: int) -> None:
+def _check_tree(tree: Mapping[str, str], max_feature: int, n: int, where: str) -> None:
     leaves = _int(tree["num_leaves"])
     inner = leaves - 1
     left, right, feature = _ints(tree, "left_child"), _ints(tree, "right_child"), _ints(tree, "split_feature")
@@ -247,6 +250,22 @@ def _check_tree(tree: Mapping[str, str], max_feature: int, n: int) -> None:
             ok = (ok and len(thresholds) == inner and len(bounds) == num_cat + 1 and bool(np.all(np.diff(bounds) >= 0))
                   and bounds[0] >= 0 and bounds[-1] <= words
                   and bool(np.all(~cat | ((thresholds >= 0) & (thresholds < num_cat)))))
+    if ok and tree.get("is_linear", "0") != "0":
+        ok = _linear_ok(tree, leaves, max_feature)
     if not ok:
-        raise UntrustedContentError(f"{MODEL}: tree {n}: child, feature or category indices point outside its arrays; "
+        raise UntrustedContentError(f"{where}: tree {n}: child, feature or category indices point outside its arrays; "
                                     "the model is crafted or damaged, refusing it", ["lightgbm.Booster"])
+
+
+def _linear_ok(tree: Mapping[str, str], leaves: int, max_feature: int) -> bool:
+    """A linear tree's leaf models (`linear_tree=True`): `num_features` per leaf, then their features and coefficients.
+
+    LightGBM cuts `leaf_features` into the leaves' lists by those counts and reads each feature of the
+    row at its index, unchecked: a count below zero, or a feature past the row, read outside it (a
+    feature of 10**9 segfaulted the predict).
+    """
+    counts, features = _ints(tree, "num_features"), _ints(tree, "leaf_features")
+    coefficients = _tokens(tree, "leaf_coeff", _FLOAT)
+    return (tree["is_linear"] == "1" and len(counts) == leaves and bool(np.all(counts >= 0))
+            and len(features) == len(coefficients) == int(counts.sum())
+            and bool(np.all((features >= 0) & (features <= max_feature))))
