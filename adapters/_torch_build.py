@@ -70,6 +70,10 @@ def _found_kwargs(model: Any) -> dict[str, Any]:
             elif p.kind is p.VAR_POSITIONAL and p.name in args:
                 raise TypeError("*args cannot be recorded by name")
         return args
+    if cls in _RNNS:  # __init__(self, *args, **kwargs): the arguments are read back by the names torch documents
+        names = (*_RNN_ARGS, *(("proj_size",) if cls is torch.nn.LSTM else ()),
+                 *(("nonlinearity",) if cls is torch.nn.RNN else ()))
+        return {name: model.__dict__[name] for name in names}
     found = {}
     for p in list(sig.parameters.values())[1:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -84,6 +88,8 @@ def _found_kwargs(model: Any) -> dict[str, Any]:
 
 
 _CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
+_RNNS = (torch.nn.RNN, torch.nn.LSTM, torch.nn.GRU)  # these classes exactly: a subclass has its own signature
+_RNN_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
 
 
 def _arch(m: Any) -> dict[str, Any]:

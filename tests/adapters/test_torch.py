@@ -119,6 +119,28 @@ def test_torch_containers_of_standard_layers_rebuild_without_any_help(tmp_path: 
         assert torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN:UserWarning")  # CPU torch
+@pytest.mark.parametrize("layer", ["LSTM", "GRU", "RNN"])
+def test_torch_recurrent_layers_rebuild_without_any_help(layer: str, tmp_path: Path) -> None:
+    """Their __init__ is (*args, **kwargs): the arguments are read back by the names torch documents them by."""
+    torch = require("torch")
+    from torch import nn
+
+    model = {"LSTM": lambda: nn.LSTM(4, 8, 2, batch_first=True, proj_size=3, dropout=0.25),
+             "GRU": lambda: nn.GRU(4, 8, bidirectional=True, bias=False),
+             "RNN": lambda: nn.RNN(4, 8, nonlinearity="relu")}[layer]().eval()
+    save_any(model, tmp_path / "m")
+    loaded = load_any(tmp_path / "m")
+    assert type(loaded) is type(model) and repr(loaded) == repr(model)
+    x = torch.randn(2, 5, 4)
+    with torch.no_grad():
+        for a, b in zip(loaded(x), model(x), strict=True):
+            for p, q in zip(*(t if isinstance(t, tuple) else (t,) for t in (a, b)), strict=True):
+                assert torch.equal(p, q)
+    save_any(nn.Sequential(model, nn.Identity()), tmp_path / "s")  # and as a container's child
+    assert repr(load_any(tmp_path / "s")[0]) == repr(model)
+
+
 def test_explicit_init_kwargs_are_used(tmp_path: Path) -> None:
     torch = require("torch")
     model = tm().WithCache(5).eval()
