@@ -90,10 +90,35 @@ class XGBoostAdapter:
             return {"predict": model.predict(xgboost.DMatrix(args[0]))}
         return None
 
-    def check(self, obj: Any, where: str) -> None:
-        """Validate an XGBoost model met inside another artifact (an sklearn Pipeline step)."""
-        booster = obj if isinstance(obj, xgboost.Booster) else obj.get_booster()
-        vet(bytes(booster.save_raw("ubj")), "ubj", where)
+    def check_state(self, obj: Any, state: Any, where: str) -> Any:
+        """Check a pickled Booster's model before its `__setstate__` hands it to XGBoost (a pipeline step).
+
+        The state is XGBoost's serialisation, a UBJSON document of the booster's configuration and model,
+        which XGBoost parses as the state is set: a vector-leaf tree without `leaf_weights` crashed it
+        there. The model is checked as a saved one is, and the very bytes checked are set. A wrapper's
+        state holds its Booster, a pickled object of its own, checked when that one is set (so no `check`
+        after the load). An XGBoost older than 3.1 would take a list base score for 0.5: refused, as
+        a Booster's state cannot be given its base score after it is set.
+        """
+        if not isinstance(obj, xgboost.Booster) or not isinstance(state, dict) or state.get("handle") is None:
+            return state
+        handle = state["handle"]
+        if not isinstance(handle, bytearray):  # what __setstate__ reads (from_buffer): anything else is not XGBoost's
+            raise UntrustedContentError(f"{where}: a pickled XGBoost Booster whose model is a {type(handle).__name__}, "
+                                        "not XGBoost's serialised bytes; refusing it", ["xgboost.Booster"])
+        with _gc.paused():
+            doc = parse(bytes(handle), "ubj", where)
+            model = doc.get("Model") if isinstance(doc, dict) else None
+            if model is None:
+                raise UntrustedContentError(f"{where}: a pickled XGBoost Booster without its model; refusing it",
+                                            ["xgboost.Booster"])
+            validate(model, where)
+            if _scalar_base_score(_base_score(model), where) is not None:
+                raise VersionMismatchError(
+                    f"{where}: a Booster pickled by XGBoost 3.1 or later, whose base score XGBoost "
+                    f"{xgboost.__version__} would read as 0.5 (every prediction off); install xgboost>=3.1, or "
+                    "save the model with save_any on its own, which sets it right")
+        return state
 
 
 def vet(raw: bytes, format: str, what: str) -> str | None:

@@ -25,7 +25,7 @@ from ._policy import (
     unchecked_native,
     wrap,
 )
-from .errors import CorruptArtifactError, UntrustedContentError
+from .errors import CorruptArtifactError, PersistError, UntrustedContentError
 
 
 def load(fileobj: BinaryIO, policy: TrustPolicy, *, what: str, joblib_format: bool = True) -> Any:
@@ -101,7 +101,7 @@ def _guarded_call(fn: Any, state: State) -> Any:
     try:
         with _gc.paused():  # an estimator is thousands of small objects
             return fn()
-    except (UntrustedContentError, CorruptArtifactError):
+    except PersistError:  # the guard's own, and an adapter's check_state (a VersionMismatchError, say)
         raise
     except RecursionError:
         raise CorruptArtifactError(f"{state.what}: pickle nested too deeply") from None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pickle
+import re
 import struct
 from pathlib import Path
 from typing import Any, ClassVar
@@ -501,6 +503,78 @@ def test_a_crafted_step_inside_a_pipeline_is_refused(tmp_path: Path) -> None:
     save_any(make_pipeline(_out_of_range_feature(tmp_path)), tmp_path / "p")
     with pytest.raises(UntrustedContentError, match="outside its arrays"):
         load_any(tmp_path / "p")
+
+
+PICKLED_STEP = """
+import pickle, struct, sys, numpy as np, xgboost as xgb, mlpersist
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+kind, out = sys.argv[1], sys.argv[2]
+x = np.random.default_rng(0).normal(size=(200, 4))
+if kind == "parent":
+    step, y = xgb.XGBClassifier(n_estimators=3, max_depth=3), (x[:, 0] > 0).astype(int)
+else:
+    step = xgb.XGBRegressor(n_estimators=3, max_depth=3, tree_method="hist", multi_strategy="multi_output_tree")
+    y = x[:, :3]
+pipe = make_pipeline(StandardScaler(), step).fit(x, y)
+handle = bytes(pipe[-1].get_booster().__getstate__()["handle"])  # XGBoost's serialisation, parsed by __setstate__
+if kind == "parent":  # node 1 of the model's last tree names a parent far past its tree
+    at = handle.rindex(b"\\x07parents[$l#L") + 13 + 8 + 4
+    crafted = handle[:at] + struct.pack(">i", 2**24) + handle[at + 4:]
+else:  # a key XGBoost 3.2 looks up unchecked: without it, setting the state segfaulted
+    crafted = handle.replace(b"leaf_weights", b"leaf_weightz")
+data = pickle.dumps(pipe, protocol=4)
+assert data.count(handle) == 1 and crafted != handle
+open(out, "wb").write(data.replace(handle, crafted))
+try:
+    mlpersist.load_any(out)
+    print("LOADED")
+except mlpersist.PersistError as exc:
+    print("REFUSED", type(exc).__name__, exc)
+"""
+
+
+@pytest.mark.parametrize("kind", ["parent", "leaf-weights"])
+def test_a_pickled_xgboost_step_is_checked_before_xgboost_reads_it(kind: str, tmp_path: Path) -> None:
+    """A Booster's pickled state is XGBoost's serialisation, which its __setstate__ parses: the adapter's
+    check_state checks the model in it first, as a saved model is checked (in a fresh process: a crash ends it)."""
+    xgb = require("xgboost")
+    if kind == "leaf-weights" and tuple(int(p) for p in xgb.__version__.split(".")[:2]) < (3, 2):
+        pytest.skip("XGBoost writes leaf_weights from 3.2")
+    (tmp_path / "craft.py").write_text(PICKLED_STEP)
+    proc = run_python(f"import runpy, sys; sys.argv = ['x', {kind!r}, {str(tmp_path / 'p.pkl')!r}]; "
+                      f"runpy.run_path({str(tmp_path / 'craft.py')!r})", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    expected = {"parent": "REFUSED UntrustedContentError .*: tree 2: child, feature or category indices",
+                "leaf-weights": "REFUSED VersionMismatchError .*: tree 0 is a vector-leaf tree"}[kind]
+    assert re.match(expected, proc.stdout), proc.stdout
+
+
+def test_a_pickled_step_whose_base_score_an_older_xgboost_would_misread_is_refused(tmp_path: Path) -> None:
+    """XGBoost 3.1+ pickles a list base score; 2.x and 3.0 would set it as 0.5. A Booster's state cannot be
+    given its score after it is set, so there the step is refused; where lists are read, it loads as it is."""
+    xgb, np = require("xgboost"), require("numpy")
+    from sklearn.pipeline import make_pipeline
+
+    x = np.random.default_rng(0).normal(size=(200, 4))
+    pipe = make_pipeline(xgb.XGBRegressor(n_estimators=3, max_depth=2)).fit(x, x[:, 0] * 3 + 5)
+    handle = bytes(pipe[-1].get_booster().__getstate__()["handle"])
+    crafted = handle
+    for m in reversed(list(re.finditer(rb"base_scoreSL(.{8})", handle, re.S))):  # as 3.1+ writes it: a list
+        n = struct.unpack(">q", m.group(1))[0]
+        value = handle[m.end():m.end() + n]
+        if not value.startswith(b"["):
+            value = b"[" + value + b"]"
+        crafted = crafted[:m.start(1)] + struct.pack(">q", len(value)) + value + crafted[m.end() + n:]
+    data = pickle.dumps(pipe, protocol=4)
+    head = b"B" + struct.pack("<I", len(handle))  # BINBYTES: the bytes a bytearray is rebuilt from
+    assert data.count(head + handle) == 1
+    (tmp_path / "p.pkl").write_bytes(data.replace(head + handle, b"B" + struct.pack("<I", len(crafted)) + crafted))
+    if tuple(int(p) for p in xgb.__version__.split(".")[:2]) < (3, 1):
+        with pytest.raises(VersionMismatchError, match=r"pickled by XGBoost 3\.1 or later.*install xgboost>=3\.1"):
+            load_any(tmp_path / "p.pkl")
+    else:
+        np.testing.assert_array_equal(load_any(tmp_path / "p.pkl").predict(x), pipe.predict(x))
 
 
 @pytest.mark.parametrize("mutate", [
