@@ -15,6 +15,7 @@ from ._dispatch import sniff
 from ._manifest import FORMAT_VERSION, FileEntry, Manifest, Part
 from ._payload import Payload
 from ._policy import TrustPolicy
+from ._reading import local_reads
 from .errors import CorruptArtifactError, IntegrityError, PersistError, SignatureError
 
 
@@ -29,16 +30,18 @@ def bare_manifest(path: Path, source: str | None = None, pinned: str | None = No
     if algo is not None and algo not in HEX_LENGTHS:
         raise PersistError(f"digest={pinned!r}: a bare file's pinned digest is one of "
                            f"{', '.join(a + ':<hex>' for a in sorted(HEX_LENGTHS))}")
-    name, fmt, payload_name = sniff(path)
+    with local_reads(path):
+        name, fmt, payload_name = sniff(path)
+        f: BinaryIO = open(path, "rb")  # noqa: SIM115 - handed to the caller, closed there
     spec = _registry.get_spec(name)
     assert spec is not None
-    f: BinaryIO = open(path, "rb")  # noqa: SIM115 - handed to the caller, closed there
     try:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise CorruptArtifactError(f"{path} is not a regular file")
         # a small file, or one its adapter keeps whole, is then read from the bytes hashed
-        digest, f = hash_file(f, st.st_size, algo, whole=whole(name).get(payload_name) if whole else None)
+        with local_reads(path):
+            digest, f = hash_file(f, st.st_size, algo, whole=whole(name).get(payload_name) if whole else None)
         entry = FileEntry(st.st_size, digest)
         manifest = Manifest(FORMAT_VERSION, name, fmt, "unknown:unknown", spec.package, "unknown",
                             {payload_name: entry}, {}, _environment.created_at(), _environment.mlpersist_version(),

@@ -15,7 +15,7 @@ from ._checked import hash_file
 from ._digest import algorithm_of
 from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, RESERVED_NAMES, Manifest
 from ._storage import _DIRECTORY, _NOFOLLOW, _OLD
-from .errors import ArtifactNotFoundError, CorruptArtifactError, IntegrityError
+from .errors import ArtifactNotFoundError, CorruptArtifactError, IntegrityError, PersistError, StorageError
 
 
 class _Swapped(Exception):
@@ -38,13 +38,30 @@ class Opened:
             self._cleanup()
 
 
+@contextlib.contextmanager
+def local_reads(root: Path) -> Iterator[None]:
+    """Report what the local disk refused while `root` was read as a StorageError (still the OSError, errno kept).
+
+    A file this user may not read, or an I/O error. What mlpersist raises on purpose passes as it is.
+    """
+    try:
+        yield
+    except PersistError:
+        raise
+    except OSError as exc:
+        name = exc.filename if exc.filename not in (None, str(root)) else None
+        raise StorageError.of(exc, f"cannot read {root}{f': {name}' if name else ''}: {exc.strerror or exc}; check "
+                                   "that this user may read it (and the disk, for an I/O error)") from exc
+
+
 def read_manifest(root: Path) -> Manifest:
     """Read and validate only the manifest of the artifact at `root`."""
-    dfd = _open_root(root)
-    try:
-        return Manifest.from_json(_read_small(dfd, MANIFEST_NAME))
-    finally:
-        os.close(dfd)
+    with local_reads(root):
+        dfd = _open_root(root)
+        try:
+            return Manifest.from_json(_read_small(dfd, MANIFEST_NAME))
+        finally:
+            os.close(dfd)
 
 
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
@@ -66,7 +83,8 @@ def open_artifact(root: Path, *, verify: bool, check_manifest: ManifestCheck | N
     """
     for attempt in range(_ATTEMPTS):
         try:
-            return _open_once(root, verify=verify, check_manifest=check_manifest, whole=whole)
+            with local_reads(root):
+                return _open_once(root, verify=verify, check_manifest=check_manifest, whole=whole)
         except _Swapped:
             # replaced while we opened it: try again, after a short random pause that grows, so that
             # readers of a model saved in a loop do not keep meeting the writer's swap in step with it

@@ -13,7 +13,8 @@ The tree::
     ├── MissingFrameworkError (+ ImportError)    the adapter's framework is not installed
     ├── CheckFailedError                         the loaded model's answers on the stored example differ
     ├── StorageError (+ OSError)                 a store refused or failed: remote (credentials, bucket, network)
-    │                                            or the local disk on a save (full, read-only, a file in the way)
+    │                                            or the local disk (a save: full, read-only, a file in the way;
+    │                                            a load: a file this user may not read, an I/O error)
     └── VersionMismatchError                     strict=True and the versions differ, or the
                                                  installed version would misread the artifact
 
@@ -94,8 +95,9 @@ class CheckFailedError(PersistError):
 class StorageError(PersistError, OSError):
     """A store refused or failed.
 
-    A remote one (an fsspec URL: credentials, permissions, bucket, network), or the local disk during a
-    save (full, read-only, a file where a directory must be), its `errno` kept.
+    A remote one (an fsspec URL: credentials, permissions, bucket, network), or the local disk: during a
+    save (full, read-only, a file where a directory must be), or a read (a file this user may not read,
+    an I/O error). Its `errno` is kept.
     """
 
     @classmethod

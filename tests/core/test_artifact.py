@@ -59,6 +59,55 @@ def test_a_file_where_a_parent_directory_must_be_is_a_storage_error(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["team"] and (tmp_path / "team").read_text() == "notes"
 
 
+UNREADABLE = """
+import os, sys, mlp_testkit, mlpersist
+mlp_testkit.register_dummy()
+base = sys.argv[1]
+mlpersist.load_any(base + "/readable"), mlpersist.verify(base + "/readable")  # every import made while allowed
+if os.geteuid() == 0:
+    os.setuid(65534)  # root reads any file: as nobody, the mode bits apply
+for case, call in (("payload", lambda: mlpersist.load_any(base + "/payload")),
+                   ("verify", lambda: mlpersist.verify(base + "/payload")),
+                   ("directory", lambda: mlpersist.inspect(base + "/directory")),
+                   ("bare", lambda: mlpersist.load_any(base + "/bare.pkl"))):
+    try:
+        call()
+        print(case, "READ")
+    except OSError as exc:
+        print(case, type(exc).__name__, isinstance(exc, mlpersist.PersistError), exc.errno, exc)
+"""
+
+
+def test_a_file_this_user_may_not_read_is_a_storage_error(tmp_path: Path, dummy: DummyModel) -> None:
+    """A payload, an artifact directory or a bare file the user may not read: a StorageError (a PersistError, and
+    still the PermissionError's OSError with its errno) that names it, not a raw PermissionError."""
+    import shutil
+    import tempfile
+
+    from mlp_testkit import run_python
+
+    base = Path(tempfile.mkdtemp(prefix="mlpersist-unreadable-"))  # not under tmp_path: nobody may pass through it
+    try:
+        base.chmod(0o755)
+        for name in ("readable", "payload", "directory"):
+            save_any(dummy, base / name)
+        (base / "payload" / "params.json").chmod(0)
+        (base / "directory").chmod(0)
+        (base / "bare.pkl").write_bytes(b"\x80\x04N.")
+        (base / "bare.pkl").chmod(0)
+        out = run_python(UNREADABLE.replace("base = sys.argv[1]", f"base = {str(base)!r}")).stdout
+    finally:
+        for p in (base / "payload" / "params.json", base / "directory", base / "bare.pkl"):
+            p.chmod(0o755)
+        shutil.rmtree(base)
+    lines = dict(line.split(" ", 1) for line in out.splitlines())
+    assert set(lines) == {"payload", "verify", "directory", "bare"}, out
+    for case, named in (("payload", "payload: params.json"), ("verify", "payload: params.json"),
+                        ("directory", "directory"), ("bare", "bare.pkl")):
+        assert lines[case].startswith(f"StorageError True {errno.EACCES} cannot read "), (case, lines[case])
+        assert named in lines[case] and "Permission denied; check that this user may read it" in lines[case], case
+
+
 def test_an_existing_artifact_is_kept_without_overwrite(tmp_path: Path, dummy: DummyModel) -> None:
     save_any(dummy, tmp_path / "a")
     before = (tmp_path / "a" / "manifest.json").read_bytes()
