@@ -56,9 +56,12 @@ def _build(kind: str) -> tuple[Any, Any, dict[str, Any]]:
         model = xgboost.XGBRegressor(n_estimators=4, max_depth=3, n_jobs=1, tree_method="hist",
                                      multi_strategy="multi_output_tree").fit(x, x[:, :3])
         return model, lambda m: m.predict(x), {}
-    if kind == "lightgbm":
+    if kind in ("lightgbm", "lightgbm-linear"):
         import lightgbm
         import mlpersist_lightgbm  # noqa: F401 - registered by its entry point; imported to fail early here
+        if kind == "lightgbm-linear":  # a linear model in each leaf: its features index the row
+            model = lightgbm.LGBMRegressor(n_estimators=10, verbose=-1, n_jobs=1, linear_tree=True)
+            return model.fit(x, x[:, 0] + x[:, 1]), lambda m: m.predict(x), {}
         model = lightgbm.LGBMClassifier(n_estimators=10, verbose=-1, n_jobs=1).fit(x, y)
         return model, lambda m: m.predict_proba(x), {}
     if kind in ("keras", "keras-weights"):

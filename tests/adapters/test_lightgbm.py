@@ -19,7 +19,7 @@ def data(n: int = 300, seed: int = 0) -> tuple[Any, Any]:
 class TestLightGBM(AdapterContract):
     adapter = "lightgbm"
     framework_module = "lightgbm"
-    mutants: ClassVar[tuple[tuple[str, int], ...]] = (("lightgbm", 400),)
+    mutants: ClassVar[tuple[tuple[str, int], ...]] = (("lightgbm", 400), ("lightgbm-linear", 200))
 
     def make_model(self) -> Any:
         require("mlpersist_lightgbm")
