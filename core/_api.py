@@ -47,7 +47,8 @@ def save_any(model: Any, path: str | os.PathLike[str], *, overwrite: bool = Fals
         mlpersist.errors.UnsupportedModelError: no adapter claims the model, or it cannot save it.
         mlpersist.errors.ArtifactExistsError: `path` exists and `overwrite` is false (it is left untouched).
         mlpersist.errors.MissingFrameworkError: the adapter's framework (or fsspec, for a URL) is not installed.
-        mlpersist.errors.StorageError: a remote store refused or failed (credentials, missing bucket, network).
+        mlpersist.errors.StorageError: a remote store refused or failed (credentials, missing bucket, network),
+            or the local disk did (full, read-only, a file where a directory must be).
 
     """
     where = _location.where(path, storage_options)
@@ -143,7 +144,8 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
         mlpersist.errors.VersionMismatchError: with `strict=True`, the framework versions differ; without, the
             installed version would misread the artifact.
         mlpersist.errors.CheckFailedError: with `check`, an output differs beyond the tolerance.
-        mlpersist.errors.StorageError: a remote store refused or failed (credentials, network).
+        mlpersist.errors.StorageError: a remote store refused or failed (credentials, network), or a local
+            file cannot be read (this user may not, or an I/O error).
 
     """
     model, report, tolerance = load_with_report(path, trusted=trusted, allow=allow, verify=verify, strict=strict,
@@ -246,6 +248,7 @@ def inspect(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] 
     Raises:
         mlpersist.errors.ArtifactNotFoundError: no artifact at `path`.
         mlpersist.errors.CorruptArtifactError: the manifest is malformed.
+        mlpersist.errors.StorageError: the manifest (or its store) cannot be read.
 
     """
     root = _location.where(path, storage_options)
