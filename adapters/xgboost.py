@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
@@ -15,7 +16,12 @@ from mlpersist import Payload, PersistError, _gc
 from mlpersist._trees import first_bad_tree
 from mlpersist._ubjson import joined
 from mlpersist._ubjson import loads as ubjson_loads
-from mlpersist.errors import CorruptArtifactError, UntrustedContentError, VersionMismatchError
+from mlpersist.errors import (
+    CorruptArtifactError,
+    UntrustedContentError,
+    VersionMismatchError,
+    VersionMismatchWarning,
+)
 
 _FILES = {"ubj": "model.ubj", "json": "model.json"}
 # A fixed table: the class to rebuild is never taken from the file.
@@ -56,7 +62,8 @@ class XGBoostAdapter:
 
         Either way, an XGBoost older than 3.1 would read the base score that 3.1 and later write (a list,
         one per output) as 0.5: every prediction off, silently. A single one is set after loading; several
-        cannot be (those versions keep one for all outputs), and are a VersionMismatchError.
+        cannot be (those versions keep one for all outputs), and are a VersionMismatchError. Those versions
+        do not recode a frame's categories either, which is warned of (`_for_this_version`).
         """
         if options:
             raise PersistError(f"the xgboost adapter takes no load options, not {', '.join(sorted(options))}")
@@ -66,10 +73,9 @@ class XGBoostAdapter:
         raw = payload.read_bytes(name)
         label = payload.label(name)
         if not payload.policy.trusted:
-            base_score = vet(raw, format, label)
-        else:  # older XGBoost only: the document is read for its base score
-            base_score = None if _LIST_BASE_SCORE_READER else _base_score(parse(raw, format, label))
-        score = _scalar_base_score(base_score, label)
+            score = vet(raw, format, label)
+        else:  # older XGBoost only: the document is read for what that version would misread
+            score = None if _LIST_BASE_SCORE_READER else _for_this_version(parse(raw, format, label), label)
         cls = _WRAPPERS.get(str(info.get("wrapper", "Booster")))
         if cls is None:
             raise CorruptArtifactError(f"unknown XGBoost wrapper {info.get('wrapper')!r}")
@@ -113,7 +119,7 @@ class XGBoostAdapter:
                 raise UntrustedContentError(f"{where}: a pickled XGBoost Booster without its model; refusing it",
                                             ["xgboost.Booster"])
             validate(model, where)
-            if _scalar_base_score(_base_score(model), where) is not None:
+            if _for_this_version(model, where) is not None:
                 raise VersionMismatchError(
                     f"{where}: a Booster pickled by XGBoost 3.1 or later, whose base score XGBoost "
                     f"{xgboost.__version__} would read as 0.5 (every prediction off); install xgboost>=3.1, or "
@@ -122,7 +128,9 @@ class XGBoostAdapter:
 
 
 def vet(raw: bytes, format: str, what: str) -> str | None:
-    """Parse and check the model document, with the garbage collector paused until it is dropped; its base score.
+    """Parse and check the model document, with the garbage collector paused until it is dropped.
+
+    Returns what `_for_this_version` returns: the base score an older XGBoost must be given, or None.
 
     Its thousands of dicts and arrays are garbage once checked: freed before the collector resumes,
     they count toward no collection (one that walked them took 1.5-3 ms in a process with TensorFlow
@@ -131,7 +139,36 @@ def vet(raw: bytes, format: str, what: str) -> str | None:
     with _gc.paused():
         doc = parse(raw, format, what)
         validate(doc, what)
-        return _base_score(doc)
+        return _for_this_version(doc, what)
+
+
+def _for_this_version(doc: Any, what: str) -> str | None:
+    """What an XGBoost older than 3.1 would get wrong in a model 3.1 or later wrote.
+
+    Returns the base score to set after loading, or None (`_scalar_base_score`: several are refused). A
+    model trained on a data frame's categories keeps them (`cats`), and 3.1+ recodes a frame's categories
+    to those at predict time. Older versions use each frame's own codes: a frame whose categories are in
+    another order is predicted wrong (0.78 off in a test). That depends on the caller's frames, so it is a
+    warning, saying what to pass.
+    """
+    if _LIST_BASE_SCORE_READER:
+        return None
+    if _frame_categories(doc):
+        warnings.warn(f"{what} was trained by XGBoost 3.1 or later on a data frame with categories, which it "
+                      f"recodes to the training ones when it predicts; XGBoost {xgboost.__version__} does not: "
+                      "give it frames whose categorical columns list the training categories in the training "
+                      "order, or install xgboost>=3.1", VersionMismatchWarning, stacklevel=2)
+    return _scalar_base_score(_base_score(doc), what)
+
+
+def _frame_categories(doc: Any) -> bool:
+    """Whether the model keeps the categories of the frame it was trained on (XGBoost 3.1+ writes them)."""
+    try:
+        booster = doc["learner"]["gradient_booster"]
+        segments = (booster["gbtree"] if booster["name"] == "dart" else booster)["model"]["cats"]["feature_segments"]
+        return len(segments) > 0 and int(segments[-1]) > 0
+    except (KeyError, TypeError, ValueError, IndexError):
+        return False
 
 
 def _base_score(doc: Any) -> str | None:

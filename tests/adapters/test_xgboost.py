@@ -22,6 +22,7 @@ from mlpersist import (
     PersistError,
     UntrustedContentError,
     VersionMismatchError,
+    VersionMismatchWarning,
     load_any,
     save_any,
 )
@@ -503,6 +504,30 @@ def test_a_crafted_step_inside_a_pipeline_is_refused(tmp_path: Path) -> None:
     save_any(make_pipeline(_out_of_range_feature(tmp_path)), tmp_path / "p")
     with pytest.raises(UntrustedContentError, match="outside its arrays"):
         load_any(tmp_path / "p")
+
+
+def test_an_older_xgboost_is_warned_that_it_does_not_recode_a_frames_categories(tmp_path: Path) -> None:
+    """XGBoost 3.1+ keeps the training frame's categories and recodes a frame's to them when it predicts;
+    2.x and 3.0 use each frame's own codes (a frame with the categories reordered was 0.78 off). That depends
+    on the caller's frames: a VersionMismatchWarning says what to pass. Where XGBoost recodes, no warning."""
+    xgb, pd, np = require("xgboost"), require("pandas"), require("numpy")
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"plan": pd.Categorical(rng.choice(list("abcd"), 300), categories=list("abcd")),
+                       "x": rng.normal(size=300)})
+    y = df["plan"].isin(["b", "d"]).astype(int) ^ (df["x"] > 1).astype(int)
+    model = xgb.XGBClassifier(n_estimators=5, max_depth=3, enable_categorical=True, tree_method="hist").fit(df, y)
+    doc = json.loads(bytes(model.get_booster().save_raw("json")))
+    trees = doc["learner"]["gradient_booster"]["model"]
+    if "cats" not in trees:  # written before 3.1: the training frame's categories, as 3.1 and later keep them
+        trees["cats"] = {"enc": [{"offsets": [0, 1, 2, 3, 4], "values": list(b"abcd")}, {"offsets": [], "values": []}],
+                         "feature_segments": [0, 4, 4], "sorted_idx": [0, 1, 2, 3]}
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    older = tuple(int(p) for p in xgb.__version__.split(".")[:2]) < (3, 1)
+    with (pytest.warns(VersionMismatchWarning, match=r"recodes .*training order, or install xgboost>=3\.1")
+          if older else contextlib.nullcontext()):  # elsewhere, a warning fails the test
+        loaded = load_any(tmp_path / "m.json")
+    matrix = xgb.DMatrix(df, enable_categorical=True)
+    np.testing.assert_array_equal(loaded.predict(matrix), model.get_booster().predict(matrix))
 
 
 PICKLED_STEP = """
