@@ -440,7 +440,9 @@ def test_a_message_xgboost_cannot_decode_is_a_corrupt_artifact(tmp_path: Path) -
     raw = bytearray(_ubj(tmp_path))
     raw[raw.index(b"learner") + 1] = 0xF0  # a key XGBoost cannot find, quoted in its error message
     (tmp_path / "m.ubj").write_bytes(bytes(raw))
-    with pytest.raises(CorruptArtifactError, match="XGBoost could not read"):
+    # before 3.1, a trusted load reads the document first (for what that XGBoost would misread): ours refuses it
+    older = tuple(int(p) for p in require("xgboost").__version__.split(".")[:2]) < (3, 1)
+    with pytest.raises(CorruptArtifactError, match="not valid UBJSON" if older else "XGBoost could not read"):
         load_any(tmp_path / "m.ubj", trusted=True)
 
 
