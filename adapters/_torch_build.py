@@ -36,7 +36,8 @@ def init_spec(model: Any, explicit: Mapping[str, Any] | None) -> tuple[Any, bool
             encoded = {"init": encode(dict(explicit) if explicit is not None else _found_kwargs(model))}
         for meta in (True, False):
             try:
-                with torch.device("meta" if meta else "cpu"):
+                with torch.device("meta" if meta else "cpu"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the user saw the class's own warnings when they built it
                     rebuilt = _construct(cls, encoded)
             except Exception:
                 if meta:
@@ -45,7 +46,7 @@ def init_spec(model: Any, explicit: Mapping[str, Any] | None) -> tuple[Any, bool
             if _shapes(rebuilt) == _shapes(model):
                 return encoded, meta
             break
-    except (TypeError, ValueError, LookupError):
+    except Exception:  # the save goes on without them, as the contract says: loading will need a template
         pass
     if cls not in _warned:
         _warned.add(cls)
@@ -69,27 +70,99 @@ def _found_kwargs(model: Any) -> dict[str, Any]:
                 args.update(args.pop(p.name))
             elif p.kind is p.VAR_POSITIONAL and p.name in args:
                 raise TypeError("*args cannot be recorded by name")
-        return args
-    if cls in _RNNS:  # __init__(self, *args, **kwargs): the arguments are read back by the names torch documents
-        names = (*_RNN_ARGS, *(("proj_size",) if cls is torch.nn.LSTM else ()),
-                 *(("nonlinearity",) if cls is torch.nn.RNN else ()))
-        return {name: model.__dict__[name] for name in names}
-    found = {}
+        own = {id(t) for t in model.state_dict(keep_vars=True).values()}  # a tensor argument the module keeps
+        return {k: Slot.of(v) if isinstance(v, torch.Tensor) and id(v) in own else v for k, v in args.items()}
+    reader = _READERS.get(cls)
+    if reader is not None:  # torch's own classes that keep their arguments under other names
+        return reader(model)
+    found: dict[str, Any] = {}
     for p in list(sig.parameters.values())[1:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if p.name in model.__dict__:  # plain attributes of an nn.Module live in its __dict__
             found[p.name] = model.__dict__[p.name]
+        elif p.name in model._modules and (p.default is p.empty or p.default is None):  # kept under its name
+            found[p.name] = model._modules[p.name]
         elif p.name in model._parameters and isinstance(p.default, bool):  # bias=True/False flags
             found[p.name] = model._parameters[p.name] is not None
+        elif isinstance(state := {**model._parameters, **model._buffers}.get(p.name), torch.Tensor):
+            found[p.name] = Slot.of(state)  # e.g. a loss's class `weight`: a buffer, its values in the weights
         elif p.default is p.empty:
             raise LookupError(p.name)
     return found
 
 
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """A constructor argument that is one of the module's own tensors, recorded by shape and dtype.
+
+    It is built empty: the weights file holds its values (the rebuild is proved to give every tensor its name).
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> Slot:
+        return cls(tuple(t.shape), t.dtype)
+
+
+def _rnn(m: Any) -> dict[str, Any]:
+    """__init__(self, *args, **kwargs): the arguments are read back by the names torch documents them by."""
+    names = (*_RNN_ARGS, *(("proj_size",) if type(m) is torch.nn.LSTM else ()),
+             *(("nonlinearity",) if type(m) is torch.nn.RNN else ()))
+    return {name: m.__dict__[name] for name in names}
+
+
+def _activation(m: Any) -> Any:
+    """A transformer layer keeps `activation="relu"/"gelu"` as the function itself; a module is recorded as one."""
+    act = m.activation
+    if isinstance(act, torch.nn.Module):
+        return act
+    named = {torch.nn.functional.relu: "relu", torch.nn.functional.gelu: "gelu"}
+    if act in named:
+        return named[act]
+    raise TypeError("a transformer layer's activation function cannot be recorded (give a torch.nn module)")
+
+
+def _layer(m: Any) -> dict[str, Any]:
+    """TransformerEncoderLayer / TransformerDecoderLayer: their arguments, read back from the layers they made."""
+    return {"d_model": m.self_attn.embed_dim, "nhead": m.self_attn.num_heads,
+            "dim_feedforward": m.linear1.out_features, "dropout": m.dropout.p, "activation": _activation(m),
+            "layer_norm_eps": m.norm1.eps, "batch_first": m.self_attn.batch_first, "norm_first": m.norm_first,
+            "bias": m.linear1.bias is not None}
+
+
+def _stack(m: Any) -> dict[str, Any]:
+    """TransformerEncoder / TransformerDecoder: its layers are clones of the one layer it was given."""
+    if type(m) is torch.nn.TransformerEncoder:
+        return {"encoder_layer": m.layers[0], "num_layers": m.num_layers, "norm": m.norm,
+                "enable_nested_tensor": m.enable_nested_tensor, "mask_check": m.mask_check}
+    return {"decoder_layer": m.layers[0], "num_layers": m.num_layers, "norm": m.norm}
+
+
+def _params(m: Any) -> dict[str, Any]:
+    """ParameterList / ParameterDict: their tensors as slots (anything else they hold cannot be recorded)."""
+    if isinstance(m, torch.nn.ParameterList):
+        return {"values": [_slot(v) for v in m]}
+    return {"parameters": {k: _slot(v) for k, v in m.items()}}
+
+
+def _slot(v: Any) -> Slot:
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"cannot record a {type(v).__name__} held in a parameter container")
+    return Slot.of(v)
+
+
 _CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
-_RNNS = (torch.nn.RNN, torch.nn.LSTM, torch.nn.GRU)  # these classes exactly: a subclass has its own signature
 _RNN_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+# these classes exactly: a subclass has its own signature
+_READERS = {torch.nn.RNN: _rnn, torch.nn.LSTM: _rnn, torch.nn.GRU: _rnn,
+            torch.nn.TransformerEncoderLayer: _layer, torch.nn.TransformerDecoderLayer: _layer,
+            torch.nn.TransformerEncoder: _stack, torch.nn.TransformerDecoder: _stack,
+            torch.nn.Transformer: lambda m: {"d_model": m.d_model, "nhead": m.nhead, "batch_first": m.batch_first,
+                                             "custom_encoder": m.encoder, "custom_decoder": m.decoder},
+            torch.nn.ParameterList: _params, torch.nn.ParameterDict: _params}
 
 
 def _arch(m: Any) -> dict[str, Any]:
@@ -106,13 +179,15 @@ def _arch(m: Any) -> dict[str, Any]:
 def _construct(cls: Any, spec: Mapping[str, Any]) -> Any:
     if "arch" in spec:
         return _build(spec["arch"])
-    return cls(**decode(spec["init"]))
+    return cls(**decode(spec["init"], build=True))
 
 
-def _build(node: Mapping[str, Any]) -> Any:
+def _build(node: Any) -> Any:
+    if not isinstance(node, Mapping):
+        raise CorruptArtifactError(f"a module in the recorded constructor arguments is {node!r}, not a description")
     cls = _import_class(node.get("class"), lambda c: issubclass(c, torch.nn.Module), "a torch.nn.Module subclass")
     if "children" not in node:
-        return cls(**decode(node.get("init", {})))
+        return cls(**decode(node.get("init", {}), build=True))
     children = {name: _build(child) for name, child in node["children"].items()}
     if cls is torch.nn.ModuleList:
         return cls(list(children.values()))
@@ -124,8 +199,13 @@ def _shapes(m: Any) -> dict[str, tuple[int, ...]]:
 
 
 def encode(v: Any) -> Any:
+    """Constructor arguments as JSON: tuples, dtypes, dataclasses, modules and the module's own tensors tagged."""
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
+    if isinstance(v, Slot):
+        return {"__tensor__": {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}}
+    if isinstance(v, torch.nn.Module):  # another module's arguments, or a container's children
+        return {"__module__": _arch(v)}
     if isinstance(v, list):
         return [encode(x) for x in v]
     if isinstance(v, tuple):
@@ -141,22 +221,41 @@ def encode(v: Any) -> Any:
     raise TypeError(f"cannot record a {type(v).__name__} argument")
 
 
-def decode(v: Any) -> Any:
+def decode(v: Any, *, build: bool = False) -> Any:
+    """`encode` undone.
+
+    Modules and tensors are built only for a constructor (`build=True`): on the meta device first, where no size
+    in the artifact allocates anything before the weights are found to fit.
+    """
     if isinstance(v, list):
-        return [decode(x) for x in v]
+        return [decode(x, build=build) for x in v]
     if not isinstance(v, dict):
         return v
     if "__tuple__" in v:
-        return tuple(decode(x) for x in v["__tuple__"])
+        return tuple(decode(x, build=build) for x in v["__tuple__"])
     if "__dtype__" in v:
-        dtype = getattr(torch, str(v["__dtype__"]), None)
-        if not isinstance(dtype, torch.dtype):
-            raise CorruptArtifactError(f"unknown torch dtype {v['__dtype__']!r}")
-        return dtype
+        return _dtype(v["__dtype__"])
     if "__dataclass__" in v:
         cls = _import_class(v["__dataclass__"], dataclasses.is_dataclass, "a dataclass")
-        return cls(**{k: decode(x) for k, x in v["fields"].items()})
-    return {k: decode(x) for k, x in v.items()}
+        return cls(**{k: decode(x, build=build) for k, x in v["fields"].items()})
+    if build and "__module__" in v:
+        return _build(v["__module__"])
+    if build and "__tensor__" in v:
+        t = v["__tensor__"]
+        shape = t.get("shape") if isinstance(t, dict) else None
+        if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+            raise CorruptArtifactError(f"a recorded tensor argument has shape {shape!r}, not a list of sizes")
+        return torch.empty(shape, dtype=_dtype(t.get("dtype")))
+    if {"__module__", "__tensor__"} & set(v):
+        raise CorruptArtifactError(f"a module or tensor is recorded outside constructor arguments: {sorted(v)}")
+    return {k: decode(x, build=build) for k, x in v.items()}
+
+
+def _dtype(name: Any) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptArtifactError(f"unknown torch dtype {name!r}")
+    return dtype
 
 
 def _import_class(spec: Any, check: Any, kind: str) -> Any:
@@ -186,15 +285,20 @@ def rebuild(info: Mapping[str, Any], tensors: dict[str, torch.Tensor], dev: torc
     if not isinstance(spec, dict) or not ({"init", "arch"} & set(spec)):
         raise PersistError(f"{cls.__qualname__} was saved without constructor arguments that rebuild it; pass a "
                            f"template: load_any(path, model={cls.__qualname__}(...))")
-    if info.get("meta_ok"):
-        with torch.device("meta"):  # no random initialisation: the weights are assigned, not copied
+    try:  # no random initialisation: the weights are assigned, not copied
+        with torch.device("meta"):
             model = _construct(cls, spec)
+    except PersistError:
+        raise
+    except Exception:
+        if info.get("meta_ok"):
+            raise
+    else:  # weights that do not fit are refused here, before the artifact's sizes allocate anything
         fill(model, tensors, strict=True, assign=True)
-        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        if not leftover:
+        if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
             _retie(model, info.get("aliases", {}))
             return model
-    with torch.device(dev):  # a buffer outside the state dict: build for real, then copy
+    with torch.device(dev):  # the class cannot be built on meta, or keeps a buffer outside the state dict
         model = _construct(cls, spec)
     fill(model, tensors, strict=True)
     return model

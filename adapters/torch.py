@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from mlpersist import Payload, PersistError
 from mlpersist.adapters._safetensors import read_safetensors, unique_tensors, write_safetensors
 from mlpersist.adapters._torch_build import decode, encode, fill, init_spec, rebuild
-from mlpersist.errors import CorruptArtifactError, UntrustedContentError
+from mlpersist.errors import CorruptArtifactError, UnsupportedModelError, UntrustedContentError
 
 WEIGHTS, OPTIMIZER = "weights.safetensors", "optimizer.safetensors"
 _FILES = {"torchscript": "model.torchscript.pt", "export": "model.pt2"}
@@ -50,6 +50,11 @@ class TorchAdapter:
     def save(self, model: Any, dest: Path, *, format: str, init_kwargs: Mapping[str, Any] | None = None,
              optimizer: Any = None, extra: Any = None, example: Any = None) -> Mapping[str, Any]:
         """Write weights (and optimizer state) as safetensors, or a TorchScript / torch.export program."""
+        lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if torch.nn.parameter.is_lazy(t)]
+        if lazy:
+            raise UnsupportedModelError(f"{type(model).__qualname__} has weights not yet initialised "
+                                        f"({', '.join(lazy[:3])}): a lazy module takes its shapes from its first "
+                                        "input; run one forward pass on a batch before saving it")
         if format != "safetensors":
             return _save_program(model, dest, format, example)
         tensors, aliases = unique_tensors(model.state_dict())

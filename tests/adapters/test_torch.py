@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from hashlib import sha256
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,7 +13,15 @@ import pytest
 from contract import AdapterContract
 from mlp_testkit import require, run_python
 
-from mlpersist import CorruptArtifactError, PersistError, UntrustedContentError, inspect, load_any, save_any
+from mlpersist import (
+    CorruptArtifactError,
+    PersistError,
+    UnsupportedModelError,
+    UntrustedContentError,
+    inspect,
+    load_any,
+    save_any,
+)
 
 
 def tm() -> Any:
@@ -139,6 +148,115 @@ def test_torch_recurrent_layers_rebuild_without_any_help(layer: str, tmp_path: P
                 assert torch.equal(p, q)
     save_any(nn.Sequential(model, nn.Identity()), tmp_path / "s")  # and as a container's child
     assert repr(load_any(tmp_path / "s")[0]) == repr(model)
+
+
+def transformer(kind: str) -> Any:
+    from torch import nn
+
+    def enc(**kw: Any) -> Any:
+        return nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True, **kw)
+
+    return {"encoder-layer": lambda: enc(activation="gelu", norm_first=True, layer_norm_eps=1e-6, dropout=0.2),
+            "decoder-layer": lambda: nn.TransformerDecoderLayer(8, 4, 12, bias=False, batch_first=True),
+            "encoder": lambda: nn.TransformerEncoder(enc(activation=nn.GELU(approximate="tanh")), 3,
+                                                     norm=nn.LayerNorm(8), mask_check=False),
+            "decoder": lambda: nn.TransformerDecoder(nn.TransformerDecoderLayer(8, 2, 16, batch_first=True), 2),
+            "transformer": lambda: nn.Transformer(8, 2, 1, 2, 16, activation="gelu", batch_first=True),
+            "in-sequential": lambda: nn.Sequential(nn.Linear(3, 8), enc(), nn.Linear(8, 1))}[kind]()
+
+
+@pytest.mark.parametrize("kind", ["encoder-layer", "decoder-layer", "encoder", "decoder", "transformer",
+                                  "in-sequential"])
+def test_torch_transformers_rebuild_without_any_help(kind: str, tmp_path: Path) -> None:
+    """Their arguments are not kept under their own names: they are read back from the layers they built,
+    including what repr does not show (the activation, norm_first, the encoder's fast-path flags)."""
+    torch = require("torch")
+    torch.manual_seed(0)
+    model = transformer(kind).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "will need a template"
+        save_any(model, tmp_path / "m")
+    loaded = load_any(tmp_path / "m")
+    assert type(loaded) is type(model) and repr(loaded) == repr(model)
+    plain = (int, float, bool, str, type(None))
+    for (name, a), (_, b) in zip(model.named_modules(), loaded.named_modules(), strict=True):
+        flags = {k: v for k, v in vars(a).items() if isinstance(v, plain) and k != "training"}
+        assert flags == {k: v for k, v in vars(b).items() if isinstance(v, plain) and k != "training"}, name
+        assert getattr(a, "activation", None).__class__ is getattr(b, "activation", None).__class__, name
+        if callable(getattr(a, "activation", None)) and not isinstance(a.activation, torch.nn.Module):
+            assert a.activation is b.activation, name
+    for x, y in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(x, y)
+    x = torch.randn(2, 5, 3 if kind == "in-sequential" else 8)
+    args = (x, torch.randn(2, 4, 8)) if kind in ("decoder-layer", "decoder", "transformer") else (x,)
+    with torch.no_grad():
+        assert torch.equal(loaded(*args), model(*args))
+
+
+def test_a_transformer_layer_with_a_plain_function_as_activation_needs_a_template(tmp_path: Path) -> None:
+    """A function could be any code: it is not recorded, and loading asks for the layer."""
+    torch = require("torch")
+    model = torch.nn.TransformerEncoderLayer(8, 2, 16, activation=torch.tanh, batch_first=True).eval()
+    with pytest.warns(UserWarning, match="will need a template"):
+        save_any(model, tmp_path / "m")
+    with pytest.raises(PersistError, match=r"model=TransformerEncoderLayer\(\.\.\.\)"):
+        load_any(tmp_path / "m")
+    template = torch.nn.TransformerEncoderLayer(8, 2, 16, activation=torch.tanh, batch_first=True)
+    same(load_any(tmp_path / "m", model=template), model, torch.randn(2, 3, 8))
+
+
+def test_parameter_containers_and_a_loss_with_class_weights_rebuild(tmp_path: Path) -> None:
+    """Arguments that are the module's own tensors are recorded by shape and dtype; the values are the weights."""
+    torch = require("torch")
+    from torch import nn
+
+    torch.manual_seed(0)
+    plist = nn.ParameterList([nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2, 2).double())])
+    pdict = nn.ParameterDict({"scale": nn.Parameter(torch.randn(4)), "shift": nn.Parameter(torch.randn(1))})
+    loss = nn.CrossEntropyLoss(weight=torch.tensor([0.2, 1.0, 3.0]), label_smoothing=0.1)
+    for i, model in enumerate((plist, pdict, loss)):
+        save_any(model, tmp_path / str(i))
+        loaded = load_any(tmp_path / str(i))
+        assert type(loaded) is type(model) and list(loaded.state_dict()) == list(model.state_dict())
+        for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    logits, target = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
+    assert torch.equal(load_any(tmp_path / "2")(logits, target), loss(logits, target))
+
+
+def test_a_lazy_module_is_saved_once_it_has_seen_an_input(tmp_path: Path) -> None:
+    torch = require("torch")
+    from torch import nn
+
+    model = nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.LazyLinear(1)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"0.weight, 0.bias, 2.weight\): .*run one forward pass"):
+        save_any(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    x = torch.randn(2, 5)
+    model(x)  # LazyLinear becomes Linear(5, 3)
+    save_any(model, tmp_path / "m")
+    same(load_any(tmp_path / "m"), model, x)
+
+
+def test_module_and_tensor_arguments_of_a_users_class_are_recorded(tmp_path: Path) -> None:
+    torch = require("torch")
+    from torch import nn
+
+    mods = tm()
+    head = mods.Head(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)), n_out=3).eval()
+    m = save_any(head, tmp_path / "head")
+    assert m.info["init"]["init"]["backbone"]["__module__"]["class"] == "torch.nn.modules.container:Sequential"
+    same(load_any(tmp_path / "head"), head, torch.randn(2, 4))
+    weighted = mods.Weighted(torch.tensor([0.5, 2.0]), n_in=3).eval()
+    m = save_any(weighted, tmp_path / "w")
+    assert m.info["init"]["init"]["class_weight"] == {"__tensor__": {"shape": [2], "dtype": "float32"}}
+    same(load_any(tmp_path / "w"), weighted, torch.randn(2, 3))
+    with pytest.warns(UserWarning, match="will need a template"):  # a tensor it does not keep: values unknown
+        save_any(mods.Scaled(torch.ones(3)), tmp_path / "s")
+    named = mods.Named().eval()  # `encoder="linear"` names the child it builds: the default is kept, not the child
+    m = save_any(named, tmp_path / "n")
+    assert m.info["init"] == {"init": {}}
+    same(load_any(tmp_path / "n"), named, torch.randn(2, 3))
 
 
 def test_explicit_init_kwargs_are_used(tmp_path: Path) -> None:
@@ -335,12 +453,18 @@ def test_a_class_not_importable_at_load_time_says_how_to_give_a_template(tmp_pat
     assert "not importable here" in proc.stdout and "model=MLP(...)" in proc.stdout
 
 
+@pytest.mark.parametrize("where", ["class", "argument"])
 @pytest.mark.parametrize("cls", ["torch_models:NotAModule", "os:system", "builtins:eval", "collections:OrderedDict",
                                  "antigravity:X", "torch_models:Config"])
-def test_a_class_that_is_not_a_module_is_refused_before_anything_is_built(cls: str, tmp_path: Path) -> None:
+def test_a_class_that_is_not_a_module_is_refused_before_anything_is_built(cls: str, where: str,
+                                                                          tmp_path: Path) -> None:
+    """The model's class, or a module recorded among its constructor arguments."""
     save_any(tm().MLP(4), tmp_path / "m")
     doc = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    doc["info"]["class"] = cls
+    if where == "class":
+        doc["info"]["class"] = cls
+    else:
+        doc["info"]["init"]["init"]["n_out"] = {"__module__": {"class": cls, "init": {}}}
     (tmp_path / "m" / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(UntrustedContentError, match="refusing"):
         load_any(tmp_path / "m")
@@ -372,17 +496,19 @@ def test_optimizer_state_and_extra_resume_training_identically(tmp_path: Path) -
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("case", ["class-changed", "template", "renamed-weight", "bare-into-template"])
+@pytest.mark.parametrize("case", ["class-changed", "huge", "template", "renamed-weight", "bare-into-template"])
 def test_weights_that_do_not_fit_the_module_are_a_typed_error(case: str, tmp_path: Path) -> None:
     """The class changed since the save, a template of another shape, or a weight renamed in a (crafted) file:
-    torch's RuntimeError becomes a CorruptArtifactError that names the weights and says what to do."""
+    torch's RuntimeError becomes a CorruptArtifactError that names the weights and says what to do. A crafted
+    width of 2**40 (16 TiB of weights) is found not to fit on the meta device, before anything is allocated."""
     torch = require("torch")
     save_any(tm().MLP(4), tmp_path / "m")
     options: dict[str, Any] = {}
     path = tmp_path / "m"
-    if case == "class-changed":  # as if MLP's default width had changed: rebuilt with 8 hidden units
+    if case in ("class-changed", "huge"):  # as if MLP's default width had changed: rebuilt with 8 hidden units
         doc = json.loads((path / "manifest.json").read_text())
-        doc["info"]["init"]["init"]["hidden"] = 8
+        doc["info"]["init"]["init"]["hidden"] = 8 if case == "class-changed" else 2**40
+        doc["info"]["meta_ok"] = case == "class-changed"  # "huge": as if the class could only be built for real
         (path / "manifest.json").write_text(json.dumps(doc))
     elif case == "template":
         options["model"] = tm().MLP(5)
@@ -397,6 +523,26 @@ def test_weights_that_do_not_fit_the_module_are_a_typed_error(case: str, tmp_pat
         path, options["model"] = tmp_path / "weights.pth", tm().MLP(5)
     with pytest.raises(CorruptArtifactError, match=r"do not fit MLP as it is defined now .*(mismatch|Missing key)"):
         load_any(path, **options)
+
+
+@pytest.mark.parametrize("case", ["negative-shape", "unknown-dtype", "module-in-optimizer", "tensor-in-optimizer"])
+def test_modules_and_tensors_are_built_only_as_constructor_arguments(case: str, tmp_path: Path) -> None:
+    torch = require("torch")
+    model = tm().Weighted(torch.tensor([0.5, 2.0]))
+    save_any(model, tmp_path / "m", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), extra={"epoch": 1})
+    doc = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    init, info = doc["info"]["init"]["init"], doc["info"]
+    if case == "negative-shape":
+        init["class_weight"]["__tensor__"]["shape"] = [-2]
+    elif case == "unknown-dtype":
+        init["class_weight"]["__tensor__"]["dtype"] = "system"
+    elif case == "module-in-optimizer":
+        info["optimizer"]["param_groups"][0]["lr"] = {"__module__": {"class": "torch.nn:Linear"}}
+    else:
+        info["optimizer"]["scalars"] = {"0": {"step": {"__tensor__": {"shape": [2**40], "dtype": "float32"}}}}
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptArtifactError, match=r"not a list of sizes|unknown torch dtype|outside constructor"):
+        load_any(tmp_path / "m", training_state=True)
 
 
 def test_a_bare_state_dict_file_loads_safely_as_dict_or_into_a_model(tmp_path: Path) -> None:

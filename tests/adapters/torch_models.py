@@ -68,14 +68,52 @@ class ConfigNet(nn.Module):
 
 
 class Opaque(nn.Module):
-    """Built from an object mlpersist cannot record: loading it needs a template."""
+    """Built from an argument kept under another name: mlpersist cannot find it, so loading needs a template."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        self.layer = layer
+        self.inner = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
+        return self.inner(x)
+
+
+class Head(nn.Module):
+    """A module argument kept under its own name, as most models that wrap a backbone do."""
+
+    def __init__(self, backbone: nn.Module, n_out: int = 2) -> None:
+        super().__init__()
+        self.backbone, self.n_out = backbone, n_out
+        self.fc = nn.Linear(backbone[-1].out_features, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.backbone(x)))
+
+
+@mlpersist.capture_init
+class Weighted(nn.Module):
+    """A tensor argument the module keeps as a buffer: recorded by shape, its values in the weights."""
+
+    def __init__(self, class_weight: torch.Tensor, n_in: int = 4) -> None:
+        super().__init__()
+        self.register_buffer("class_weight", class_weight)
+        self.lin = nn.Linear(n_in, len(class_weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.class_weight
+
+
+@mlpersist.capture_init
+class Scaled(nn.Module):
+    """A tensor argument used and not kept: its values are nowhere in the weights, so it cannot be recorded."""
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.factor = float(scale.sum())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.factor
 
 
 class WithCache(nn.Module):
@@ -98,3 +136,14 @@ class NotAModule:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         NotAModule.built.append(1)
+
+
+class Named(nn.Module):
+    """An argument that names the child it builds: the child is not the argument, so the default is used."""
+
+    def __init__(self, encoder: str = "linear") -> None:
+        super().__init__()
+        self.encoder = {"linear": nn.Linear(3, 3), "conv": nn.Conv1d(1, 1, 3)}[encoder]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
