@@ -187,7 +187,7 @@ def _scalar_base_score(score: str | None, what: str) -> str | None:
         mlpersist.errors.VersionMismatchError: a list of several, which those versions cannot hold.
 
     """
-    if _LIST_BASE_SCORE_READER or score is None or not score.strip().startswith("["):
+    if score is None or not score.strip().startswith("["):
         return None
     values = [v.strip() for v in score.strip()[1:-1].split(",")]
     if len(values) == 1 and values[0]:
@@ -363,17 +363,10 @@ def _leaf_indices_checked(sizes: list[int], vector: dict[int, bool], left: Any, 
     tree = np.repeat(np.arange(len(sizes)), np.asarray(sizes, dtype=np.int64))
     indexed = np.zeros(len(sizes), dtype=bool)
     indexed[[i for i, layout in vector.items() if layout]] = True
-    at = np.flatnonzero((np.asarray(left) == -1) & indexed[tree])  # the leaves that index leaf_weights
-    value = np.asarray(right[at], dtype=np.int64)
-    per_tree = np.bincount(tree[at], minlength=len(sizes))
-    first = np.cumsum(per_tree) - per_tree  # where each tree's leaves start among `at`
-    rank = value + first[tree[at]]  # each leaf's vector, numbered across all trees
-    ok = (value >= 0) & (value < per_tree[tree[at]])
-    if not ok.all():
-        _refuse(int(tree[at][np.argmax(~ok)]))
-    taken = np.bincount(rank, minlength=len(at))
-    if (taken != 1).any():
-        _refuse(int(np.searchsorted(np.cumsum(per_tree), int(np.argmax(taken != 1)), side="right")))
+    at = np.flatnonzero((np.asarray(left) == -1) & indexed[tree])  # the leaves that index leaf_weights, tree by tree
+    bad = _first_misnumbered(np.asarray(right[at], dtype=np.int64), np.bincount(tree[at], minlength=len(sizes)))
+    if bad is not None:
+        _refuse(bad)
     checked = np.array(right, dtype=np.int64)
     checked[at] = -1
     return checked
@@ -408,12 +401,22 @@ def _check_cats(cats: Any) -> None:
     total = int(segments[-1])
     if len(order) not in (0, total) or (cats.get("sorted") is True and len(order) != total):
         raise ValueError("sorted_idx needs one entry per category")
-    if len(order):  # each feature's entries: its own categories, each once
-        feature = np.repeat(np.arange(len(counts)), counts)
-        local = np.asarray(order, dtype=np.int64)
-        if bool(((local < 0) | (local >= np.asarray(counts, dtype=np.int64)[feature])).any()) or not np.array_equal(
-                np.sort(local + np.asarray(segments[:-1], dtype=np.int64)[feature]), np.arange(total)):
-            raise ValueError("sorted_idx must order each feature's own categories")
+    if len(order) and _first_misnumbered(np.asarray(order, dtype=np.int64), np.asarray(counts)) is not None:
+        raise ValueError("sorted_idx must order each feature's own categories")  # each feature's own, each once
+
+
+def _first_misnumbered(local: Any, counts: Any) -> int | None:
+    """The first group whose entries do not number 0 .. n-1 once each, or None.
+
+    `local` holds the groups' entries one group after another, `counts[g]` of group g.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    group = np.repeat(np.arange(len(counts)), counts)
+    ok = (local >= 0) & (local < counts[group])
+    if not ok.all():
+        return int(group[np.argmax(~ok)])
+    taken = np.bincount(local + (np.cumsum(counts) - counts)[group], minlength=len(local))
+    return int(group[np.argmax(taken != 1)]) if (taken != 1).any() else None
 
 
 def _tree_of(sizes: list[int], node: int) -> int:

@@ -28,6 +28,12 @@ from mlpersist import (
 )
 
 
+def xgb_version() -> tuple[int, int]:
+    """The installed XGBoost's (major, minor): its file layout and what it reads changed at 3.1 and 3.2."""
+    major, minor = require("xgboost").__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def data(n: int = 300, features: int = 6, seed: int = 0) -> tuple[Any, Any]:
     return require("sklearn.datasets").make_classification(n, features, n_informative=4, random_state=seed)
 
@@ -358,7 +364,7 @@ def test_a_vector_leaf_tree_in_the_layout_before_3_2(tmp_path: Path) -> None:
         tree["right_children"] = [-1 if left == -1 else right
                                   for left, right in zip(tree["left_children"], tree["right_children"], strict=True)]
     (tmp_path / "old.json").write_text(json.dumps(doc))
-    if tuple(int(p) for p in xgb.__version__.split(".")[:2]) >= (3, 2):
+    if xgb_version() >= (3, 2):
         with pytest.raises(VersionMismatchError, match=r"tree 0 is a vector-leaf tree .* before 3\.2.*xgboost<3\.2"):
             load_any(tmp_path / "old.json")
     else:
@@ -387,7 +393,7 @@ def test_a_base_score_per_output_loads_right_or_not_at_all(objective: str, trust
         param["base_score"] = f"[{','.join([score] * (3 if 'multi' in objective else 1))}]"
     (tmp_path / "m.json").write_text(json.dumps(doc))
     matrix = xgb.DMatrix(x)
-    lists_read = tuple(int(p) for p in xgb.__version__.split(".")[:2]) >= (3, 1)
+    lists_read = xgb_version() >= (3, 1)
     if "multi" in objective and not lists_read:
         with pytest.raises(VersionMismatchError, match=r"base score per output \(3\).*install xgboost>=3\.1"):
             load_any(tmp_path / "m.json", trusted=trusted)
@@ -441,7 +447,7 @@ def test_a_message_xgboost_cannot_decode_is_a_corrupt_artifact(tmp_path: Path) -
     raw[raw.index(b"learner") + 1] = 0xF0  # a key XGBoost cannot find, quoted in its error message
     (tmp_path / "m.ubj").write_bytes(bytes(raw))
     # before 3.1, a trusted load reads the document first (for what that XGBoost would misread): ours refuses it
-    older = tuple(int(p) for p in require("xgboost").__version__.split(".")[:2]) < (3, 1)
+    older = xgb_version() < (3, 1)
     with pytest.raises(CorruptArtifactError, match="not valid UBJSON" if older else "XGBoost could not read"):
         load_any(tmp_path / "m.ubj", trusted=True)
 
@@ -524,7 +530,7 @@ def test_an_older_xgboost_is_warned_that_it_does_not_recode_a_frames_categories(
         trees["cats"] = {"enc": [{"offsets": [0, 1, 2, 3, 4], "values": list(b"abcd")}, {"offsets": [], "values": []}],
                          "feature_segments": [0, 4, 4], "sorted_idx": [0, 1, 2, 3]}
     (tmp_path / "m.json").write_text(json.dumps(doc))
-    older = tuple(int(p) for p in xgb.__version__.split(".")[:2]) < (3, 1)
+    older = xgb_version() < (3, 1)
     with (pytest.warns(VersionMismatchWarning, match=r"recodes .*training order, or install xgboost>=3\.1")
           if older else contextlib.nullcontext()):  # elsewhere, a warning fails the test
         loaded = load_any(tmp_path / "m.json")
@@ -565,8 +571,7 @@ except mlpersist.PersistError as exc:
 def test_a_pickled_xgboost_step_is_checked_before_xgboost_reads_it(kind: str, tmp_path: Path) -> None:
     """A Booster's pickled state is XGBoost's serialisation, which its __setstate__ parses: the adapter's
     check_state checks the model in it first, as a saved model is checked (in a fresh process: a crash ends it)."""
-    xgb = require("xgboost")
-    if kind == "leaf-weights" and tuple(int(p) for p in xgb.__version__.split(".")[:2]) < (3, 2):
+    if kind == "leaf-weights" and xgb_version() < (3, 2):
         pytest.skip("XGBoost writes leaf_weights from 3.2")
     (tmp_path / "craft.py").write_text(PICKLED_STEP)
     proc = run_python(f"import runpy, sys; sys.argv = ['x', {kind!r}, {str(tmp_path / 'p.pkl')!r}]; "
@@ -597,7 +602,7 @@ def test_a_pickled_step_whose_base_score_an_older_xgboost_would_misread_is_refus
     head = b"B" + struct.pack("<I", len(handle))  # BINBYTES: the bytes a bytearray is rebuilt from
     assert data.count(head + handle) == 1
     (tmp_path / "p.pkl").write_bytes(data.replace(head + handle, b"B" + struct.pack("<I", len(crafted)) + crafted))
-    if tuple(int(p) for p in xgb.__version__.split(".")[:2]) < (3, 1):
+    if xgb_version() < (3, 1):
         with pytest.raises(VersionMismatchError, match=r"pickled by XGBoost 3\.1 or later.*install xgboost>=3\.1"):
             load_any(tmp_path / "p.pkl")
     else:
