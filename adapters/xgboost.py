@@ -75,6 +75,8 @@ class XGBoostAdapter:
         if not payload.policy.trusted:
             score = vet(raw, format, label)
         else:  # older XGBoost only: the document is read for what that version would misread
+            if _LEAF_WEIGHTS_READER and _vector_leaves_before_3_2(raw):
+                raise _before_3_2_error(label, "its trees are vector-leaf trees")
             score = None if _LIST_BASE_SCORE_READER else _for_this_version(parse(raw, format, label), label)
         cls = _WRAPPERS.get(str(info.get("wrapper", "Booster")))
         if cls is None:
@@ -341,10 +343,7 @@ def _vector_layout(i: int, tree: Any, n: int, width: int, *, outputs: int, what:
         _refuse(i, f"it needs {n * width} base weights, not {len(tree['base_weights'])}")
     layout = "leaf_weights" in tree
     if _LEAF_WEIGHTS_READER and not (layout and all(k in tree for k in _VECTOR_ARRAYS)):
-        raise VersionMismatchError(
-            f"{what}: tree {i} is a vector-leaf tree (multi_strategy='multi_output_tree') in the layout XGBoost "
-            f"wrote before 3.2, which XGBoost {xgboost.__version__} reads past its arrays (it crashes); load it "
-            "where xgboost<3.2 is installed, or train it again with this version")
+        raise _before_3_2_error(what, f"tree {i} is a vector-leaf tree")
     if layout:
         if any(len(tree[k]) != n for k in _VECTOR_ARRAYS):
             _refuse(i)
@@ -352,6 +351,24 @@ def _vector_layout(i: int, tree: Any, n: int, width: int, *, outputs: int, what:
         if len(tree["leaf_weights"]) != leaves * width:
             _refuse(i, f"its {leaves} leaves need {leaves * width} leaf weights, not {len(tree['leaf_weights'])}")
     return layout
+
+
+def _before_3_2_error(what: str, subject: str) -> VersionMismatchError:
+    return VersionMismatchError(
+        f"{what}: {subject} (multi_strategy='multi_output_tree') in the layout XGBoost wrote "
+        f"before 3.2, which XGBoost {xgboost.__version__} reads past its arrays (it crashes); load it where "
+        "xgboost<3.2 is installed, or train it again with this version")
+
+
+def _vector_leaves_before_3_2(raw: bytes) -> bool:
+    """Whether the file holds vector-leaf trees without `leaf_weights`, found without parsing it (trusted loads).
+
+    Every tree of a model has the same leaf width (`size_leaf_vector`, a string in JSON and UBJSON alike), so
+    the first one tells: 2 us for a scalar model. Only a vector-leaf one is searched for `leaf_weights`.
+    """
+    at = raw.find(b"size_leaf_vector")
+    width = re.match(rb"[^0-9]{1,16}?([0-9]+)", raw[at + 16:at + 64]) if at >= 0 else None  # "4" or S L <8> 4
+    return width is not None and int(width.group(1)) > 1 and b"leaf_weights" not in raw
 
 
 def _leaf_indices_checked(sizes: list[int], vector: dict[int, bool], left: Any, right: Any) -> Any:

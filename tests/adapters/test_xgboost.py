@@ -348,13 +348,17 @@ def test_vector_leaf_models_round_trip(kind: str, fmt: str, tmp_path: Path) -> N
     loaded = load_any(tmp_path / "m")
     assert type(loaded) is type(model)
     np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+    np.testing.assert_array_equal(load_any(tmp_path / "m", trusted=True).predict(x), model.predict(x))
     if kind == "classifier":
         np.testing.assert_array_equal(loaded.predict_proba(x), model.predict_proba(x))
 
 
-def test_a_vector_leaf_tree_in_the_layout_before_3_2(tmp_path: Path) -> None:
+@pytest.mark.parametrize("trusted", [False, True])
+@pytest.mark.parametrize("fmt", ["json", "ubj"])
+def test_a_vector_leaf_tree_in_the_layout_before_3_2(fmt: str, trusted: bool, tmp_path: Path) -> None:
     """XGBoost 3.2 keeps leaf vectors in `leaf_weights` and crashed reading a vector-leaf model written before
-    it: such a model is a VersionMismatchError there, and loads where an older XGBoost is installed."""
+    it: such a model is a VersionMismatchError there, and loads where an older XGBoost is installed. A trusted
+    load skips the check, and finds that layout without parsing the file (XGBoost's own load would crash)."""
     xgb, np = require("xgboost"), require("numpy")
     model, x = _vector_leaf_model("regressor")
     doc = json.loads(bytes(model.get_booster().save_raw("json")))
@@ -363,13 +367,15 @@ def test_a_vector_leaf_tree_in_the_layout_before_3_2(tmp_path: Path) -> None:
             tree.pop(key, None)
         tree["right_children"] = [-1 if left == -1 else right
                                   for left, right in zip(tree["left_children"], tree["right_children"], strict=True)]
-    (tmp_path / "old.json").write_text(json.dumps(doc))
+    old = tmp_path / f"old.{fmt}"  # UBJSON with lengths as XGBoost writes them (int64)
+    old.write_bytes(json.dumps(doc).encode() if fmt == "json" else _encode(doc, "L"))
     if xgb_version() >= (3, 2):
-        with pytest.raises(VersionMismatchError, match=r"tree 0 is a vector-leaf tree .* before 3\.2.*xgboost<3\.2"):
-            load_any(tmp_path / "old.json")
+        subject = "its trees are vector-leaf trees" if trusted else "tree 0 is a vector-leaf tree"
+        with pytest.raises(VersionMismatchError, match=rf"{subject} .* before 3\.2.*xgboost<3\.2"):
+            load_any(old, trusted=trusted)
     else:
         matrix = xgb.DMatrix(x)
-        np.testing.assert_array_equal(load_any(tmp_path / "old.json").predict(matrix),
+        np.testing.assert_array_equal(load_any(old, trusted=trusted).predict(matrix),
                                       model.get_booster().predict(matrix))
 
 
