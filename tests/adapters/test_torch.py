@@ -259,6 +259,47 @@ def test_module_and_tensor_arguments_of_a_users_class_are_recorded(tmp_path: Pat
     same(load_any(tmp_path / "n"), named, torch.randn(2, 3))
 
 
+def test_pruned_weights_keep_their_masks(tmp_path: Path) -> None:
+    """torch.nn.utils.prune keeps `weight_orig` and `weight_mask` and a hook that multiplies them: the rebuilt
+    module (or a template) is masked again, so it loads, predicts the same, and can be pruned further."""
+    torch = require("torch")
+    from torch import nn
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = tm().MLP(4, hidden=8).eval()
+    prune.l1_unstructured(model.l1, "weight", amount=0.5)
+    prune.random_unstructured(model.l1, "weight", amount=0.25)  # a second pruning: torch's PruningContainer
+    prune.l1_unstructured(model.l2, "bias", amount=1)
+    m = save_any(model, tmp_path / "m")
+    assert m.info["pruned"] == ["l1.weight", "l2.bias"]
+    x = torch.randn(3, 4)
+    for loaded in (load_any(tmp_path / "m"), load_any(tmp_path / "m", model=tm().MLP(4, hidden=8))):
+        assert list(loaded.state_dict()) == list(model.state_dict())
+        for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(loaded.l1.weight, model.l1.weight) and torch.equal(loaded.l2.bias, model.l2.bias)
+        same(loaded, model, x)
+        before = int((loaded.l1.weight == 0).sum())
+        prune.l1_unstructured(loaded.l1, "weight", amount=4)  # pruning goes on from the saved mask
+        assert int((loaded.l1.weight == 0).sum()) == before + 4
+    seq = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval()
+    prune.random_unstructured(seq[0], "weight", amount=0.5)
+    save_any(seq, tmp_path / "s")
+    same(load_any(tmp_path / "s"), seq, x)
+
+
+@pytest.mark.parametrize("pruned", ["not-a-list", "no-such-module", "no-such-parameter"])
+def test_a_crafted_list_of_pruned_tensors_is_a_corrupt_artifact(pruned: str, tmp_path: Path) -> None:
+    save_any(tm().MLP(4), tmp_path / "m")
+    doc = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    doc["info"]["pruned"] = {"not-a-list": "l1.weight", "no-such-module": ["l9.weight"],
+                             "no-such-parameter": ["l1.scale"]}[pruned]
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptArtifactError, match=r"not a list of names|has no such parameter"):
+        load_any(tmp_path / "m")
+
+
 def test_explicit_init_kwargs_are_used(tmp_path: Path) -> None:
     torch = require("torch")
     model = tm().WithCache(5).eval()
