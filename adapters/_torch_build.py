@@ -13,26 +13,26 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch.nn.utils import prune
 
 from mlpersist import PersistError
 from mlpersist._capture import INIT_ATTR
 from mlpersist._policy import denied
+from mlpersist.adapters._torch_hooks import base_class, reapply, refresh
 from mlpersist.errors import CorruptArtifactError, UntrustedContentError
 
 _warned: set[type] = set()
 
 
-def init_spec(model: Any, explicit: Mapping[str, Any] | None, masked: list[str]) -> tuple[Any, bool]:
+def init_spec(model: Any, explicit: Mapping[str, Any] | None, reapplied: list[Any]) -> tuple[Any, bool]:
     """Find how to rebuild the module and prove it gives the same parameter names and shapes.
 
     Returns `{"init": kwargs}` (the class called with recorded arguments) or `{"arch": tree}` (torch's
-    containers, rebuilt child by child), and whether the rebuild works on the meta device. `masked`: the
-    tensors pruning masks (`pruned`), masked again in the rebuild as they will be when it loads.
+    containers, rebuilt child by child), and whether the rebuild works on the meta device. `reapplied`: what
+    pruning and norms did to it after it was built (`_torch_hooks.found`), done again as a load will.
     """
-    cls = type(model)
+    cls = base_class(model)
     try:
-        if explicit is None and type(model) in _CONTAINERS:
+        if explicit is None and cls in _CONTAINERS:
             encoded: Any = {"arch": _arch(model)}
         else:
             encoded = {"init": encode(dict(explicit) if explicit is not None else _found_kwargs(model))}
@@ -41,7 +41,7 @@ def init_spec(model: Any, explicit: Mapping[str, Any] | None, masked: list[str])
                 with torch.device("meta" if meta else "cpu"), warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # the user saw the class's own warnings when they built it
                     rebuilt = _construct(cls, encoded)
-                    mask_again(rebuilt, masked)
+                    reapply(rebuilt, reapplied)
             except Exception:
                 if meta:
                     continue
@@ -61,7 +61,7 @@ def init_spec(model: Any, explicit: Mapping[str, Any] | None, masked: list[str])
 
 
 def _found_kwargs(model: Any) -> dict[str, Any]:
-    cls = type(model)
+    cls = base_class(model)
     sig = inspect.signature(cls.__init__)
     captured = model.__dict__.get(INIT_ATTR)
     if captured is not None and captured[0] is cls:
@@ -170,7 +170,7 @@ _READERS = {torch.nn.RNN: _rnn, torch.nn.LSTM: _rnn, torch.nn.GRU: _rnn,
 
 def _arch(m: Any) -> dict[str, Any]:
     """Describe torch's containers child by child; any other module by its recorded arguments."""
-    cls = type(m)
+    cls = base_class(m)
     node: dict[str, Any] = {"class": f"{cls.__module__}:{cls.__qualname__}"}
     if cls in _CONTAINERS:
         node["children"] = {name: _arch(child) for name, child in m.named_children()}
@@ -282,44 +282,6 @@ def _import_class(spec: Any, check: Any, kind: str) -> Any:
     return obj
 
 
-def pruned(model: Any) -> list[str]:
-    """The tensors `torch.nn.utils.prune` masks (`path.name`), each kept as `name_orig` and `name_mask`."""
-    return [f"{path}.{hook._tensor_name}".lstrip(".") for path, sub in model.named_modules()
-            for hook in sub._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)]
-
-
-def mask_again(model: Any, names: Any) -> None:
-    """Mask `names` as pruning had (`custom_from_mask`, all ones until the saved mask is loaded).
-
-    The pruning method is not kept: the mask is, and the masked tensor is again `name_orig * name_mask`
-    before every forward. A tensor the module already masks (a template pruned as the model was) is left.
-    """
-    if names is None:
-        return
-    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-        raise CorruptArtifactError(f"the pruned tensors are recorded as {names!r}, not a list of names")
-    for name in names:
-        owner, _, attr = name.rpartition(".")
-        try:
-            sub = model.get_submodule(owner)
-        except AttributeError:
-            sub = None
-        if sub is not None and any(getattr(h, "_tensor_name", None) == attr for h in sub._forward_pre_hooks.values()):
-            continue
-        if sub is None or not isinstance(sub._parameters.get(attr), torch.Tensor):
-            raise CorruptArtifactError(f"the artifact records {name!r} as pruned, and {type(model).__qualname__} "
-                                       "has no such parameter")
-        prune.custom_from_mask(sub, attr, torch.ones_like(sub._parameters[attr]))  # type: ignore[no-untyped-call]
-
-
-def masks_applied(model: Any) -> None:
-    """Recompute each masked tensor from its loaded `_orig` and `_mask` (pruning does it before each forward)."""
-    for sub in model.modules():
-        for hook in list(sub._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                hook(sub, ())
-
-
 def rebuild(info: Mapping[str, Any], tensors: dict[str, torch.Tensor], dev: torch.device) -> Any:
     cls = _import_class(info.get("class"), lambda c: issubclass(c, torch.nn.Module), "a torch.nn.Module subclass")
     spec = info.get("init")
@@ -329,7 +291,7 @@ def rebuild(info: Mapping[str, Any], tensors: dict[str, torch.Tensor], dev: torc
     try:  # no random initialisation: the weights are assigned, not copied
         with torch.device("meta"):
             model = _construct(cls, spec)
-            mask_again(model, info.get("pruned"))
+            reapply(model, info.get("reapplied"))
     except PersistError:
         raise
     except Exception:
@@ -339,13 +301,13 @@ def rebuild(info: Mapping[str, Any], tensors: dict[str, torch.Tensor], dev: torc
         fill(model, tensors, strict=True, assign=True)
         if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
             _retie(model, info.get("aliases", {}))
-            masks_applied(model)
+            refresh(model)
             return model
     with torch.device(dev):  # the class cannot be built on meta, or keeps a buffer outside the state dict
         model = _construct(cls, spec)
-        mask_again(model, info.get("pruned"))
+        reapply(model, info.get("reapplied"))
     fill(model, tensors, strict=True)
-    masks_applied(model)
+    refresh(model)
     return model
 
 

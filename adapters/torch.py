@@ -14,16 +14,8 @@ from safetensors.torch import load_file
 
 from mlpersist import Payload, PersistError
 from mlpersist.adapters._safetensors import read_safetensors, unique_tensors, write_safetensors
-from mlpersist.adapters._torch_build import (
-    decode,
-    encode,
-    fill,
-    init_spec,
-    mask_again,
-    masks_applied,
-    pruned,
-    rebuild,
-)
+from mlpersist.adapters._torch_build import decode, encode, fill, init_spec, rebuild
+from mlpersist.adapters._torch_hooks import base_class, found, reapply, refresh
 from mlpersist.errors import CorruptArtifactError, UnsupportedModelError, UntrustedContentError
 
 WEIGHTS, OPTIMIZER = "weights.safetensors", "optimizer.safetensors"
@@ -68,14 +60,14 @@ class TorchAdapter:
             return _save_program(model, dest, format, example)
         tensors, aliases = unique_tensors(model.state_dict())
         write_safetensors(tensors, dest / WEIGHTS)
-        masked = pruned(model)
-        init, meta_ok = init_spec(model, init_kwargs, masked)
-        cls = type(model)
+        reapplied = found(model)
+        init, meta_ok = init_spec(model, init_kwargs, reapplied)
+        cls = base_class(model)
         info: dict[str, Any] = {"class": f"{cls.__module__}:{cls.__qualname__}", "init": init, "meta_ok": meta_ok,
                                 "aliases": aliases,
                                 "frozen": [n for n, p in model.named_parameters() if not p.requires_grad]}
-        if masked:
-            info["pruned"] = masked
+        if reapplied:
+            info["reapplied"] = reapplied
         if optimizer is not None:
             info["optimizer"] = _save_optimizer(optimizer, dest)
         if extra is not None:
@@ -118,9 +110,9 @@ class TorchAdapter:
         if model is None:
             model = rebuild(info, tensors, dev)
         else:
-            mask_again(model, info.get("pruned"))
+            reapply(model, info.get("reapplied"))
             fill(model, tensors, strict=strict)
-            masks_applied(model)
+            refresh(model)
             model.to(dev)
         frozen = set(info.get("frozen", []))
         for name, p in model.named_parameters():

@@ -272,7 +272,7 @@ def test_pruned_weights_keep_their_masks(tmp_path: Path) -> None:
     prune.random_unstructured(model.l1, "weight", amount=0.25)  # a second pruning: torch's PruningContainer
     prune.l1_unstructured(model.l2, "bias", amount=1)
     m = save_any(model, tmp_path / "m")
-    assert m.info["pruned"] == ["l1.weight", "l2.bias"]
+    assert m.info["reapplied"] == [{"kind": "prune", "tensor": "l1.weight"}, {"kind": "prune", "tensor": "l2.bias"}]
     x = torch.randn(3, 4)
     for loaded in (load_any(tmp_path / "m"), load_any(tmp_path / "m", model=tm().MLP(4, hidden=8))):
         assert list(loaded.state_dict()) == list(model.state_dict())
@@ -289,14 +289,68 @@ def test_pruned_weights_keep_their_masks(tmp_path: Path) -> None:
     same(load_any(tmp_path / "s"), seq, x)
 
 
-@pytest.mark.parametrize("pruned", ["not-a-list", "no-such-module", "no-such-parameter"])
-def test_a_crafted_list_of_pruned_tensors_is_a_corrupt_artifact(pruned: str, tmp_path: Path) -> None:
+def normed(kind: str) -> Any:
+    torch = require("torch")
+    from torch import nn
+    from torch.nn.utils import parametrizations as para
+
+    conv = nn.Conv1d(2, 4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        layer = {"weight_norm-hook": lambda: nn.utils.weight_norm(conv, dim=1),
+                 "spectral_norm-hook": lambda: nn.utils.spectral_norm(conv, n_power_iterations=2),
+                 "weight_norm": lambda: para.weight_norm(conv, "weight", dim=0),
+                 "spectral_norm": lambda: para.spectral_norm(conv, eps=1e-10),
+                 "both": lambda: para.spectral_norm(para.weight_norm(conv, "weight"), "bias")}[kind]()
+    model = nn.Sequential(layer, nn.ReLU(), nn.Conv1d(4, 1, 1))
+    model.train()
+    for _ in range(3):  # moves spectral norm's power-iteration vectors from where the constructor put them
+        model(torch.randn(5, 2, 8))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["weight_norm-hook", "spectral_norm-hook", "weight_norm", "spectral_norm", "both"])
+def test_weight_and_spectral_norms_rebuild(kind: str, tmp_path: Path) -> None:
+    """Both as hooks (torch.nn.utils) and as parametrizations, whose module is of a generated class
+    (ParametrizedConv1d) that no import finds: applied again to the rebuilt layer, with the saved vectors."""
+    torch = require("torch")
+    torch.manual_seed(0)
+    model = normed(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "will need a template"
+        m = save_any(model, tmp_path / "m")
+    assert [e["tensor"] for e in m.info["reapplied"]] == ["0.weight", "0.bias"][:2 if kind == "both" else 1]
+    for loaded in (load_any(tmp_path / "m"), load_any(tmp_path / "m", model=normed(kind))):
+        assert repr(loaded) == repr(model) and list(loaded.state_dict()) == list(model.state_dict())
+        for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+        same(loaded, model, torch.randn(3, 2, 8))
+        assert torch.equal(loaded[0].weight, model[0].weight)
+
+
+def test_a_parametrization_mlpersist_does_not_record_needs_a_template(tmp_path: Path) -> None:
+    torch = require("torch")
+    from torch.nn.utils import parametrizations as para
+
+    model = para.orthogonal(torch.nn.Linear(4, 4)).eval()
+    with pytest.warns(UserWarning, match="will need a template"):
+        m = save_any(model, tmp_path / "m")
+    assert m.info["class"] == "torch.nn.modules.linear:Linear"  # the class it was built as, not the generated one
+    same(load_any(tmp_path / "m", model=para.orthogonal(torch.nn.Linear(4, 4))), model, torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("pruned", ["not-a-list", "no-such-module", "no-such-parameter", "unknown-kind",
+                                    "bad-argument"])
+def test_a_crafted_list_of_what_was_reapplied_is_a_corrupt_artifact(pruned: str, tmp_path: Path) -> None:
     save_any(tm().MLP(4), tmp_path / "m")
     doc = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    doc["info"]["pruned"] = {"not-a-list": "l1.weight", "no-such-module": ["l9.weight"],
-                             "no-such-parameter": ["l1.scale"]}[pruned]
+    doc["info"]["reapplied"] = {
+        "not-a-list": "l1.weight", "no-such-module": [{"kind": "prune", "tensor": "l9.weight"}],
+        "no-such-parameter": [{"kind": "prune", "tensor": "l1.scale"}],
+        "unknown-kind": [{"kind": "exec", "tensor": "l1.weight"}],
+        "bad-argument": [{"kind": "weight_norm", "tensor": "l1.weight", "dim": "0"}]}[pruned]
     (tmp_path / "m" / "manifest.json").write_text(json.dumps(doc))
-    with pytest.raises(CorruptArtifactError, match=r"not a list of names|has no such parameter"):
+    with pytest.raises(CorruptArtifactError, match=r"not a list|no such param|not what mlpersist records|as recorded"):
         load_any(tmp_path / "m")
 
 
