@@ -58,7 +58,15 @@ class TorchAdapter:
                                         "input; run one forward pass on a batch before saving it")
         if format != "safetensors":
             return _save_program(model, dest, format, example)
-        tensors, aliases = unique_tensors(model.state_dict())
+        state = model.state_dict()
+        odd = next((k for k, v in state.items() if not isinstance(v, torch.Tensor) or v.is_quantized), None)
+        if odd is not None:
+            raise UnsupportedModelError(
+                f"{type(model).__qualname__} keeps {odd!r} as a {type(state[odd]).__name__}, not a plain tensor "
+                "(quantized modules pack their weights), and safetensors holds plain tensors: save the float model "
+                "and quantize it after loading, or save it with format='torchscript' (a program, which loads only "
+                "with trusted=True)")
+        tensors, aliases = unique_tensors(state)
         write_safetensors(tensors, dest / WEIGHTS)
         reapplied = found(model)
         init, meta_ok = init_spec(model, init_kwargs, reapplied)

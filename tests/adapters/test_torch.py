@@ -238,6 +238,23 @@ def test_a_lazy_module_is_saved_once_it_has_seen_an_input(tmp_path: Path) -> Non
     same(load_any(tmp_path / "m"), model, x)
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # deprecated in torch 2.13, still there
+def test_a_quantized_model_says_what_to_save_instead(tmp_path: Path) -> None:
+    """Dynamic quantization packs the weights into objects safetensors cannot hold; TorchScript can."""
+    torch = require("torch")
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization too
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(UnsupportedModelError, match=r"'0\._packed_params\.dtype' as a dtype.*format='torchscript'"):
+        save_any(quantized, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    save_any(quantized, tmp_path / "t", format="torchscript")
+    same(load_any(tmp_path / "t", trusted=True), quantized, torch.randn(3, 4))
+
+
 def test_module_and_tensor_arguments_of_a_users_class_are_recorded(tmp_path: Path) -> None:
     torch = require("torch")
     from torch import nn
