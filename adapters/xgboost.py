@@ -126,6 +126,7 @@ class XGBoostAdapter:
                     f"{where}: a Booster pickled by XGBoost 3.1 or later, whose base score XGBoost "
                     f"{xgboost.__version__} would read as 0.5 (every prediction off); install xgboost>=3.1, or "
                     "save the model with save_any on its own, which sets it right")
+            del doc, model  # freed before the collector resumes (see `vet`)
         return state
 
 
@@ -141,7 +142,9 @@ def vet(raw: bytes, format: str, what: str) -> str | None:
     with _gc.paused():
         doc = parse(raw, format, what)
         validate(doc, what)
-        return _for_this_version(doc, what)
+        score = _for_this_version(doc, what)
+        del doc  # a `return` in the block would free it only after the collector resumed
+    return score
 
 
 def _for_this_version(doc: Any, what: str) -> str | None:
