@@ -12,7 +12,7 @@ from ._dispatch import detect
 from ._manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, Part
 from ._policy import TrustPolicy
 from ._strictjson import check_json_value
-from .errors import ArtifactNotFoundError, PersistError, StorageError
+from .errors import ArtifactNotFoundError, CorruptArtifactError, PersistError, StorageError
 
 if TYPE_CHECKING:
     from . import _example
@@ -142,7 +142,7 @@ def load_any(path: str | os.PathLike[str], *, trusted: bool = False, allow: Iter
         mlpersist.errors.UntrustedContentError: the payload would run code the policy does not allow.
         mlpersist.errors.MissingFrameworkError: the framework that wrote it is not installed.
         mlpersist.errors.VersionMismatchError: with `strict=True`, the framework versions differ; without, the
-            installed version would misread the artifact.
+            installed version would misread the artifact, or cannot read it while the saving versions differ.
         mlpersist.errors.CheckFailedError: with `check`, an output differs beyond the tolerance.
         mlpersist.errors.StorageError: a remote store refused or failed (credentials, network), or a local
             file cannot be read (this user may not, or an I/O error).
@@ -224,7 +224,13 @@ def _load_opened(opened: _reading.Opened, policy: TrustPolicy, strict: bool, tol
         if opened.signed:  # signed by a key the caller configured: the caller trusts its author
             policy = TrustPolicy(True, policy.allow)
         ctx = _parts.LoadContext(opened.root, policy, strict, tolerance)
-        model = _parts.load_part(_parts.part_of(opened.manifest), opened.handles, ctx, dict(options))
+        try:
+            model = _parts.load_part(_parts.part_of(opened.manifest), opened.handles, ctx, dict(options))
+        except CorruptArtifactError as exc:
+            mismatch = _environment.unreadable_here(exc, opened.manifest.environment)
+            if mismatch is None:
+                raise
+            raise mismatch from exc
         return model, ctx.report, tolerance
     finally:
         opened.close()

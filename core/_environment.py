@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from . import _registry
+from .errors import PersistError, VersionMismatchError
 
 _ENV_CACHE: dict[str, dict[str, Any]] = {}
 
@@ -32,6 +34,28 @@ def environment(names: list[str]) -> dict[str, Any]:
         _ENV_CACHE[""] = {"python": platform.python_version(), "implementation": sys.implementation.name,
                           "platform": platform.platform(), "machine": platform.machine()}
     return {**_ENV_CACHE[""], "packages": packages}
+
+
+def unreadable_here(exc: PersistError, recorded: Mapping[str, Any]) -> VersionMismatchError | None:
+    """`exc`, a file of the artifact that could not be read, as a VersionMismatchError when the versions differ.
+
+    Its digests matched, so the file is as it was saved: when a package that wrote it (the manifest's
+    `environment.packages`) is installed here at another version, or not at all, that is the likely cause
+    (numpy 1 cannot read numpy 2's random generators, a scikit-learn class may be newer than the one
+    installed). With the same versions, None: `exc` stands.
+    """
+    packages = recorded.get("packages") if isinstance(recorded, Mapping) else None
+    if not isinstance(packages, Mapping):
+        return None
+    differ = {name: (str(saved), version(name)) for name, saved in packages.items()
+              if isinstance(name, str) and version(name) != saved}
+    if not differ:
+        return None
+    here = ", ".join(f"{name} {now or '(not installed)'} (saved with {saved})" for name, (saved, now) in differ.items())
+    pins = " ".join(f"'{name}=={saved}'" for name, (saved, _) in differ.items())
+    return VersionMismatchError(f"{exc}. This environment has {here}, and a file that cannot be read by other "
+                                f"versions than its own is the likely cause: install the versions it was saved "
+                                f"with (pip install {pins}; `mlpersist requirements PATH` lists them all)")
 
 
 def framework_version(spec: _registry.AdapterSpec) -> str | None:

@@ -38,7 +38,7 @@ def load(fileobj: BinaryIO, policy: TrustPolicy, *, what: str, joblib_format: bo
     """
     obj, state = _run(fileobj, policy, what=what, joblib_format=joblib_format)
     if state.refused:
-        raise refusal(what, state.refused, state.floor)
+        raise refusal(what, state.refused, state.floor, state.missing)
     return obj
 
 
@@ -56,14 +56,22 @@ def audit(fileobj: BinaryIO, *, what: str, joblib_format: bool = True,
     return seen
 
 
-def refusal(what: str, names: Iterable[str], floor: Iterable[str] = ()) -> UntrustedContentError:
+def refusal(what: str, names: Iterable[str], floor: Iterable[str] = (), missing: Iterable[str] = ()) -> PersistError:
     """Build the error that lists every refused name and what would admit them.
 
     `floor`: those of `names` on the deny-floor (they run code, import, or open files), which only
     `trusted=True` admits: `allow=` is offered for the others only, or a caller who followed the advice
-    would meet the same refusal again.
+    would meet the same refusal again. `missing`: those the policy allows and this environment lacks;
+    when they are all there is, the file was written with other versions (a CorruptArtifactError, which
+    the load turns into a VersionMismatchError naming the versions when the manifest's differ).
     """
-    names = sorted(set(names))
+    lacking = sorted(set(missing))
+    names = sorted(set(names) - set(lacking))
+    if not names:  # each allowed, none found here: not a question of trust
+        return CorruptArtifactError(
+            f"{what} names {', '.join(lacking)}, which the installed packages do not have (each would be "
+            "allowed): it was written with other versions of them; load it where the versions it was saved "
+            "with are installed")
     floor = sorted(set(floor))
     admissible = [n for n in names if n not in floor]
     head = f"{what} would import {', '.join(names)}, which the default trust policy does not allow; nothing was run. "
@@ -109,9 +117,10 @@ def _guarded_call(fn: Any, state: State) -> Any:
         raise CorruptArtifactError(f"{state.what}: pickle declares more data than memory holds") from None
     except Exception as exc:
         if state.refused:  # a refused global's stand-in broke the stream: the refusal is the story
-            raise refusal(state.what, state.refused, state.floor) from None
+            raise refusal(state.what, state.refused, state.floor, state.missing) from None
         raise CorruptArtifactError(f"{state.what} could not be unpickled ({type(exc).__name__}: "
-                                   f"{str(exc)[:200]}); the file is damaged or not a pickle") from exc
+                                   f"{str(exc)[:200]}); the file is damaged, not a pickle, or written with other "
+                                   "versions of the packages it names") from exc
 
 
 # The bases copyreg._reconstructor may build a protocol 0/1 object on: object (every estimator) and the
@@ -141,6 +150,7 @@ class State:
         self.policy, self.what, self.seen = policy, what, seen
         self.refused: list[str] = []
         self.floor: set[str] = set()  # those of `refused` on the deny-floor (no allow= admits them)
+        self.missing: set[str] = set()  # those of `refused` the policy allows, not found here (other versions)
         self.globals: set[int] = set()  # ids of objects find_class handed out
         self.cache: dict[tuple[str, str], Any] = {}
         self.raw_stream = False  # True when the unpickler reads the file itself (not a decompressor)
@@ -177,8 +187,16 @@ class State:
         return state if hook is None else hook(obj, state, self.what)
 
 
+MISSING = object()  # what `resolve` returns for a name it allows that is not found here
+
+
 def resolve(module: str, name: str, policy: TrustPolicy) -> Any | None:
-    """Return the object `module.name` if `policy` allows it, else None. Imports only trusted packages."""
+    """Return the object `module.name` if `policy` allows it, else None. Imports only trusted packages.
+
+    A name the policy allows (listed, or under a trusted package's rules) that cannot be imported here is
+    `MISSING`: the file was written with other versions of the package (numpy 2's `numpy._core.numeric`
+    under numpy 1, a class newer than the installed scikit-learn).
+    """
     full = f"{module}.{name}"
     root = module.partition(".")[0]
     if denied(module, name):
@@ -191,7 +209,7 @@ def resolve(module: str, name: str, policy: TrustPolicy) -> Any | None:
         for part in name.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError):
-        return None
+        return MISSING
     if isinstance(obj, ModuleType):
         return None
     if listed:
@@ -245,10 +263,12 @@ class Guard:
         if key not in s.cache:
             s.cache[key] = resolve(module, name, s.policy)
             if s.seen is not None:
-                s.seen.append((f"{module}.{name}", s.cache[key] is not None))
+                s.seen.append((f"{module}.{name}", s.cache[key] not in (None, MISSING)))
         obj = s.cache[key]
-        if obj is None:
+        if obj is None or obj is MISSING:
             s.refused.append(f"{module}.{name}")
+            if obj is MISSING:
+                s.missing.add(f"{module}.{name}")
             if denied(module, name):
                 s.floor.add(f"{module}.{name}")
             return _Refused(f"{module}.{name}")

@@ -115,7 +115,9 @@ class VersionMismatchError(PersistError):
     """The artifact was written by another version of the framework.
 
     With `strict=True`, any other version raises it. Without, it is raised only when the installed
-    version would misread the artifact (an XGBoost older than the one that wrote it, for example).
+    version would misread the artifact (an XGBoost older than the one that wrote it, for example), or
+    cannot read a file whose digests match while the manifest's package versions differ from these
+    (numpy 1 reading numpy 2's pickles): the message names the versions to install.
     """
 
 

@@ -32,6 +32,7 @@ from mlpersist import (
     PersistError,
     SignatureError,
     UntrustedContentError,
+    VersionMismatchError,
     load_any,
     save_any,
 )
@@ -251,6 +252,62 @@ def test_a_refusal_names_a_bare_file_by_the_path_given(tmp_path: Path, sentinel:
     path.write_bytes(pickle.dumps(Reduce(open, str(sentinel), "w")))
     err = load_refused(path, sentinel, OPEN)
     assert str(err).startswith(f"{path} would import {OPEN}")
+
+
+# --- names the policy allows and this environment lacks: other versions, not a question of trust ---
+
+def test_a_name_the_policy_allows_that_is_not_installed_is_a_version_question(tmp_path: Path, sentinel: Path) -> None:
+    """A class newer than the installed scikit-learn: a CorruptArtifactError (not UntrustedContentError, whose
+    allow= advice could not help), a VersionMismatchError with the versions to install when the manifest's
+    differ from these. Beside a name the policy refuses, the refusal stands, and lists only that one."""
+    import os
+
+    newer = b"\x80\x04" + sstr("sklearn.linear_model") + sstr("LogisticRegressionV2") + b"\x93)R."
+    path = bare(tmp_path, newer)
+    with watched(), pytest.raises(CorruptArtifactError, match=r"names sklearn\.linear_model\.LogisticRegressionV2, "
+                                                              r"which the installed packages do not have"):
+        load_any(path)
+    path = as_artifact(tmp_path, newer)
+    with pytest.raises(CorruptArtifactError, match="installed packages do not have") as same_versions:
+        load_any(path)
+    assert not isinstance(same_versions.value, VersionMismatchError)
+    doc = json.loads((path / "manifest.json").read_text())
+    doc["environment"]["packages"]["scikit-learn"] = "99.1"  # as if written by a later scikit-learn
+    (path / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(VersionMismatchError, match=r"scikit-learn \d\S* \(saved with 99\.1\).*"
+                                                   r"pip install 'scikit-learn==99\.1'"):
+        load_any(path)
+    # an allowed reconstructor refusing its arguments: numpy 1 given numpy 2's bit generator, say
+    refused_by_numpy = (b"\x80\x04" + sstr("numpy.random._pickle") + sstr("__bit_generator_ctor") + b"\x93"
+                        + sstr("NotABitGenerator") + b"\x85R.")
+    path = as_artifact(tmp_path, refused_by_numpy, "bitgen")
+    with pytest.raises(CorruptArtifactError, match="not a known BitGenerator") as same_versions:
+        load_any(path)
+    assert not isinstance(same_versions.value, VersionMismatchError)
+    doc = json.loads((path / "manifest.json").read_text())
+    doc["environment"]["packages"]["numpy"] = "0.9"
+    (path / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(VersionMismatchError, match=r"not a known BitGenerator.*numpy \d\S* \(saved with 0\.9\)"):
+        load_any(path)
+    mixed = pickle.dumps([Reduce(os.getcwd), 1], protocol=2)  # the 1 (BININT1) becomes the newer class
+    newer_class = b"csklearn.linear_model\nLogisticRegressionV2\n"  # GLOBAL
+    assert mixed.count(b"K\x01") == 1
+    err = load_refused(bare(tmp_path, mixed.replace(b"K\x01", newer_class)), sentinel, "posix.getcwd")
+    assert "LogisticRegressionV2" not in str(err)
+
+
+def test_a_numpy_2_array_is_read_by_numpy_2_and_named_a_version_question_by_numpy_1(tmp_path: Path) -> None:
+    """numpy 2 pickles arrays through numpy._core.numeric, which numpy 1 lacks (it was refused as untrusted)."""
+    np = require("numpy")
+    raw = pickle.dumps(np.arange(3.0), protocol=5)
+    raw = raw.replace(sstr("numpy.core.numeric"), sstr("numpy._core.numeric"))  # as numpy 2 writes it (no-op there)
+    assert sstr("numpy._core.numeric._frombuffer") in raw or sstr("numpy._core.numeric") in raw
+    path = bare(tmp_path, raw)
+    if int(np.__version__.split(".")[0]) >= 2:
+        np.testing.assert_array_equal(load_any(path), np.arange(3.0))
+    else:
+        with pytest.raises(CorruptArtifactError, match=r"numpy\._core\.numeric\._frombuffer, which the installed"):
+            load_any(path)
 
 
 # --- P04/P05: STACK_GLOBAL from the memo, escapes, dotted names ------------------------------------
