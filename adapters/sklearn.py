@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import pickle
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import joblib
 import numpy as np
+import sklearn
 from scipy import sparse
 from sklearn.tree._tree import Tree
 
 from mlpersist import Payload, _registry
 from mlpersist._policy import NATIVE_STATE, unchecked_native
 from mlpersist._trees import first_bad_tree
-from mlpersist.errors import PersistError, UntrustedContentError
+from mlpersist.errors import PersistError, UntrustedContentError, VersionMismatchWarning
 
 _FILES = {"joblib": "model.joblib", "pickle": "model.pkl"}
 _MAX_CLASSES_RECORDED = 1000
@@ -52,6 +54,7 @@ class SklearnAdapter:
         model = payload.unpickle(_FILES.get(format, _FILES["joblib"]), joblib_format=format == "joblib")
         if not payload.policy.trusted:
             validate(model)
+        as_fractions(model)
         return model
 
 
@@ -133,6 +136,58 @@ def validate(model: Any) -> None:
         for i, child in enumerate(children):
             stack.append((child, n, f"{where}[{i}]"))
     _check_trees(trees)
+
+
+_FRACTIONS = tuple(int(p) for p in sklearn.__version__.split(".")[:2]) >= (1, 4)  # tree_.value of a classifier
+
+
+def as_fractions(model: Any) -> None:
+    """Give classification trees pickled by scikit-learn < 1.4 the class fractions 1.4 and later predict from.
+
+    Before 1.4, a classifier's `tree_.value` held each node's weighted class counts, and predict_proba
+    divided by their sum; 1.4 and later keep the fractions there and return them as they are. Loaded
+    as it was, such a forest's predict_proba returned counts (112 for a probability in a test), and its
+    predict could change. A tree in the old layout (its values sum to each node's weighted sample count,
+    not 1) is divided in place, as 1.4 divides: predictions then match the saving version's, bit for bit.
+    Trusted or not, bare file or artifact: the layout tells, not a recorded version. One pickle is written
+    by one scikit-learn, so the first tree whose layout shows ends the search when it holds fractions.
+    """
+    classifier = _loaded("sklearn.tree._classes", "DecisionTreeClassifier")
+    if not (_FRACTIONS and classifier):  # before 1.4, counts are the installed version's own layout
+        return
+    converted = 0
+    seen: set[int] = set()
+    stack: list[Any] = [model]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, np.ndarray, type, Tree)):
+            continue
+        seen.add(id(obj))
+        tree = getattr(obj, "tree_", None) if isinstance(obj, classifier) else None
+        if isinstance(tree, Tree):
+            layout = _layout(tree)
+            if layout == "fractions":
+                break
+            if layout == "counts":
+                value = tree.value  # the buffer the tree predicts from (scikit-learn's own view of it)
+                value[...] = value / tree.weighted_n_node_samples[:, None, None]
+                converted += 1
+            continue
+        stack.extend(obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple))
+                     else getattr(obj, "__dict__", {}).values())
+    if converted:
+        warnings.warn(f"{converted} classification tree(s) were pickled by scikit-learn < 1.4, which kept class "
+                      f"counts in tree_.value where scikit-learn {sklearn.__version__} keeps fractions (predict_proba "
+                      "would have returned counts): converted, as 1.4 computes them", VersionMismatchWarning,
+                      stacklevel=3)
+
+
+def _layout(tree: Tree) -> str | None:
+    """What a classification tree's `value` holds: "fractions" (1.4+), "counts" (before), or None if both agree."""
+    value, weight = tree.value, tree.weighted_n_node_samples
+    sums = value.sum(axis=2)
+    ones, counts = np.allclose(sums, 1.0), (weight > 0).all() and np.allclose(sums, weight[:, None])
+    return None if ones == counts else "fractions" if ones else "counts"
 
 
 def _loaded(module: str, name: str) -> tuple[type, ...]:

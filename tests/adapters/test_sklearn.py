@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -452,6 +454,70 @@ def test_a_bare_pickle_file_loads_under_the_same_rules(tmp_path: Path) -> None:
     model = LogisticRegression().fit(x, y)
     (tmp_path / "model.pkl").write_bytes(pickle.dumps(model, protocol=4))
     np.testing.assert_array_equal(load_any(tmp_path / "model.pkl").predict_proba(x), model.predict_proba(x))
+
+
+def _as_before_1_4(model: Any) -> Any:
+    """The model as scikit-learn < 1.4 pickles it: each classification tree's weighted class counts in
+    tree_.value (what its criterion summed), not 1.4's fractions of them."""
+    import copy
+
+    from sklearn.tree import DecisionTreeClassifier
+
+    old = copy.deepcopy(model)
+    trees = [old] if isinstance(old, DecisionTreeClassifier) else [e for e in old.estimators_
+                                                                  if isinstance(e, DecisionTreeClassifier)]
+    for tree in trees:
+        tree.tree_.value[...] = tree.tree_.value * tree.tree_.weighted_n_node_samples[:, None, None]
+    return old
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+@pytest.mark.parametrize("kind", ["forest", "extra-trees-multi-output", "tree-in-pipeline", "bare"])
+def test_classification_trees_pickled_before_1_4_predict_as_they_did(kind: str, trusted: bool,
+                                                                      tmp_path: Path) -> None:
+    """scikit-learn 1.4 keeps class fractions in tree_.value where earlier versions kept counts, and reads an
+    older pickle as it is: a 1.3.2 forest's predict_proba returned counts (112 for a probability) under 1.9.
+    Loaded here, such trees are divided as 1.4 divides, with a VersionMismatchWarning; on an older
+    scikit-learn (compat-3.10) the counts are its own layout and stay."""
+    ensemble, pipeline, tree = (require(f"sklearn.{m}") for m in ("ensemble", "pipeline", "tree"))
+    np = require("numpy")
+    import sklearn
+
+    from mlpersist.adapters.sklearn import as_fractions
+
+    x, y = data(300)
+    model = {"forest": lambda: ensemble.RandomForestClassifier(20, random_state=0).fit(x, y),
+             "extra-trees-multi-output": lambda: ensemble.ExtraTreesClassifier(5, random_state=0).fit(
+                 x, np.c_[y, (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5)]),
+             "tree-in-pipeline": lambda: tree.DecisionTreeClassifier(max_depth=5, random_state=0).fit(x, y),
+             "bare": lambda: ensemble.RandomForestClassifier(5, random_state=0, class_weight="balanced").fit(x, y)
+             }[kind]()
+    old = _as_before_1_4(model)
+    if kind == "tree-in-pipeline":
+        old = pipeline.make_pipeline(require("sklearn.preprocessing").FunctionTransformer(None), old)
+    if kind == "bare":
+        path = tmp_path / "model.joblib"
+        require("joblib").dump(old, path)
+    else:
+        path = tmp_path / "m"
+        save_any(old, path)
+    fractions = tuple(int(p) for p in sklearn.__version__.split(".")[:2]) >= (1, 4)
+    with contextlib.ExitStack() as stack:
+        if fractions:
+            stack.enter_context(pytest.warns(VersionMismatchWarning, match=r"by scikit-learn < 1\.4.*converted"))
+        loaded = load_any(path, trusted=trusted)
+
+    def outputs(m: Any) -> list[Any]:
+        p = m.predict_proba(x)
+        return p if isinstance(p, list) else [p]  # multi-output: one array per output
+
+    for a, b in zip(outputs(model), outputs(loaded), strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-12)  # counts / weight: a rounding from the original
+    if fractions:  # the crafted layout is wrong here when loaded as it is: else this test could not fail
+        assert not all(np.allclose(a, b) for a, b in zip(outputs(model), outputs(old), strict=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        as_fractions(model)  # fractions already: left alone, no warning
 
 
 def test_a_different_scikit_learn_version_warns_and_strict_refuses(tmp_path: Path) -> None:
