@@ -294,21 +294,35 @@ def rebuild(info: Mapping[str, Any], tensors: dict[str, torch.Tensor], dev: torc
             reapply(model, info.get("reapplied"))
     except PersistError:
         raise
-    except Exception:
+    except Exception as exc:
         if info.get("meta_ok"):
-            raise
+            raise _unbuildable(cls, exc) from exc
     else:  # weights that do not fit are refused here, before the artifact's sizes allocate anything
         fill(model, tensors, strict=True, assign=True)
         if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
             _retie(model, info.get("aliases", {}))
             refresh(model)
             return model
-    with torch.device(dev):  # the class cannot be built on meta, or keeps a buffer outside the state dict
-        model = _construct(cls, spec)
-        reapply(model, info.get("reapplied"))
+    try:
+        with torch.device(dev):  # the class cannot be built on meta, or keeps a buffer outside the state dict
+            model = _construct(cls, spec)
+            reapply(model, info.get("reapplied"))
+    except PersistError:
+        raise
+    except Exception as exc:
+        raise _unbuildable(cls, exc) from exc
     fill(model, tensors, strict=True)
     refresh(model)
     return model
+
+
+def _unbuildable(cls: type, exc: Exception) -> CorruptArtifactError:
+    """The class refused the recorded arguments: it changed since the save (a version), or they were edited."""
+    why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    return CorruptArtifactError(
+        f"{cls.__qualname__} could not be built from the arguments recorded when it was saved ({why}); if its "
+        f"class changed since, load it where the versions it was saved with are installed, or give a template: "
+        f"load_any(path, model={cls.__qualname__}(...))")
 
 
 def fill(model: Any, tensors: Any, *, strict: bool, assign: bool = False) -> None:

@@ -18,6 +18,7 @@ from mlpersist import (
     PersistError,
     UnsupportedModelError,
     UntrustedContentError,
+    VersionMismatchError,
     inspect,
     load_any,
     save_any,
@@ -655,6 +656,24 @@ def test_modules_and_tensors_are_built_only_as_constructor_arguments(case: str, 
     (tmp_path / "m" / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(CorruptArtifactError, match=r"not a list of sizes|unknown torch dtype|outside constructor"):
         load_any(tmp_path / "m", training_state=True)
+
+
+@pytest.mark.parametrize("saved_with", ["these versions", "another torch"])
+def test_a_constructor_that_refuses_the_recorded_arguments_is_a_typed_error(saved_with: str, tmp_path: Path) -> None:
+    """As when a torch class gained an argument (TransformerEncoderLayer's bias=, in 2.1) and an older torch
+    loads the model: the class's TypeError was raised as it was. A CorruptArtifactError saying what to do; a
+    VersionMismatchError with the pip line when the manifest's torch differs from this one."""
+    save_any(tm().MLP(4), tmp_path / "m")
+    doc = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    doc["info"]["init"]["init"]["bias_new"] = True
+    if saved_with == "another torch":
+        doc["environment"]["packages"]["torch"] = "2.99.0"
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(doc))
+    expected = VersionMismatchError if saved_with == "another torch" else CorruptArtifactError
+    with pytest.raises(expected, match=r"MLP could not be built from the arguments recorded .*unexpected keyword "
+                                       r"argument 'bias_new'.*model=MLP\(\.\.\.\)") as info:
+        load_any(tmp_path / "m")
+    assert (saved_with == "another torch") == ("pip install 'torch==2.99.0'" in str(info.value))
 
 
 def test_a_bare_state_dict_file_loads_safely_as_dict_or_into_a_model(tmp_path: Path) -> None:
