@@ -47,11 +47,13 @@ def unreadable_here(exc: PersistError, recorded: Mapping[str, Any]) -> VersionMi
     packages = recorded.get("packages") if isinstance(recorded, Mapping) else None
     if not isinstance(packages, Mapping):
         return None
-    differ = {name: (str(saved), version(name)) for name, saved in packages.items()
-              if isinstance(name, str) and version(name) != saved}
+    # a package not installed here was not needed to get this far (the Keras adapter records torch for its
+    # torch backend): a missing framework is a MissingFrameworkError before any file is read
+    differ = {name: (str(saved), now) for name, saved in packages.items()
+              if isinstance(name, str) and (now := version(name)) is not None and now != saved}
     if not differ:
         return None
-    here = ", ".join(f"{name} {now or '(not installed)'} (saved with {saved})" for name, (saved, now) in differ.items())
+    here = ", ".join(f"{name} {now} (saved with {saved})" for name, (saved, now) in differ.items())
     pins = " ".join(f"'{name}=={saved}'" for name, (saved, _) in differ.items())
     return VersionMismatchError(f"{exc}. This environment has {here}, and a file that cannot be read by other "
                                 f"versions than its own is the likely cause: install the versions it was saved "

@@ -273,10 +273,12 @@ def test_a_name_the_policy_allows_that_is_not_installed_is_a_version_question(tm
     assert not isinstance(same_versions.value, VersionMismatchError)
     doc = json.loads((path / "manifest.json").read_text())
     doc["environment"]["packages"]["scikit-learn"] = "99.1"  # as if written by a later scikit-learn
+    doc["environment"]["packages"]["not-installed-here"] = "1.0"  # not needed to get this far: not named
     (path / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(VersionMismatchError, match=r"scikit-learn \d\S* \(saved with 99\.1\).*"
-                                                   r"pip install 'scikit-learn==99\.1'"):
+                                                   r"pip install 'scikit-learn==99\.1'") as info:
         load_any(path)
+    assert "not-installed-here" not in str(info.value)
     # an allowed reconstructor refusing its arguments: numpy 1 given numpy 2's bit generator, say
     refused_by_numpy = (b"\x80\x04" + sstr("numpy.random._pickle") + sstr("__bit_generator_ctor") + b"\x93"
                         + sstr("NotABitGenerator") + b"\x85R.")
