@@ -88,7 +88,8 @@ def _found_kwargs(model: Any) -> dict[str, Any]:
             found[p.name] = model._modules[p.name]
         elif p.name in model._parameters and isinstance(p.default, bool):  # bias=True/False flags
             found[p.name] = model._parameters[p.name] is not None
-        elif isinstance(state := {**model._parameters, **model._buffers}.get(p.name), torch.Tensor):
+        elif (isinstance(state := {**model._parameters, **model._buffers}.get(p.name), torch.Tensor)
+              and p.name not in model._non_persistent_buffers_set and (p.default is p.empty or p.default is None)):
             found[p.name] = Slot.of(state)  # e.g. a loss's class `weight`: a buffer, its values in the weights
         elif p.default is p.empty:
             raise LookupError(p.name)

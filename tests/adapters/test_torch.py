@@ -271,6 +271,8 @@ def test_module_and_tensor_arguments_of_a_users_class_are_recorded(tmp_path: Pat
     same(load_any(tmp_path / "w"), weighted, torch.randn(2, 3))
     with pytest.warns(UserWarning, match="will need a template"):  # a tensor it does not keep: values unknown
         save_any(mods.Scaled(torch.ones(3)), tmp_path / "s")
+    with pytest.warns(UserWarning, match="will need a template"):  # kept outside the state dict: values unknown
+        save_any(mods.Unsaved(torch.tensor([2.0, 3.0])), tmp_path / "u")
     named = mods.Named().eval()  # `encoder="linear"` names the child it builds: the default is kept, not the child
     m = save_any(named, tmp_path / "n")
     assert m.info["init"] == {"init": {}}

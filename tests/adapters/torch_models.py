@@ -147,3 +147,15 @@ class Named(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
+
+
+class Unsaved(nn.Module):
+    """A tensor argument kept as a buffer outside the state dict: its values are in no file, so not recorded."""
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale, persistent=False)
+        self.lin = nn.Linear(len(scale), 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x * self.scale)
