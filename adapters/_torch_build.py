@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import importlib
 import importlib.util
@@ -10,6 +11,7 @@ import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -31,6 +33,9 @@ def init_spec(model: Any, explicit: Mapping[str, Any] | None, reapplied: list[An
     pruning and norms did to it after it was built (`_torch_hooks.found`), done again as a load will.
     """
     cls = base_class(model)
+    state = model.state_dict(keep_vars=True)
+    names = _STATE_NAMES.set({id(t): name for name, t in state.items()})
+    weights = _WEIGHTS.set({name: t.detach() for name, t in state.items()})
     try:
         if explicit is None and cls in _CONTAINERS:
             encoded: Any = {"arch": _arch(model)}
@@ -51,6 +56,9 @@ def init_spec(model: Any, explicit: Mapping[str, Any] | None, reapplied: list[An
             break
     except Exception:  # the save goes on without them, as the contract says: loading will need a template
         pass
+    finally:
+        _STATE_NAMES.reset(names)
+        _WEIGHTS.reset(weights)
     if cls not in _warned:
         _warned.add(cls)
         warnings.warn(f"mlpersist could not find constructor arguments that rebuild {cls.__qualname__} with the "
@@ -73,7 +81,7 @@ def _found_kwargs(model: Any) -> dict[str, Any]:
                 args.update(args.pop(p.name))
             elif p.kind is p.VAR_POSITIONAL and p.name in args:
                 raise TypeError("*args cannot be recorded by name")
-        own = {id(t) for t in model.state_dict(keep_vars=True).values()}  # a tensor argument the module keeps
+        own = _STATE_NAMES.get()  # a tensor argument the module keeps in its state dict, as it was given
         return {k: Slot.of(v) if isinstance(v, torch.Tensor) and id(v) in own else v for k, v in args.items()}
     reader = _READERS.get(cls)
     if reader is not None:  # torch's own classes that keep their arguments under other names
@@ -89,7 +97,7 @@ def _found_kwargs(model: Any) -> dict[str, Any]:
         elif p.name in model._parameters and isinstance(p.default, bool):  # bias=True/False flags
             found[p.name] = model._parameters[p.name] is not None
         elif (isinstance(state := {**model._parameters, **model._buffers}.get(p.name), torch.Tensor)
-              and p.name not in model._non_persistent_buffers_set and (p.default is p.empty or p.default is None)):
+              and id(state) in _STATE_NAMES.get() and (p.default is p.empty or p.default is None)):
             found[p.name] = Slot.of(state)  # e.g. a loss's class `weight`: a buffer, its values in the weights
         elif p.default is p.empty:
             raise LookupError(p.name)
@@ -98,17 +106,28 @@ def _found_kwargs(model: Any) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """A constructor argument that is one of the module's own tensors, recorded by shape and dtype.
+    """A constructor argument that is one of the module's own tensors: recorded by its name in the state dict.
 
-    It is built empty: the weights file holds its values (the rebuild is proved to give every tensor its name).
+    The weights file holds it, so the rebuild is given those very values (a copy of them), as the class was
+    when it was built: what its constructor computes from them (a sum kept as a number) comes out the same.
     """
 
+    key: str
     shape: tuple[int, ...]
     dtype: torch.dtype
 
     @classmethod
     def of(cls, t: torch.Tensor) -> Slot:
-        return cls(tuple(t.shape), t.dtype)
+        key = _STATE_NAMES.get().get(id(t))
+        if key is None:
+            raise TypeError("a tensor argument outside the state dict cannot be recorded (its values are in no file)")
+        return cls(key, tuple(t.shape), t.dtype)
+
+
+# while one module's arguments are found: its state dict's tensors by id; while one is built: its weights by name
+_NOTHING: Mapping[Any, Any] = MappingProxyType({})
+_STATE_NAMES: contextvars.ContextVar[Mapping[int, str]] = contextvars.ContextVar("state_names", default=_NOTHING)
+_WEIGHTS: contextvars.ContextVar[Mapping[str, torch.Tensor]] = contextvars.ContextVar("weights", default=_NOTHING)
 
 
 def _rnn(m: Any) -> dict[str, Any]:
@@ -207,7 +226,7 @@ def encode(v: Any) -> Any:
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, Slot):
-        return {"__tensor__": {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}}
+        return {"__tensor__": {"key": v.key, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}}
     if isinstance(v, torch.nn.Module):  # another module's arguments, or a container's children
         return {"__module__": _arch(v)}
     if isinstance(v, list):
@@ -249,7 +268,11 @@ def decode(v: Any, *, build: bool = False) -> Any:
         shape = t.get("shape") if isinstance(t, dict) else None
         if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
             raise CorruptArtifactError(f"a recorded tensor argument has shape {shape!r}, not a list of sizes")
-        return torch.empty(shape, dtype=_dtype(t.get("dtype")))
+        dtype, weight = _dtype(t.get("dtype")), _WEIGHTS.get().get(t.get("key"))
+        if weight is None or list(weight.shape) != shape or weight.dtype != dtype:
+            raise CorruptArtifactError(f"a tensor argument is recorded as the weight {t.get('key')!r} of shape "
+                                       f"{shape} and {dtype}, which the weights file does not hold")
+        return weight.clone()  # the constructor may change what it is given in place
     if {"__module__", "__tensor__"} & set(v):
         raise CorruptArtifactError(f"a module or tensor is recorded outside constructor arguments: {sorted(v)}")
     return {k: decode(x, build=build) for k, x in v.items()}
@@ -289,6 +312,15 @@ def rebuild(info: Mapping[str, Any], tensors: dict[str, torch.Tensor], dev: torc
     if not isinstance(spec, dict) or not ({"init", "arch"} & set(spec)):
         raise PersistError(f"{cls.__qualname__} was saved without constructor arguments that rebuild it; pass a "
                            f"template: load_any(path, model={cls.__qualname__}(...))")
+    token = _WEIGHTS.set(tensors)  # what a tensor argument is built from
+    try:
+        return _rebuilt(cls, spec, info, tensors, dev)
+    finally:
+        _WEIGHTS.reset(token)
+
+
+def _rebuilt(cls: Any, spec: Mapping[str, Any], info: Mapping[str, Any], tensors: dict[str, torch.Tensor],
+             dev: torch.device) -> Any:
     try:  # no random initialisation: the weights are assigned, not copied
         with torch.device("meta"):
             model = _construct(cls, spec)

@@ -267,7 +267,8 @@ def test_module_and_tensor_arguments_of_a_users_class_are_recorded(tmp_path: Pat
     same(load_any(tmp_path / "head"), head, torch.randn(2, 4))
     weighted = mods.Weighted(torch.tensor([0.5, 2.0]), n_in=3).eval()
     m = save_any(weighted, tmp_path / "w")
-    assert m.info["init"]["init"]["class_weight"] == {"__tensor__": {"shape": [2], "dtype": "float32"}}
+    assert m.info["init"]["init"]["class_weight"] == {"__tensor__": {"key": "class_weight", "shape": [2],
+                                                                     "dtype": "float32"}}
     same(load_any(tmp_path / "w"), weighted, torch.randn(2, 3))
     with pytest.warns(UserWarning, match="will need a template"):  # a tensor it does not keep: values unknown
         save_any(mods.Scaled(torch.ones(3)), tmp_path / "s")
@@ -640,7 +641,8 @@ def test_weights_that_do_not_fit_the_module_are_a_typed_error(case: str, tmp_pat
         load_any(path, **options)
 
 
-@pytest.mark.parametrize("case", ["negative-shape", "unknown-dtype", "module-in-optimizer", "tensor-in-optimizer"])
+@pytest.mark.parametrize("case", ["negative-shape", "unknown-dtype", "no-such-weight", "module-in-optimizer",
+                                  "tensor-in-optimizer"])
 def test_modules_and_tensors_are_built_only_as_constructor_arguments(case: str, tmp_path: Path) -> None:
     torch = require("torch")
     model = tm().Weighted(torch.tensor([0.5, 2.0]))
@@ -651,12 +653,15 @@ def test_modules_and_tensors_are_built_only_as_constructor_arguments(case: str, 
         init["class_weight"]["__tensor__"]["shape"] = [-2]
     elif case == "unknown-dtype":
         init["class_weight"]["__tensor__"]["dtype"] = "system"
+    elif case == "no-such-weight":
+        init["class_weight"]["__tensor__"]["key"] = "lin.weight"  # there, but of another shape
     elif case == "module-in-optimizer":
         info["optimizer"]["param_groups"][0]["lr"] = {"__module__": {"class": "torch.nn:Linear"}}
     else:
         info["optimizer"]["scalars"] = {"0": {"step": {"__tensor__": {"shape": [2**40], "dtype": "float32"}}}}
     (tmp_path / "m" / "manifest.json").write_text(json.dumps(doc))
-    with pytest.raises(CorruptArtifactError, match=r"not a list of sizes|unknown torch dtype|outside constructor"):
+    with pytest.raises(CorruptArtifactError, match=r"not a list of sizes|unknown torch dtype|outside constructor|"
+                                                   r"which the weights file does not hold"):
         load_any(tmp_path / "m", training_state=True)
 
 

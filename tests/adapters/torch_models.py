@@ -97,10 +97,11 @@ class Weighted(nn.Module):
     def __init__(self, class_weight: torch.Tensor, n_in: int = 4) -> None:
         super().__init__()
         self.register_buffer("class_weight", class_weight)
+        self.total = float(class_weight.sum())  # computed from the values when built: they must be the saved ones
         self.lin = nn.Linear(n_in, len(class_weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x) * self.class_weight
+        return self.lin(x) * self.class_weight / self.total
 
 
 @mlpersist.capture_init
