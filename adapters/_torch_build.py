@@ -247,8 +247,9 @@ def encode(v: Any) -> Any:
 def decode(v: Any, *, build: bool = False) -> Any:
     """`encode` undone.
 
-    Modules and tensors are built only for a constructor (`build=True`): on the meta device first, where no size
-    in the artifact allocates anything before the weights are found to fit.
+    Modules and tensors are built only for a constructor (`build=True`): modules on the meta device first, where
+    no size in the artifact allocates anything before the weights are found to fit; a tensor as a copy of the
+    weight it names (`Slot`).
     """
     if isinstance(v, list):
         return [decode(x, build=build) for x in v]
