@@ -398,15 +398,21 @@ def _require(ok: Any, obj: Any, where: str, what: str) -> None:
 def _check_predictor_nodes(predictor: Any, nodes: np.ndarray, n_features: int | None, where: str) -> None:
     if not _passes(_predictor_nodes_ok, predictor, nodes, n_features):  # a renamed field fails it too
         raise UntrustedContentError(
-            f"{where}: a gradient-boosting predictor's node indices point outside its arrays; "
+            f"{where}: a gradient-boosting predictor's node indices point outside its arrays or back up its tree; "
             "the file is crafted or damaged, refusing it", ["sklearn.ensemble._hist_gradient_boosting"])
 
 
 def _predictor_nodes_ok(predictor: Any, nodes: np.ndarray, n_features: int | None) -> bool:
+    """Whether children lie inside the array and after their node, and split features inside X.
+
+    scikit-learn numbers a predictor's nodes depth first, so each path down rises: a child at or before its
+    node made predict loop forever (a changed copy, on scikit-learn 1.3).
+    """
     count = len(nodes)
     inner = nodes["is_leaf"] == 0
+    at = np.arange(count)
     ok = bool(np.all(~inner | ((nodes["left"] < count) & (nodes["right"] < count)
-                               & (nodes["left"] > 0) & (nodes["right"] > 0))))
+                               & (nodes["left"] > at) & (nodes["right"] > at))))
     if ok:  # a negative feature index passed before (one byte changed in a file): it read before each row
         ok = bool(np.all(~inner | ((nodes["feature_idx"] >= 0)
                                    & (nodes["feature_idx"] < (n_features if n_features is not None else 2**31)))))

@@ -582,6 +582,9 @@ else:
     nodes = model._predictors[0][0].nodes
     if kind == "hist-gbm":
         nodes["left"][0] = 10**6
+    elif kind == "hist-gbm-loop":  # a node its own child: predict looped forever (a changed copy, scikit-learn 1.3)
+        inner = [i for i in range(1, len(nodes)) if not nodes["is_leaf"][i]]
+        nodes["left"][inner[0]] = inner[0]
     else:  # a negative feature index (one byte changed in a file segfaulted predict)
         nodes["feature_idx"][0] = -2**56
 mlpersist.save_any(model, path)
@@ -592,7 +595,8 @@ except mlpersist.UntrustedContentError as exc:
 """
 
 
-@pytest.mark.parametrize("kind", ["forest-child", "forest-loop", "forest-feature", "hist-gbm", "hist-gbm-feature"])
+@pytest.mark.parametrize("kind", ["forest-child", "forest-loop", "forest-feature", "hist-gbm", "hist-gbm-loop",
+                                  "hist-gbm-feature"])
 def test_crafted_tree_indices_are_refused_before_predict(kind: str, tmp_path: Path) -> None:
     require("sklearn")
     (tmp_path / "craft.py").write_text(CRAFT)
