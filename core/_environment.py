@@ -40,9 +40,9 @@ def unreadable_here(exc: PersistError, recorded: Mapping[str, Any]) -> VersionMi
     """`exc`, a file of the artifact that could not be read, as a VersionMismatchError when the versions differ.
 
     Its digests matched, so the file is as it was saved: when a package that wrote it (the manifest's
-    `environment.packages`) is installed here at another version, or not at all, that is the likely cause
-    (numpy 1 cannot read numpy 2's random generators, a scikit-learn class may be newer than the one
-    installed). With the same versions, None: `exc` stands.
+    `environment.packages`) is installed here at another version, that is the likely cause (numpy 1
+    cannot read numpy 2's random generators, a scikit-learn class may be newer than the one installed).
+    With the same versions, None: `exc` stands.
     """
     packages = recorded.get("packages") if isinstance(recorded, Mapping) else None
     if not isinstance(packages, Mapping):
