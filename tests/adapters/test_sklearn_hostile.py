@@ -636,11 +636,14 @@ def _crafted_neighbours(kind: str) -> Any:
     else:  # a coo matrix anywhere in the graph, a row past its shape
         coo = sparse.coo_matrix(xs)
         coo.row[0] = 10**6
-        model = FunctionTransformer(kw_args={"m": coo})
+        # coo-in-long-list: last in a long list of plain values, which the walk passes over only when all are
+        hidden = [*range(10_000), "a", 1.5, b"b", None, True, coo] if kind == "coo-in-long-list" else coo
+        model = FunctionTransformer(kw_args={"m": hidden})
     return model
 
 
-@pytest.mark.parametrize("kind", ["kd-index", "ball-children", "kd-range", "csr-index", "csr-indptr", "coo-row"])
+@pytest.mark.parametrize("kind", ["kd-index", "ball-children", "kd-range", "csr-index", "csr-indptr", "coo-row",
+                                  "coo-in-long-list"])
 def test_crafted_neighbour_trees_and_sparse_matrices_are_refused_before_predict(kind: str, tmp_path: Path) -> None:
     """KDTree/BallTree queries and scipy's sparse routines index with these arrays unchecked."""
     save_any(_crafted_neighbours(kind), tmp_path / "m")
