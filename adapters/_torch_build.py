@@ -25,15 +25,16 @@ from mlpersist.errors import CorruptArtifactError, UntrustedContentError
 _warned: set[type] = set()
 
 
-def init_spec(model: Any, explicit: Mapping[str, Any] | None, reapplied: list[Any]) -> tuple[Any, bool]:
+def init_spec(model: Any, explicit: Mapping[str, Any] | None, reapplied: list[Any],
+              state: Mapping[str, Any]) -> tuple[Any, bool]:
     """Find how to rebuild the module and prove it gives the same parameter names and shapes.
 
     Returns `{"init": kwargs}` (the class called with recorded arguments) or `{"arch": tree}` (torch's
     containers, rebuilt child by child), and whether the rebuild works on the meta device. `reapplied`: what
     pruning and norms did to it after it was built (`_torch_hooks.found`), done again as a load will.
+    `state`: `model.state_dict(keep_vars=True)`, the module's own tensor objects.
     """
     cls = base_class(model)
-    state = model.state_dict(keep_vars=True)
     names = _STATE_NAMES.set({id(t): name for name, t in state.items()})
     weights = _WEIGHTS.set({name: t.detach() for name, t in state.items()})
     try:
@@ -96,7 +97,7 @@ def _found_kwargs(model: Any) -> dict[str, Any]:
             found[p.name] = model._modules[p.name]
         elif p.name in model._parameters and isinstance(p.default, bool):  # bias=True/False flags
             found[p.name] = model._parameters[p.name] is not None
-        elif (isinstance(state := {**model._parameters, **model._buffers}.get(p.name), torch.Tensor)
+        elif (isinstance(state := model._buffers.get(p.name, model._parameters.get(p.name)), torch.Tensor)
               and id(state) in _STATE_NAMES.get() and (p.default is p.empty or p.default is None)):
             found[p.name] = Slot.of(state)  # e.g. a loss's class `weight`: a buffer, its values in the weights
         elif p.default is p.empty:

@@ -9,11 +9,13 @@ again before the weights are filled, on the rebuilt module or on a template.
 
 from __future__ import annotations
 
+import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.nn.utils import parametrizations, parametrize, prune
+from torch.nn.utils import parametrizations, parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -33,15 +35,14 @@ def found(model: Any) -> list[dict[str, Any]]:
     fails, and loading asks for a template parametrized as the model was).
     """
     entries: list[dict[str, Any]] = []
+    hooks = _hooks()
     for path, sub in model.named_modules():
         at = f"{path}." if path else ""
         for hook in sub._forward_pre_hooks.values():
-            if isinstance(hook, prune.BasePruningMethod):
-                entries.append({"kind": "prune", "tensor": at + hook._tensor_name})
-            elif isinstance(hook, WeightNorm):
-                entries.append({"kind": "weight_norm", "tensor": at + hook.name, "dim": hook.dim})
-            elif isinstance(hook, SpectralNorm):
-                entries.append({"kind": "spectral_norm", "tensor": at + hook.name, **_norm_args(hook)})
+            for kind, cls, args, _ in hooks:
+                if isinstance(hook, cls):
+                    entries.append({"kind": kind, "tensor": at + _tensor_name(hook), **args(hook)})
+                    break
         if parametrize.is_parametrized(sub):
             for name, chain in sub.parametrizations.items():
                 steps = [_step(p) for p in chain]
@@ -97,6 +98,8 @@ def reapply(model: Any, entries: Any) -> None:
 
 def _redo(kind: str, sub: Any, name: str, entry: dict[str, Any]) -> None:
     if kind == "prune":
+        from torch.nn.utils import prune  # noqa: PLC0415 - 1.5 ms, for pruned models only
+
         prune.custom_from_mask(sub, name, torch.ones_like(sub._parameters[name]))  # type: ignore[no-untyped-call]
     elif kind == "weight_norm":
         torch.nn.utils.weight_norm(sub, name, dim=_int(entry["dim"]))
@@ -123,14 +126,40 @@ def _norm(args: dict[str, Any]) -> dict[str, Any]:
     return {"dim": _int(args["dim"]), "eps": eps, "n_power_iterations": args["n_power_iterations"]}
 
 
-def _hooked(kind: type) -> Any:
-    return lambda sub, name: any(isinstance(h, kind) and getattr(h, "_tensor_name", getattr(h, "name", None)) == name
-                                 for h in sub._forward_pre_hooks.values())
+# What each hook records beside its kind and tensor, and how it recomputes its tensor from the loaded ones
+# (as it does before a forward in eval mode). Spectral norm without a power iteration: one would change the
+# loaded u and v.
+_Hook = tuple[str, type, Callable[[Any], dict[str, Any]], Callable[[Any, Any], None]]
+_NORMS: tuple[_Hook, ...] = (
+    ("weight_norm", WeightNorm, lambda h: {"dim": h.dim}, lambda sub, h: setattr(sub, h.name, h.compute_weight(sub))),
+    ("spectral_norm", SpectralNorm, _norm_args,
+     lambda sub, h: setattr(sub, h.name, h.compute_weight(sub, do_power_iteration=False))))
 
 
-_DONE = {"prune": _hooked(prune.BasePruningMethod), "weight_norm": _hooked(WeightNorm),
-         "spectral_norm": _hooked(SpectralNorm),
-         "parametrizations": parametrize.is_parametrized}
+def _hooks() -> tuple[_Hook, ...]:
+    """The hook kinds a module can hold: pruning's only once torch.nn.utils.prune is imported (it made them)."""
+    prune = sys.modules.get("torch.nn.utils.prune")
+    if prune is None:
+        return _NORMS
+    return (("prune", prune.BasePruningMethod, lambda h: {}, lambda sub, h: h(sub, ())), *_NORMS)
+
+
+def _tensor_name(hook: Any) -> str:
+    name: str = hook._tensor_name if hasattr(hook, "_tensor_name") else hook.name  # pruning's, the norms'
+    return name
+
+
+def _hooked(kind: str) -> Callable[[Any, str], bool]:
+    """Whether a module holds a hook of `kind` on its tensor `name`."""
+    def done(sub: Any, name: str) -> bool:
+        return any(k == kind and isinstance(h, cls) and _tensor_name(h) == name
+                   for k, cls, _, _ in _hooks() for h in sub._forward_pre_hooks.values())
+    return done
+
+
+_DONE: dict[str, Callable[[Any, str], bool]] = {
+    "prune": _hooked("prune"), "weight_norm": _hooked("weight_norm"), "spectral_norm": _hooked("spectral_norm"),
+    "parametrizations": parametrize.is_parametrized}  # (module, tensor name)
 
 
 def refresh(model: Any) -> None:
@@ -138,11 +167,10 @@ def refresh(model: Any) -> None:
 
     Until then it is what the hook computed from the empty tensors of the rebuild (on the meta device).
     """
+    hooks = _hooks()
     for sub in model.modules():
         for hook in list(sub._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                hook(sub, ())
-            elif isinstance(hook, WeightNorm):
-                setattr(sub, hook.name, hook.compute_weight(sub))
-            elif isinstance(hook, SpectralNorm):  # no power iteration: it would change the loaded u and v
-                setattr(sub, hook.name, hook.compute_weight(sub, do_power_iteration=False))
+            for _, cls, _, recompute in hooks:
+                if isinstance(hook, cls):
+                    recompute(sub, hook)
+                    break

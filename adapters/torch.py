@@ -58,7 +58,8 @@ class TorchAdapter:
                                         "input; run one forward pass on a batch before saving it")
         if format != "safetensors":
             return _save_program(model, dest, format, example)
-        state = model.state_dict()
+        live = model.state_dict(keep_vars=True)  # the module's own tensors: the rebuild's proof names them by id
+        state = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in live.items()}
         odd = next((k for k, v in state.items() if not isinstance(v, torch.Tensor) or v.is_quantized), None)
         if odd is not None:
             raise UnsupportedModelError(
@@ -69,7 +70,7 @@ class TorchAdapter:
         tensors, aliases = unique_tensors(state)
         write_safetensors(tensors, dest / WEIGHTS)
         reapplied = found(model)
-        init, meta_ok = init_spec(model, init_kwargs, reapplied)
+        init, meta_ok = init_spec(model, init_kwargs, reapplied, live)
         cls = base_class(model)
         info: dict[str, Any] = {"class": f"{cls.__module__}:{cls.__qualname__}", "init": init, "meta_ok": meta_ok,
                                 "aliases": aliases,

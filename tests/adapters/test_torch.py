@@ -308,6 +308,21 @@ def test_pruned_weights_keep_their_masks(tmp_path: Path) -> None:
     prune.random_unstructured(seq[0], "weight", amount=0.5)
     save_any(seq, tmp_path / "s")
     same(load_any(tmp_path / "s"), seq, x)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(seq(x), tmp_path / "y.pt")
+    # torch.nn.utils.prune is imported by the load that needs it, not by the adapter: a fresh process
+    proc = run_python(f"""
+        import sys, torch, mlpersist
+        import mlpersist.adapters.torch
+        assert "torch.nn.utils.prune" not in sys.modules
+        loaded = mlpersist.load_any({str(tmp_path / "s")!r})
+        from torch.nn.utils import prune
+        assert prune.is_pruned(loaded)
+        x, y = torch.load({str(tmp_path / "x.pt")!r}), torch.load({str(tmp_path / "y.pt")!r})
+        assert torch.equal(loaded(x), y)
+        print("ok")
+    """)
+    assert proc.stdout.strip() == "ok", proc.stderr
 
 
 def normed(kind: str) -> Any:
