@@ -54,7 +54,8 @@ def init_spec(model: Any, explicit: Mapping[str, Any] | None, reapplied: list[An
                 raise
             if _shapes(rebuilt) == _shapes(model):
                 return encoded, meta
-            break
+            if not meta:
+                break  # on meta, a parametrization may not make all it makes for real (orthogonal's base)
     except Exception:  # the save goes on without them, as the contract says: loading will need a template
         pass
     finally:
@@ -323,17 +324,27 @@ def rebuild(info: Mapping[str, Any], tensors: dict[str, torch.Tensor], dev: torc
 
 def _rebuilt(cls: Any, spec: Mapping[str, Any], info: Mapping[str, Any], tensors: dict[str, torch.Tensor],
              dev: torch.device) -> Any:
+    model: Any = None
+    filling = False
     try:  # no random initialisation: the weights are assigned, not copied
         with torch.device("meta"):
             model = _construct(cls, spec)
             reapply(model, info.get("reapplied"))
-    except PersistError:
-        raise
+        filling = True
+        fill(model, tensors, strict=True, assign=True)  # refused here, before the artifact's sizes allocate anything
     except Exception as exc:
-        if info.get("meta_ok"):
+        # Built for real below when meta could not do it all (a class that builds only for real; orthogonal's
+        # right_inverse, which reads values) and the saved module said so, unless it is larger than the file:
+        # its sizes come from the manifest.
+        too_big = model is not None and _larger(model, tensors)
+        if too_big and not filling:
+            raise CorruptArtifactError(f"{cls.__qualname__} as recorded holds more numbers than its weights file: "
+                                       "the manifest's arguments were changed") from exc
+        if info.get("meta_ok") or too_big:
+            if isinstance(exc, PersistError):
+                raise  # fill's names the weights that do not fit
             raise _unbuildable(cls, exc) from exc
-    else:  # weights that do not fit are refused here, before the artifact's sizes allocate anything
-        fill(model, tensors, strict=True, assign=True)
+    else:
         if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
             _retie(model, info.get("aliases", {}))
             refresh(model)
@@ -349,6 +360,16 @@ def _rebuilt(cls: Any, spec: Mapping[str, Any], info: Mapping[str, Any], tensors
     fill(model, tensors, strict=True)
     refresh(model)
     return model
+
+
+def _larger(model: Any, tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a module built on meta holds more numbers than the weights file.
+
+    Pruning, norms and parametrizations only add tensors beside the ones they act on.
+    """
+    built: int = sum(t.numel() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    held: int = sum(t.numel() for t in tensors.values())
+    return built > held
 
 
 def _unbuildable(cls: type, exc: Exception) -> CorruptArtifactError:

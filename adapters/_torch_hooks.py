@@ -1,7 +1,7 @@
-"""What torch's pruning, weight and spectral norms do to a module after its constructor: found, and done again.
+"""What torch's pruning, norms and parametrizations do to a module after its constructor: found, and done again.
 
 `torch.nn.utils.prune`, `weight_norm` and `spectral_norm` (hooks), and `torch.nn.utils.parametrizations`
-(`weight_norm`, `spectral_norm`) rename the tensor they act on (`weight_orig` and `weight_mask`,
+(`weight_norm`, `spectral_norm`, `orthogonal`) rename the tensor they act on (`weight_orig` and `weight_mask`,
 `weight_g` and `weight_v`, `parametrizations.weight.original0`, ...). A module rebuilt from its
 constructor has a plain `weight`: the save records what was done (`info.reapplied`), and loading does it
 again before the weights are filled, on the rebuilt module or on a template.
@@ -31,8 +31,8 @@ def base_class(m: Any) -> type[Any]:
 def found(model: Any) -> list[dict[str, Any]]:
     """What was done to the module's tensors after it was built, in the order it is to be done again.
 
-    A parametrization other than weight_norm and spectral_norm is not recorded (the save's proof then
-    fails, and loading asks for a template parametrized as the model was).
+    A parametrization other than weight_norm, spectral_norm and orthogonal is not recorded (the save's proof
+    then fails, and loading asks for a template parametrized as the model was).
     """
     entries: list[dict[str, Any]] = []
     hooks = _hooks()
@@ -61,6 +61,8 @@ def _step(p: Any) -> dict[str, Any] | None:
         return {"weight_norm": {"dim": p.dim}}
     if type(p) is parametrizations._SpectralNorm:
         return {"spectral_norm": _norm_args(p)}
+    if type(p) is parametrizations._Orthogonal:  # the map it chose (by the weight's shape, if not told); its base
+        return {"orthogonal": {"orthogonal_map": p.orthogonal_map.name, "use_trivialization": "base" in p._buffers}}
     return None
 
 
@@ -107,10 +109,10 @@ def _redo(kind: str, sub: Any, name: str, entry: dict[str, Any]) -> None:
         torch.nn.utils.spectral_norm(sub, name, **_norm(entry))
     else:
         for step in entry["steps"]:
-            if "weight_norm" in step:
-                parametrizations.weight_norm(sub, name, dim=_int(step["weight_norm"]["dim"]))
-            else:
-                parametrizations.spectral_norm(sub, name, **_norm(step["spectral_norm"]))
+            what, args = next(iter(step.items())) if type(step) is dict and len(step) == 1 else (None, None)
+            if what not in _STEPS or type(args) is not dict:
+                raise ValueError(f"{step!r} is not one of {', '.join(_STEPS)} with its arguments")
+            _STEPS[what](sub, name, args)
 
 
 def _int(v: Any) -> int:
@@ -147,6 +149,20 @@ def _hooks() -> tuple[_Hook, ...]:
 def _tensor_name(hook: Any) -> str:
     name: str = hook._tensor_name if hasattr(hook, "_tensor_name") else hook.name  # pruning's, the norms'
     return name
+
+
+def _orthogonal(args: dict[str, Any]) -> dict[str, Any]:
+    kind, trivial = args["orthogonal_map"], args["use_trivialization"]
+    if kind not in ("matrix_exp", "cayley", "householder") or type(trivial) is not bool:
+        raise ValueError("orthogonal_map must be matrix_exp, cayley or householder, use_trivialization a bool")
+    return {"orthogonal_map": kind, "use_trivialization": trivial}
+
+
+# the parametrizations a chain may hold, as `_step` records them, applied again
+_STEPS: dict[str, Callable[[Any, str, dict[str, Any]], Any]] = {
+    "weight_norm": lambda sub, name, a: parametrizations.weight_norm(sub, name, dim=_int(a["dim"])),
+    "spectral_norm": lambda sub, name, a: parametrizations.spectral_norm(sub, name, **_norm(a)),
+    "orthogonal": lambda sub, name, a: parametrizations.orthogonal(sub, name, **_orthogonal(a))}
 
 
 def _hooked(kind: str) -> Callable[[Any, str], bool]:

@@ -364,19 +364,59 @@ def test_weight_and_spectral_norms_rebuild(kind: str, tmp_path: Path) -> None:
         assert torch.equal(loaded[0].weight, model[0].weight)
 
 
-def test_a_parametrization_mlpersist_does_not_record_needs_a_template(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["matrix_exp", "cayley", "householder", "householder-wide", "no-trivialization"])
+def test_orthogonal_parametrizations_rebuild(kind: str, tmp_path: Path) -> None:
+    """orthogonal() keeps the map it chose and, by default, a `base` its right_inverse computes from values (which
+    the meta device has not): recorded, applied again for real, the saved base and original loaded into it."""
     torch = require("torch")
     from torch.nn.utils import parametrizations as para
 
-    model = para.orthogonal(torch.nn.Linear(4, 4)).eval()
+    torch.manual_seed(0)
+    shape, options = {"matrix_exp": ((4, 4), {}), "cayley": ((4, 4), {"orthogonal_map": "cayley"}),
+                      "householder": ((4, 4), {"orthogonal_map": "householder"}),
+                      "householder-wide": ((6, 3), {}),  # not square: householder by default
+                      "no-trivialization": ((5, 2), {"use_trivialization": False})}[kind]
+    model = torch.nn.Sequential(para.orthogonal(torch.nn.Linear(*shape), **options), torch.nn.Tanh())
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):  # moves the weight off what a fresh orthogonal() would give
+        sgd.zero_grad()
+        model(torch.randn(5, shape[0])).sum().backward()
+        sgd.step()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "will need a template"
+        m = save_any(model, tmp_path / "m")
+    [entry] = m.info["reapplied"]
+    if "householder" in kind:
+        assert entry["steps"][0]["orthogonal"]["orthogonal_map"] == "householder"
+    for loaded in (load_any(tmp_path / "m"), load_any(tmp_path / "m", model=torch.nn.Sequential(
+            para.orthogonal(torch.nn.Linear(*shape), **options), torch.nn.Tanh()))):
+        assert list(loaded.state_dict()) == list(model.state_dict())
+        same(loaded, model, torch.randn(7, shape[0]))
+        assert torch.equal(loaded[0].weight, model[0].weight)
+
+
+def test_a_parametrization_mlpersist_does_not_record_needs_a_template(tmp_path: Path) -> None:
+    torch = require("torch")
+    from torch.nn.utils import parametrize
+
+    model = torch.nn.Linear(4, 4).eval()
+    parametrize.register_parametrization(model, "weight", tm().Symmetric())
     with pytest.warns(UserWarning, match="will need a template"):
         m = save_any(model, tmp_path / "m")
     assert m.info["class"] == "torch.nn.modules.linear:Linear"  # the class it was built as, not the generated one
-    same(load_any(tmp_path / "m", model=para.orthogonal(torch.nn.Linear(4, 4))), model, torch.randn(2, 4))
+    template = torch.nn.Linear(4, 4)
+    parametrize.register_parametrization(template, "weight", tm().Symmetric())
+    same(load_any(tmp_path / "m", model=template), model, torch.randn(2, 4))
+
+
+def _chain(step: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"kind": "parametrizations", "tensor": "l1.weight", "steps": [step]}]
 
 
 @pytest.mark.parametrize("pruned", ["not-a-list", "no-such-module", "no-such-parameter", "unknown-kind",
-                                    "bad-argument"])
+                                    "bad-argument", "unknown-step", "two-in-one-step", "bad-orthogonal-map",
+                                    "orthogonal-trivialization-not-a-bool"])
 def test_a_crafted_list_of_what_was_reapplied_is_a_corrupt_artifact(pruned: str, tmp_path: Path) -> None:
     save_any(tm().MLP(4), tmp_path / "m")
     doc = json.loads((tmp_path / "m" / "manifest.json").read_text())
@@ -384,9 +424,34 @@ def test_a_crafted_list_of_what_was_reapplied_is_a_corrupt_artifact(pruned: str,
         "not-a-list": "l1.weight", "no-such-module": [{"kind": "prune", "tensor": "l9.weight"}],
         "no-such-parameter": [{"kind": "prune", "tensor": "l1.scale"}],
         "unknown-kind": [{"kind": "exec", "tensor": "l1.weight"}],
-        "bad-argument": [{"kind": "weight_norm", "tensor": "l1.weight", "dim": "0"}]}[pruned]
+        "bad-argument": [{"kind": "weight_norm", "tensor": "l1.weight", "dim": "0"}],
+        "unknown-step": _chain({"exec": {}}),
+        "two-in-one-step": _chain({"weight_norm": {"dim": 0}, "spectral_norm": {}}),
+        "bad-orthogonal-map": _chain({"orthogonal": {"orthogonal_map": "exec", "use_trivialization": True}}),
+        "orthogonal-trivialization-not-a-bool": _chain({"orthogonal": {"orthogonal_map": "cayley",
+                                                                        "use_trivialization": 1}})}[pruned]
     (tmp_path / "m" / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(CorruptArtifactError, match=r"not a list|no such param|not what mlpersist records|as recorded"):
+        load_any(tmp_path / "m")
+
+
+def test_a_module_meta_cannot_finish_is_built_for_real_only_if_the_file_holds_its_size(tmp_path: Path) -> None:
+    """orthogonal() cannot be applied on the meta device, so such a module is built for real. A manifest edited
+    to a larger width (and to say meta cannot build it) must not get there: the module built on meta is held
+    to the weights file's size first."""
+    torch = require("torch")
+    from torch.nn.utils import parametrizations as para
+
+    model = tm().MLP(4, hidden=4).eval()
+    para.orthogonal(model.l1)  # square: matrix_exp, whose right_inverse reads values (meta has none)
+    save_any(model, tmp_path / "m")
+    same(load_any(tmp_path / "m"), model, torch.randn(2, 4))  # the honest artifact: built for real
+    doc = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    # still square (2**40 would fail to allocate; this one would be built)
+    doc["info"]["init"]["init"].update(n_in=64, hidden=64)
+    doc["info"]["meta_ok"] = False
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptArtifactError, match="holds more numbers than its weights file"):
         load_any(tmp_path / "m")
 
 

@@ -160,3 +160,10 @@ class Unsaved(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin(x * self.scale)
+
+
+class Symmetric(nn.Module):
+    """A user's own parametrization (torch's tutorial): mlpersist records none of these."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.triu() + x.triu(1).transpose(-1, -2)
