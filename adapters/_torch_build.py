@@ -187,7 +187,10 @@ _READERS = {torch.nn.RNN: _rnn, torch.nn.LSTM: _rnn, torch.nn.GRU: _rnn,
             torch.nn.TransformerEncoder: _stack, torch.nn.TransformerDecoder: _stack,
             torch.nn.Transformer: lambda m: {"d_model": m.d_model, "nhead": m.nhead, "batch_first": m.batch_first,
                                              "custom_encoder": m.encoder, "custom_decoder": m.decoder},
-            torch.nn.ParameterList: _params, torch.nn.ParameterDict: _params}
+            torch.nn.ParameterList: _params, torch.nn.ParameterDict: _params,
+            torch.nn.AdaptiveLogSoftmaxWithLoss: lambda m: {  # its `cutoffs` end with n_classes, appended
+                "in_features": m.in_features, "n_classes": m.n_classes, "cutoffs": list(m.cutoffs[:-1]),
+                "div_value": m.div_value, "head_bias": m.head_bias}}
 
 
 def _arch(m: Any) -> dict[str, Any]:

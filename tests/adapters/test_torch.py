@@ -194,6 +194,23 @@ def test_torch_transformers_rebuild_without_any_help(kind: str, tmp_path: Path) 
         assert torch.equal(loaded(*args), model(*args))
 
 
+def test_an_adaptive_softmax_rebuilds_without_any_help(tmp_path: Path) -> None:
+    """AdaptiveLogSoftmaxWithLoss keeps `cutoffs` with n_classes appended: read back as it was given."""
+    torch = require("torch")
+    torch.manual_seed(0)
+    model = torch.nn.AdaptiveLogSoftmaxWithLoss(16, 50, [10, 30], div_value=2.0, head_bias=True).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "will need a template"
+        m = save_any(model, tmp_path / "m")
+    assert m.info["init"]["init"]["cutoffs"] == [10, 30]
+    loaded = load_any(tmp_path / "m")
+    assert (loaded.cutoffs, loaded.div_value, loaded.head_bias) == ([10, 30, 50], 2.0, True)
+    x, target = torch.randn(6, 16), torch.randint(0, 50, (6,))
+    with torch.no_grad():
+        assert torch.equal(loaded.log_prob(x), model.log_prob(x))
+        assert torch.equal(loaded(x, target).loss, model(x, target).loss)
+
+
 def test_a_transformer_layer_with_a_plain_function_as_activation_needs_a_template(tmp_path: Path) -> None:
     """A function could be any code: it is not recorded, and loading asks for the layer."""
     torch = require("torch")
