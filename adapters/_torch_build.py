@@ -10,7 +10,7 @@ import inspect
 import sys
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -182,7 +182,8 @@ def _slot(v: Any) -> Slot:
 _CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
 _RNN_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
 # these classes exactly: a subclass has its own signature
-_READERS = {torch.nn.RNN: _rnn, torch.nn.LSTM: _rnn, torch.nn.GRU: _rnn,
+_READERS: dict[type, Callable[[Any], dict[str, Any]]] = {
+            torch.nn.RNN: _rnn, torch.nn.LSTM: _rnn, torch.nn.GRU: _rnn,
             torch.nn.TransformerEncoderLayer: _layer, torch.nn.TransformerDecoderLayer: _layer,
             torch.nn.TransformerEncoder: _stack, torch.nn.TransformerDecoder: _stack,
             torch.nn.Transformer: lambda m: {"d_model": m.d_model, "nhead": m.nhead, "batch_first": m.batch_first,
