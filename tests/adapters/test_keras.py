@@ -251,6 +251,30 @@ def test_a_damaged_archive_or_hdf5_file_is_a_corrupt_artifact(damage: str, tmp_p
         load_any(path, trusted=damage.endswith("trusted"))
 
 
+def test_hdf5_groups_linked_many_times_over_are_looked_into_once(tmp_path: Path) -> None:
+    """30 groups, each hard-linked 8 times into the one before, and one linked into itself: a few KB that
+    were 8**29 paths for the check to walk (it hung). Each object is looked into once, and the model loads."""
+    h5py = require("h5py")
+    model = sequential()
+    model.save(str(tmp_path / "legacy.h5"))
+    with h5py.File(tmp_path / "legacy.h5", "a") as h5:
+        groups = [h5.create_group(f"extra/g{i}") for i in range(30)]
+        for i in range(29):
+            for j in range(8):
+                groups[i][f"l{j}"] = groups[i + 1]
+        groups[29]["loop"] = groups[0]
+    model.save(str(tmp_path / "again.h5"))
+    # in a process of its own, so that a walk that does not end fails the test instead of hanging the run
+    proc = run_python(f"""
+        import numpy as np, mlpersist
+        a, b = (mlpersist.load_any(p) for p in ({str(tmp_path / "legacy.h5")!r}, {str(tmp_path / "again.h5")!r}))
+        x = np.random.default_rng(3).normal(size=(8, 4)).astype("float32")
+        np.testing.assert_array_equal(a.predict(x, verbose=0), b.predict(x, verbose=0))
+        print("ok")
+    """, timeout=120)
+    assert proc.stdout.strip().endswith("ok"), proc.stderr
+
+
 def test_a_bare_keras_file_and_a_legacy_h5_file_load_under_the_same_rules(tmp_path: Path) -> None:
     model = sequential()
     model.save(str(tmp_path / "model.keras"))
