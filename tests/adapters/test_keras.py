@@ -189,8 +189,37 @@ def test_a_decompression_bomb_member_is_refused(tmp_path: Path) -> None:
         load_any(path)
 
 
+def _add_to_weights(h5: Any, kind: str, tmp_path: Path) -> str:
+    """Put into a model's HDF5 weights what the check refuses; return what the refusal says."""
+    h5py, np = require("h5py"), require("numpy")
+    if kind == "external-link":
+        h5["leak"] = h5py.ExternalLink("/etc/passwd", "/")
+        return "ExternalLink"
+    if kind == "soft-link":
+        h5["alias"] = h5py.SoftLink("/layers")
+        return "SoftLink"
+    if kind == "external-storage":  # the dataset's bytes are read from another file
+        h5.create_dataset("leak", shape=(8,), dtype="u1", external=[("/etc/hostname", 0, 8)])
+        return "external or virtual storage"
+    if kind == "virtual":
+        with h5py.File(tmp_path / "other.h5", "w") as other:
+            other["x"] = np.zeros(4, dtype="f4")
+        layout = h5py.VirtualLayout(shape=(4,), dtype="f4")
+        layout[:] = h5py.VirtualSource(str(tmp_path / "other.h5"), "x", shape=(4,))
+        h5.create_virtual_dataset("leak", layout)
+        return "external or virtual storage"
+    # a weight replaced by one that declares 100 MiB and stores nothing: Keras would read it all (65 s and 15 GB
+    # for 3.6 GB declared) before finding its shape wrong
+    name = "layers/dense/vars/0"
+    del h5[name]
+    h5.create_dataset(name, shape=(5000, 5000), dtype="f4", chunks=(500, 500))
+    return "more than 64 MiB beyond what they store"
+
+
+@pytest.mark.parametrize("kind", ["external-link", "soft-link", "external-storage", "virtual", "unstored"])
 @pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"])
-def test_hdf5_weights_reaching_outside_the_file_are_refused(tmp_path: Path, compression: int) -> None:
+def test_hdf5_weights_reaching_outside_the_file_or_declaring_unstored_data_are_refused(
+        tmp_path: Path, compression: int, kind: str) -> None:
     h5py = require("h5py")
     path = tmp_path / "model.keras"
     sequential().save(str(path))
@@ -198,13 +227,15 @@ def test_hdf5_weights_reaching_outside_the_file_are_refused(tmp_path: Path, comp
         members = {n: zf.read(n) for n in zf.namelist()}
     (tmp_path / "w.h5").write_bytes(members["model.weights.h5"])
     with h5py.File(tmp_path / "w.h5", "a") as h5:
-        h5["leak"] = h5py.ExternalLink("/etc/passwd", "/")
+        message = _add_to_weights(h5, kind, tmp_path)
     members["model.weights.h5"] = (tmp_path / "w.h5").read_bytes()
     with zipfile.ZipFile(path, "w", compression=compression) as zf:
         for name, data in members.items():
             zf.writestr(name, data)
-    with pytest.raises(UntrustedContentError, match="ExternalLink"):
+    with pytest.raises(UntrustedContentError, match=message):
         load_any(path)
+    with pytest.raises(UntrustedContentError, match=message):  # the weights' check is not lifted by trust
+        load_any(path, trusted=True)
 
 
 def test_a_deflated_keras_file_loads_and_a_damaged_member_header_is_refused(tmp_path: Path) -> None:
