@@ -139,7 +139,7 @@ def validate(model: Any) -> list[Tree]:
         n = int(n) if isinstance(n, (int, np.integer)) else n_features
         children: Any = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else (
             getattr(obj, "__dict__", {}).values())
-        if isinstance(obj, (dict, list, tuple)) and len(obj) > 16 and _LEAVES.issuperset(map(type, children)):
+        if _plain(obj, children):
             continue  # every entry a plain value (140,000 words: 150 ms one by one, 4 ms this way)
         for i, child in enumerate(children):
             stack.append((child, n, f"{where}[{i}]"))
@@ -148,9 +148,16 @@ def validate(model: Any) -> list[Tree]:
 
 
 _FRACTIONS = tuple(int(p) for p in sklearn.__version__.split(".")[:2]) >= (1, 4)  # tree_.value of a classifier
-_ATOMS = (str, bytes, int, float, type(None), np.generic)
 # the exact types `validate` has nothing to check in (it skips str, bytes, int and float; None and bool hold nothing)
 _LEAVES = frozenset({str, bytes, int, float, bool, type(None)})
+
+
+def _plain(obj: Any, children: Any) -> bool:
+    """Whether `obj` is a long container (a vocabulary, a list of names) whose entries are all plain values.
+
+    Both walks of the model pass over such a container in one C-level look at its entries' exact types.
+    """
+    return isinstance(obj, (dict, list, tuple)) and len(obj) > 16 and _LEAVES.issuperset(map(type, children))
 
 
 def as_fractions(model: Any, trees: list[Tree] | None = None) -> None:
@@ -186,11 +193,7 @@ def as_fractions(model: Any, trees: list[Tree] | None = None) -> None:
 
 
 def _classifier_trees(model: Any) -> Iterator[Tree]:
-    """The trees of the classification trees in `model`'s object graph, on a trusted load (`validate` not run).
-
-    Nothing is checked here, so a long container whose first entry is a plain value (a vocabulary) is
-    passed over on that entry alone.
-    """
+    """The trees of the classification trees in `model`'s object graph, on a trusted load (`validate` not run)."""
     classifier = _loaded("sklearn.tree._classes", "DecisionTreeClassifier")
     seen: set[int] = set()
     stack: list[Any] = [model]
@@ -202,13 +205,10 @@ def _classifier_trees(model: Any) -> Iterator[Tree]:
         if isinstance(obj, classifier) and isinstance(tree := getattr(obj, "tree_", None), Tree):
             yield tree
             continue
-        if isinstance(obj, (dict, list, tuple)):
-            children: Any = obj.values() if isinstance(obj, dict) else obj
-            if len(obj) > 16 and isinstance(next(iter(children)), _ATOMS):
-                continue  # a vocabulary, a list of names: 40 ms for 140,000 words, and no tree in them
-        else:
-            children = getattr(obj, "__dict__", {}).values()
-        stack.extend(children)
+        children: Any = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else (
+            getattr(obj, "__dict__", {}).values())
+        if not _plain(obj, children):
+            stack.extend(children)
 
 
 def _layout(tree: Tree) -> str | None:
