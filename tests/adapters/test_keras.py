@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -214,6 +215,67 @@ def _add_to_weights(h5: Any, kind: str, tmp_path: Path) -> str:
     del h5[name]
     h5.create_dataset(name, shape=(5000, 5000), dtype="f4", chunks=(500, 500))
     return "more than 64 MiB beyond what they store"
+
+
+def _overlap_bomb(members: dict[str, bytes], n: int, size: int) -> bytes:
+    """A zip of `members` (stored) and `n` "assets/" members whose deflated data overlap (Fifield's "quoted
+    overlap"): member i's data quotes the local headers of members i+1.. in stored deflate blocks, then ends in
+    one shared kernel of `size` bytes. Each passes a ratio check (about 200x); together they inflate to n * size."""
+    import struct
+    import zlib
+
+    def local(name: bytes, method: int, sizes: tuple[int, int, int]) -> bytes:  # sizes: CRC, stored, inflated
+        return struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0x21, *sizes, len(name), 0) + name
+
+    def central(name: bytes, method: int, sizes: tuple[int, int, int], offset: int) -> bytes:
+        return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0, 0x21, *sizes, len(name),
+                           0, 0, 0, 0, 0, offset) + name
+
+    out, entries = bytearray(), []
+    for name, data in members.items():
+        stored = (zlib.crc32(data), len(data), len(data))
+        entries.append(central(name.encode(), 0, stored, len(out)))
+        out += local(name.encode(), 0, stored) + data
+    plain = (b"mlpersist overlap " * (size // 18 + 1))[:size]
+    deflate = zlib.compressobj(1, zlib.DEFLATED, -15)
+    kernel = deflate.compress(plain) + deflate.flush()
+    names = [f"assets/f{i:04d}".encode() for i in range(n)]
+    headers: list[bytes] = [b""] * n
+    sizes: list[tuple[int, int, int]] = [(0, 0, 0)] * n
+    quoted = b""  # the local headers of the members after i, which member i inflates to before the kernel
+    for i in range(n - 1, -1, -1):  # backwards: a member's CRC covers the headers after it
+        sizes[i] = (zlib.crc32(plain, zlib.crc32(quoted)), sum(5 + len(h) for h in headers[i + 1:]) + len(kernel),
+                    len(quoted) + len(plain))
+        headers[i] = local(names[i], 8, sizes[i])
+        quoted = headers[i] + quoted
+    for i in range(n):
+        entries.append(central(names[i], 8, sizes[i], len(out)))
+        out += headers[i]
+        if i + 1 < n:  # a stored, non-final deflate block quoting the next local header
+            out += bytes([0]) + struct.pack("<HH", len(headers[i + 1]), len(headers[i + 1]) ^ 0xFFFF)
+    out += kernel
+    start = len(out)
+    for entry in entries:
+        out += entry
+    return bytes(out + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), len(out) - start,
+                                   start, 0))
+
+
+def test_a_zip_bomb_of_overlapping_members_is_refused(tmp_path: Path) -> None:
+    """Each member passes the ratio check, and Keras extracts every member to disk: 57 KB wrote 600 MB."""
+    path = tmp_path / "model.keras"
+    model = sequential()
+    model.save(str(path))
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    bomb = _overlap_bomb(members, 40, 1 << 20)
+    with zipfile.ZipFile(io.BytesIO(bomb)) as zf:  # a valid archive: every member reads, 40 MiB of assets
+        assert sum(len(zf.read(i)) for i in zf.infolist()) > 40 << 20 > 200 * len(bomb)
+    path.write_bytes(bomb)
+    with pytest.raises(CorruptArtifactError, match="members overlap"):
+        load_any(path)
+    with pytest.raises(CorruptArtifactError, match="members overlap"):
+        load_any(path, trusted=True)
 
 
 @pytest.mark.parametrize("kind", ["external-link", "soft-link", "external-storage", "virtual", "unstored"])
