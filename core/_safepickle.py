@@ -95,12 +95,35 @@ def _run(fileobj: BinaryIO, policy: TrustPolicy, *, what: str, joblib_format: bo
         kind = _safejoblib.trusted_unpickler_class() if policy.trusted else _safejoblib.unpickler_class()
         up = kind(stream, state)
     elif policy.trusted:
-        return _guarded_call(lambda: pickle.load(fileobj), state), state
+        obj = _guarded_call(lambda: pickle.load(fileobj), state)
+        _at_end(fileobj, state)
+        return obj, state
     else:
         stream, up = fileobj, PlainUnpickler(fileobj, state)
     state.raw_stream = stream is fileobj
     obj = _guarded_call(up.load, state)
+    _at_end(stream, state)
     return obj, state
+
+
+def _at_end(stream: BinaryIO, state: State) -> None:
+    """Refuse bytes after the pickle's STOP: a model file holds one pickle, which joblib.load reads alone.
+
+    A file of several pickles would load as its first one, and torch's legacy format (a pickle of a
+    magic number first) as that number: a wrong answer, not a model.
+    """
+    if state.refused:
+        return  # the refusal, raised next, tells more
+    try:
+        more = stream.read(1)
+    except Exception as exc:  # a compressed stream damaged past the pickle
+        raise CorruptArtifactError(f"{state.what}: the data after its pickle is damaged ({type(exc).__name__}: "
+                                   f"{str(exc)[:200]})") from None
+    if more:
+        raise CorruptArtifactError(f"{state.what} holds more data after its pickle ends: a file of several pickles "
+                                   "or of another format (torch's legacy torch.save format starts with one); "
+                                   "mlpersist reads a file that holds one pickle, as joblib.dump and pickle.dump "
+                                   "write it")
 
 
 def _guarded_call(fn: Any, state: State) -> Any:

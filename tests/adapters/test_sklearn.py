@@ -18,6 +18,7 @@ from mlp_testkit import require, write_refused, write_when_let_in
 
 from mlpersist import (
     ArtifactExistsError,
+    CorruptArtifactError,
     MissingFrameworkError,
     PersistError,
     UnsupportedModelError,
@@ -454,6 +455,33 @@ def test_a_bare_pickle_file_loads_under_the_same_rules(tmp_path: Path) -> None:
     model = LogisticRegression().fit(x, y)
     (tmp_path / "model.pkl").write_bytes(pickle.dumps(model, protocol=4))
     np.testing.assert_array_equal(load_any(tmp_path / "model.pkl").predict_proba(x), model.predict_proba(x))
+
+
+@pytest.mark.parametrize("compress", [None, 0, 3], ids=["pickle", "joblib", "joblib-zlib"])
+@pytest.mark.parametrize("trusted", [False, True], ids=["checked", "trusted"])
+def test_a_file_holding_more_than_one_pickle_is_refused(compress: int | None, trusted: bool, tmp_path: Path) -> None:
+    """joblib.load and pickle.load return the first pickle and ignore the rest: the file's first object
+    (a number, for torch's legacy format) would come back as the model."""
+    joblib = require("joblib")
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = data()
+    model = LogisticRegression().fit(x, y)
+    path = tmp_path / "model.pkl"
+    if compress is None:
+        path.write_bytes(pickle.dumps(42, protocol=4) + pickle.dumps(model, protocol=4))
+    else:
+        joblib.dump(model, path, compress=compress)
+        if compress:  # one more pickle inside the compressed stream
+            import zlib
+
+            path.write_bytes(zlib.compress(zlib.decompress(path.read_bytes()) + pickle.dumps(42), compress))
+        else:
+            path.write_bytes(path.read_bytes() + pickle.dumps(42))
+    first = pickle.loads(path.read_bytes()) if compress is None else joblib.load(path)
+    assert type(first) is (int if compress is None else LogisticRegression)  # what the native loaders return
+    with pytest.raises(CorruptArtifactError, match="more data after its pickle ends"):
+        load_any(path, trusted=trusted)
 
 
 def _as_before_1_4(model: Any) -> Any:
