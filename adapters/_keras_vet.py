@@ -13,6 +13,7 @@ from typing import Any
 import h5py
 import keras
 
+from mlpersist._zips import no_overlap
 from mlpersist.errors import CorruptArtifactError, PersistError, UntrustedContentError
 
 _MEMBERS = {"config.json", "metadata.json", "model.weights.h5"}
@@ -53,7 +54,7 @@ def _vet_members(zf: zipfile.ZipFile, f: Any) -> Any:
             if i.compress_type != zipfile.ZIP_STORED and i.file_size > _MAX_RATIO * max(i.compress_size, 1):
                 raise CorruptArtifactError(f"model.keras member {i.filename} inflates {i.file_size} bytes from "
                                            f"{i.compress_size} (a decompression bomb)")
-        _no_overlap(infos, f)
+        no_overlap(infos, f, "model.keras")  # Keras extracts every member to disk
         if "config.json" not in names:
             raise CorruptArtifactError("model.keras has no config.json")
         if zf.getinfo("config.json").file_size > _MAX_CONFIG:
@@ -63,23 +64,6 @@ def _vet_members(zf: zipfile.ZipFile, f: Any) -> Any:
             with _member(zf, f, zf.getinfo("model.weights.h5")) as weights:
                 vet_hdf5(weights, "model.weights.h5")
     return config
-
-
-def _no_overlap(infos: list[zipfile.ZipInfo], f: Any) -> None:
-    """Refuse members whose bytes would overlap: their headers and data add up to more than the archive.
-
-    Members that share their compressed data (a "quoted overlap" zip bomb) each pass the ratio check, and
-    Keras extracts every member to disk: 57 KB made 300 members of 2 MB each (600 MB written), and 10,000
-    members of 100 MB would fit in about 1 MB. Python's zipfile detects overlaps only in newer releases (3.13.0,
-    not 3.11.7 or 3.12.1).
-    With no byte counted twice, all members together inflate to at most `_MAX_RATIO` times the archive.
-    """
-    size = f.seek(0, io.SEEK_END)
-    claimed = sum(30 + len(i.orig_filename.encode("utf-8" if i.flag_bits & 0x800 else "cp437", "replace"))
-                  + i.compress_size for i in infos)
-    if claimed > size:
-        raise CorruptArtifactError(f"model.keras members overlap: their local headers and data take {claimed} bytes "
-                                   f"of an archive of {size} (a zip bomb of overlapping members)")
 
 
 def _member(zf: zipfile.ZipFile, f: Any, info: zipfile.ZipInfo) -> Any:

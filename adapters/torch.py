@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,6 +15,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 
 from mlpersist import Payload, PersistError
+from mlpersist._zips import no_overlap
 from mlpersist.adapters._safetensors import read_safetensors, unique_tensors, write_safetensors
 from mlpersist.adapters._torch_build import decode, encode, fill, init_spec, rebuild
 from mlpersist.adapters._torch_hooks import base_class, found, reapply, refresh
@@ -175,15 +178,46 @@ def _load_bare_pt(payload: Payload, model: Any, dev: torch.device, strict: bool)
     if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 10) and not payload.policy.trusted:
         raise UntrustedContentError("torch < 2.10 has known weights_only bypasses (CVE-2025-32434, CVE-2026-24747); "
                                     "upgrade torch, or pass trusted=True for a file you trust", ["torch.load"])
+    f = payload.open("weights.pt")
+    _vet_archive(f)
     try:
-        state = torch.load(payload.open("weights.pt"), map_location=dev, weights_only=True)
-    except Exception as exc:  # pickle.UnpicklingError for anything outside torch's weights-only allow-list
+        state = torch.load(f, map_location=dev, weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's weights-only unpickler: a global or an opcode it does not allow
         raise UntrustedContentError(f"weights.pt holds more than tensors and containers ({exc}); torch's "
                                     "weights_only loader refused it", ["torch.load"]) from exc
+    except Exception as exc:  # a record missing or cut short, a storage of the wrong size
+        raise CorruptArtifactError(f"weights.pt could not be read ({type(exc).__name__}: {str(exc)[:300]}); the "
+                                   "file is damaged, or not written by torch.save") from exc
     if model is None:
         return state
     fill(model, state.get("state_dict", state) if isinstance(state, dict) else state, strict=strict)
     return model.to(dev).eval()
+
+
+def _vet_archive(f: Any) -> None:
+    """Refuse a torch.save archive that makes torch read more than the file holds, trusted or not.
+
+    torch reads each record whole into memory. torch.save stores them uncompressed, and with no record
+    sharing another's bytes, so together they are the file's size. A deflated record would be inflated
+    (a 262 KB file made torch allocate 256 MiB), and records pointing at one another's data would each
+    be read (4 MB made 160 MiB from 40 of them). torch's reader takes both. A file not starting as a zip
+    is torch's legacy format, which torch reads in order and checks against the file's end.
+    """
+    if f.read(4) != b"PK\x03\x04":  # torch's own test (serialization._is_zipfile)
+        f.seek(0)
+        return
+    try:
+        infos = zipfile.ZipFile(f).infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise CorruptArtifactError(f"weights.pt is a damaged zip archive ({exc}); save it again with "
+                                   "torch.save") from None
+    for i in infos:
+        if i.compress_type != zipfile.ZIP_STORED:
+            raise CorruptArtifactError(f"weights.pt record {i.filename!r} is compressed, which torch.save never "
+                                       "does, and torch would inflate it whole into memory (a decompression "
+                                       "bomb?): save the weights again with torch.save")
+    no_overlap(infos, f, "weights.pt")
+    f.seek(0)
 
 
 def _save_program(model: Any, dest: Path, format: str, example: Any) -> dict[str, Any]:

@@ -74,7 +74,11 @@ _BUILTIN: dict[str, AdapterSpec] = {  # alphabetical; a test checks the order
         tuple((s, "joblib", "model.joblib") for s in (".pkl", ".pickle", ".joblib", ".sav"))),
     "torch": AdapterSpec(
         "mlpersist.adapters.torch:TorchAdapter", ("torch",), "torch", "torch", ("safetensors", "torchscript", "export"),
-        (("zip:/data.pkl", "state_dict", "weights.pt"), ("probe:safetensors", "safetensors", "weights.safetensors")),
+        (("zip:/data.pkl", "state_dict", "weights.pt"), ("probe:safetensors", "safetensors", "weights.safetensors"),
+         # torch's legacy format (`_use_new_zipfile_serialization=False`): a pickle of its magic number first,
+         # in protocol 2-3, or 4-5 with a frame header (joblib would read that number alone)
+         *((b"\x80" + bytes([p]) + frame + b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.", "state_dict", "weights.pt")
+           for p, frame in ((2, b""), (3, b""), (4, b"\x95\r" + bytes(7)), (5, b"\x95\r" + bytes(7))))),
         ((".safetensors", "safetensors", "weights.safetensors"),)),
     "xgboost": AdapterSpec(
         "mlpersist.adapters.xgboost:XGBoostAdapter", ("xgboost",), "xgboost", "xgboost", ("ubj", "json"),

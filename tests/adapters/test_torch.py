@@ -800,6 +800,78 @@ def test_a_bare_safetensors_file_loads_by_content(tmp_path: Path) -> None:
     same(load_any(tmp_path / "weights.bin", model=tm().MLP(4)), model, torch.randn(2, 4))
 
 
+def test_a_legacy_format_torch_file_loads_as_a_state_dict(tmp_path: Path) -> None:
+    """torch.save's pre-1.6 format is a run of pickles, the first a magic number (joblib's reader would
+    return that number as the model)."""
+    torch = require("torch")
+    model = tm().MLP(4).eval()
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=False)
+    assert inspect(path).adapter == "torch"
+    state = load_any(path)
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    same(load_any(path, model=tm().MLP(4)), model, torch.randn(2, 4))
+    torch.save({"w": torch.arange(4.0)}, path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()  # the storage's element count, 8 bytes before its 4 float32 values, made 5 Gi
+    n = 4
+    assert int.from_bytes(raw[-8 - 4 * n:-4 * n], "little") == n
+    path.write_bytes(raw[:-8 - 4 * n] + (5 << 30).to_bytes(8, "little") + raw[-4 * n:])
+    with pytest.raises(CorruptArtifactError, match="could not be read"):
+        load_any(path)
+
+
+def _inflating_archive(torch: Any, tmp_path: Path, kind: str) -> Path:
+    """A torch.save archive torch.load reads, which makes it hold far more than its size: its records
+    deflated (40 zero tensors of 4 MiB), or 40 central-directory entries pointing at one stored record."""
+    import struct
+    import zipfile
+
+    honest = tmp_path / "honest.pt"
+    torch.save({f"t{i}": torch.zeros(1 << 20) for i in range(40)}, honest)
+    raw = honest.read_bytes()
+    path = tmp_path / "weights.pt"
+    with zipfile.ZipFile(honest) as zin:
+        infos = zin.infolist()
+        if kind == "deflated":
+            with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
+                for info in infos:
+                    zout.writestr(info.filename, zin.read(info))
+            return path
+    shared = next(i for i in infos if i.filename.endswith("/data/0"))
+    out, offsets = bytearray(), {}
+    for info in infos:
+        if "/data/" in info.filename and info is not shared:
+            continue  # the other records' bytes are dropped: their entries point at record 0
+        start = info.header_offset
+        name_len, extra_len = struct.unpack("<HH", raw[start + 26:start + 30])
+        offsets[info.filename] = len(out)
+        out += raw[start:start + 30 + name_len + extra_len + info.compress_size]
+    directory = bytearray()
+    for info in infos:
+        name = info.filename.encode()
+        directory += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0x21, info.CRC,
+                                 info.compress_size, info.file_size, len(name), 0, 0, 0, 0, 0,
+                                 offsets.get(info.filename, offsets[shared.filename])) + name
+    at = len(out)
+    out += directory + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(infos), len(infos), len(directory), at, 0)
+    path.write_bytes(out)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["deflated", "overlapping"])
+def test_a_torch_archive_that_would_make_torch_read_more_than_it_holds_is_refused(kind: str, tmp_path: Path) -> None:
+    torch = require("torch")
+    path = _inflating_archive(torch, tmp_path, kind)
+    state = torch.load(path, weights_only=True)  # torch itself takes it: 160 MiB out of a few MB
+    assert sum(t.nbytes for t in state.values()) == 40 << 22 > 20 * path.stat().st_size
+    del state
+    match = "is compressed" if kind == "deflated" else "members overlap"
+    for trusted in (False, True):
+        with pytest.raises(CorruptArtifactError, match=match):
+            load_any(path, trusted=trusted)
+
+
 class _Gadget:
     def __init__(self, path: str) -> None:
         self.path = path
