@@ -151,6 +151,30 @@ def _guarded_call(fn: Any, state: State) -> Any:
 _RECONSTRUCTOR_BASES = (object, dict, list, set, frozenset, tuple, int, float, complex, str, bytes, bytearray)
 
 
+# The functions of the allow-list that pickles call as they load (Python's, numpy's and its random
+# generators' rebuilders); any other allowed function is only kept by models as a value. Cython's
+# `__pyx_unpickle_<class>` and scikit-learn's `newObj` are called too, and any name the caller passed to allow=.
+_CALLED = frozenset("""
+    _codecs.encode copyreg._reconstructor numpy.core.multiarray._reconstruct numpy._core.multiarray._reconstruct
+    numpy.core.multiarray.scalar numpy._core.multiarray.scalar numpy.core.numeric._frombuffer
+    numpy._core.numeric._frombuffer numpy.random._pickle.__randomstate_ctor numpy.random._pickle.__bit_generator_ctor
+    numpy.random._pickle.__generator_ctor numpy.ma.core._mareconstruct
+""".split())
+# numpy's array rebuilders and the place of their shape argument, which numpy writes as (0,)
+_SHAPE_ARGUMENT = {"numpy.core.multiarray._reconstruct": 1, "numpy._core.multiarray._reconstruct": 1,
+                   "numpy.ma.core._mareconstruct": 2}
+
+
+def _no_elements(shape: Any) -> bool:
+    dims = shape if type(shape) is tuple else (shape,)
+    return all(type(d) is int and d >= 0 for d in dims) and 0 in dims
+
+
+def _is_numpy_type(fn: Any, name: str) -> bool:
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(fn, type) and issubclass(fn, getattr(np, name))
+
+
 class _Refused:
     """Stands in for a refused global so the rest of the stream can be read for the report."""
 
@@ -175,6 +199,8 @@ class State:
         self.floor: set[str] = set()  # those of `refused` on the deny-floor (no allow= admits them)
         self.missing: set[str] = set()  # those of `refused` the policy allows, not found here (other versions)
         self.globals: set[int] = set()  # ids of objects find_class handed out
+        self.values_only: dict[int, str] = {}  # of those, functions models keep but their pickles never call
+        self.shaped: dict[int, int] = {}  # of those, numpy's array rebuilders: where their shape argument is
         self.cache: dict[tuple[str, str], Any] = {}
         self.raw_stream = False  # True when the unpickler reads the file itself (not a decompressor)
         self._size: int | None = None
@@ -296,6 +322,14 @@ class Guard:
                 s.floor.add(f"{module}.{name}")
             return _Refused(f"{module}.{name}")
         s.globals.add(id(obj))
+        full = f"{module}.{name}"
+        if full in _SHAPE_ARGUMENT:
+            s.shaped[id(obj)] = _SHAPE_ARGUMENT[full]
+        if isinstance(obj, type) or full in _CALLED or name.startswith("__pyx_unpickle_") or full in s.policy.allow \
+                or (module.startswith("sklearn.") and name == "newObj"):
+            s.values_only.pop(id(obj), None)
+        else:
+            s.values_only[id(obj)] = full
         return obj
 
     def persistent_load(self, pid: Any) -> Any:
@@ -303,6 +337,42 @@ class Guard:
 
     def _callable_ok(self, fn: Any) -> bool:
         return isinstance(fn, _Refused) or id(fn) in self._s.globals
+
+    def _check_call(self, fn: Any, args: Any, kwargs: Any, op: str) -> None:
+        """Refuse a call that would build far more than the file holds, or compute at the file's will.
+
+        The allowed functions that pickles call rebuild objects from their state; the others (numpy.sum,
+        a metric, a ufunc, check_array) are values a model keeps, and a call of them with the file's
+        arguments is work of any size: three calls of numpy.sum on a 16 GB array of no bytes, in a 77-byte
+        file, took 3 s. And a few bytes can ask a constructor for gigabytes: bytearray(3e9) (48 bytes made
+        3 GB), list(range(3e8)) (57 bytes made 11.6 GB in 64 s), numpy.ndarray of a large shape, np.void(n).
+        A pickle writes none of these: bytes objects come whole, containers from their items, arrays with
+        no elements first, then their data.
+        """
+        s = self._s
+        if isinstance(fn, _Refused):
+            return
+        if id(fn) in s.values_only:
+            raise s.structural(f"{op} would call {s.values_only[id(fn)]}, which models keep as a value and their "
+                               "pickles never call")
+        values = (*args, *kwargs.values()) if kwargs else tuple(args)
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        why = None
+        if any(type(v) is range for v in values):
+            why = f"pass a range object to {name}, which would hold all its items"
+        elif isinstance(fn, type) and issubclass(fn, (bytes, bytearray)) \
+                and not all(isinstance(v, (bytes, bytearray, str)) for v in values):
+            kinds = ", ".join(sorted({type(v).__name__ for v in values}))
+            why = f"make {name} from {kinds}, not from bytes or text"
+        elif id(fn) in s.shaped or _is_numpy_type(fn, "ndarray"):
+            at = s.shaped.get(id(fn), 0)
+            if len(values) > at and not _no_elements(values[at]):
+                why = (f"make an array of shape {str(values[at])[:80]} with no data (numpy writes an empty array, "
+                       "then its data)")
+        elif _is_numpy_type(fn, "void") and any(isinstance(v, int) for v in values):
+            why = "make a numpy.void of a size, not of its bytes"
+        if why is not None:
+            raise s.structural(f"{op} would {why}")
 
     def load_reduce(self) -> None:
         args = self.stack.pop()
@@ -313,6 +383,7 @@ class Guard:
             self.stack[-1] = self._reconstruct(args)
             return
         self._not_native(fn, "REDUCE")
+        self._check_call(fn, args, None, "REDUCE")
         self.stack[-1] = fn(*args)
 
     def _reconstruct(self, args: Any) -> Any:
@@ -333,6 +404,7 @@ class Guard:
 
     def _instantiate(self, klass: Any, args: list[Any]) -> None:  # OBJ and INST
         self._not_native(klass, "OBJ/INST")
+        self._check_call(klass, args, None, "OBJ/INST")
         pickle._Unpickler._instantiate(self, klass, args)  # type: ignore[attr-defined]
 
     def _not_native(self, fn: Any, op: str) -> None:
@@ -346,6 +418,7 @@ class Guard:
         cls = self.stack.pop()
         if not self._callable_ok(cls) or not (isinstance(cls, (type, _Refused))):
             raise self._s.structural("NEWOBJ on something that is not an allowed class")
+        self._check_call(cls, args, None, "NEWOBJ")
         self.stack.append(cls if isinstance(cls, _Refused) else cls.__new__(cls, *args))
 
     def load_newobj_ex(self) -> None:
@@ -354,6 +427,7 @@ class Guard:
         cls = self.stack.pop()
         if not self._callable_ok(cls) or not (isinstance(cls, (type, _Refused))):
             raise self._s.structural("NEWOBJ_EX on something that is not an allowed class")
+        self._check_call(cls, args, kwargs, "NEWOBJ_EX")
         self.stack.append(cls if isinstance(cls, _Refused) else cls.__new__(cls, *args, **kwargs))
 
     def load_obj(self) -> None:

@@ -435,6 +435,67 @@ def test_a_compressed_joblib_file_cut_inside_an_array_is_corrupt(tmp_path: Path)
 
 # --- P11: BUILD, SETITEM, APPEND aimed where they do not belong ---------------------------------------
 
+def _amplifier(case: str) -> Any:
+    """A few bytes that ask an allowed callable for far more than the file holds, or for work at the file's will
+    (sizes kept small here: without the rule each loads, in a moment)."""
+    np = require("numpy")
+    metrics = require("sklearn.metrics")
+    reconstruct = np.zeros(1).__reduce__()[0]
+    return {
+        "bytearray-of-a-size": Reduce(bytearray, 10**7),
+        "bytes-of-a-size": Reduce(bytes, 10**7),
+        "list-of-a-range": Reduce(list, Reduce(range, 10**6)),
+        # tuple.__new__(tuple, range(10**6)) through NEWOBJ (pickle writes no such Reduce: raw opcodes)
+        "tuple-newobj-of-a-range": b"\x80\x02c__builtin__\ntuple\nc__builtin__\nrange\nJ" + struct.pack("<i", 10**6)
+                                   + b"\x85R\x85\x81.",
+        "ndarray-of-a-shape": Reduce(np.ndarray, (10**6,)),
+        "reconstruct-of-a-shape": Reduce(reconstruct, np.ndarray, (10**6,), b"b"),
+        "void-of-a-size": Reduce(np.void, 10**6),
+        "numpy-sum-called": Reduce(np.sum, [1.0, 2.0]),
+        "ufunc-called": Reduce(np.add, 1.0, 2.0),
+        "metric-called": Reduce(metrics.pairwise_distances, [[0.0], [1.0]]),
+    }[case]
+
+
+_AMPLIFIERS = {"bytearray-of-a-size": "bytearray from int", "bytes-of-a-size": "bytes from int",
+               "list-of-a-range": "range object to list", "tuple-newobj-of-a-range": "range object to tuple",
+               "ndarray-of-a-shape": "array of shape", "reconstruct-of-a-shape": "array of shape",
+               "void-of-a-size": "numpy.void of a size", "numpy-sum-called": "call numpy.sum",
+               "ufunc-called": r"call numpy(\.core\._multiarray_umath)?\.add",  # its name under numpy 1
+               "metric-called": "call sklearn.metrics.pairwise.pairwise_distances"}
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("case", sorted(_AMPLIFIERS))
+def test_calls_that_would_build_far_more_than_the_file_or_compute_at_its_will_are_refused(
+        case: str, protocol: int, tmp_path: Path) -> None:
+    """bytearray(3e9) in 48 bytes made 3 GB; list(range(3e8)) in 57 bytes, 11.6 GB in 64 s; three calls of numpy.sum
+    on a 16 GB array of no data, 3 s in 77 bytes. A pickle writes none of these calls."""
+    made = _amplifier(case)
+    payload = made if isinstance(made, bytes) else pickle.dumps(made, protocol=protocol)
+    pickle.loads(payload)  # what pickle itself does with it: builds it
+    path = bare(tmp_path, payload)
+    with watched(), pytest.raises(UntrustedContentError, match=_AMPLIFIERS[case]):
+        load_any(path)
+
+
+def test_protocol_0_inst_is_held_to_the_same_rule(tmp_path: Path) -> None:
+    payload = b"(I10000000\nibuiltins\nbytearray\n."
+    assert len(pickle.loads(payload)) == 10**7
+    path = bare(tmp_path, payload)
+    with watched(), pytest.raises(UntrustedContentError, match="OBJ/INST would make bytearray from int"):
+        load_any(path)
+
+
+def test_a_function_named_in_allow_may_be_called(tmp_path: Path) -> None:
+    """Models keep numpy.sum as a value; a caller who allows it by name vouches for its calls too."""
+    require("numpy")
+    path = bare(tmp_path, pickle.dumps(_amplifier("numpy-sum-called"), protocol=4))
+    with pytest.raises(UntrustedContentError, match=r"call numpy\.sum"):
+        load_any(path)
+    assert load_any(path, allow=["numpy.sum"]) == 3.0
+
+
 def test_p11_build_on_a_global_class_is_refused_and_the_class_unchanged(tmp_path: Path, sentinel: Path) -> None:
     linear = require("sklearn.linear_model")
     fit = linear.LogisticRegression.fit
