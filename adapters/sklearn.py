@@ -116,6 +116,11 @@ def validate(model: Any) -> list[Tree]:
         if module.partition(".")[0] in NATIVE_STATE:
             raise unchecked_native(type(obj), where)
         if module.startswith("scipy.sparse.") and hasattr(obj, "format"):
+            if obj.format not in _CHECKED_SPARSE:
+                raise UntrustedContentError(
+                    f"{where}: a scipy sparse matrix in {obj.format!r} format, whose structure mlpersist does not "
+                    f"check ({', '.join(_CHECKED_SPARSE)} it does); convert it (.tocsr()) before saving, or load "
+                    "with trusted=True a file you trust", [f"{module}.{type(obj).__qualname__}"])
             _require(_sparse_ok, obj, where, f"a scipy sparse matrix ({obj.format})")
             continue  # its arrays are checked together
         if module.startswith("sklearn.neighbors.") and hasattr(obj, "get_arrays"):
@@ -264,12 +269,15 @@ def _refuse_tree(tree: Tree, n_features: int | None, where: str) -> None:
         ["sklearn.tree._tree.Tree"])
 
 
+_CHECKED_SPARSE = ("csr", "csc", "bsr", "coo", "dia")
+
+
 def _sparse_ok(m: Any) -> bool:
     """Whether a scipy sparse matrix's index arrays lie inside it.
 
     A KNeighbors model's training data, an SVM's support vectors: scipy's and sklearn's compiled routines
     index with them unchecked (a crafted `indices` entry made a KNeighborsClassifier's predict segfault).
-    Formats other than these five are refused.
+    Formats other than these five (`_CHECKED_SPARSE`) are refused before.
     """
     fmt = getattr(m, "format", None)
     if fmt in ("csr", "csc", "bsr"):

@@ -496,6 +496,18 @@ def test_a_function_named_in_allow_may_be_called(tmp_path: Path) -> None:
     assert load_any(path, allow=["numpy.sum"]) == 3.0
 
 
+@pytest.mark.parametrize("fmt", ["dok", "lil"])
+def test_a_sparse_matrix_of_an_unchecked_format_is_refused_saying_how_to_save_it(fmt: str, tmp_path: Path) -> None:
+    np, sparse = require("numpy"), require("scipy.sparse")
+    matrix = getattr(sparse, f"{fmt}_matrix")(np.eye(3))
+    path = bare(tmp_path, pickle.dumps(matrix, protocol=4))
+    with pytest.raises(UntrustedContentError, match=rf"in '{fmt}' format, .* convert it \(\.tocsr\(\)\)"):
+        load_any(path)
+    assert (load_any(path, trusted=True) != matrix).nnz == 0
+    path.write_bytes(pickle.dumps(matrix.tocsr(), protocol=4))
+    assert (load_any(path) != matrix).nnz == 0
+
+
 def test_p11_build_on_a_global_class_is_refused_and_the_class_unchanged(tmp_path: Path, sentinel: Path) -> None:
     linear = require("sklearn.linear_model")
     fit = linear.LogisticRegression.fit
