@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import io
 import json
+import math
+import threading
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import h5py
@@ -25,8 +29,11 @@ _REFUSED_CLASSES = {"Lambda", "__lambda__", "TFSMLayer", "TorchModuleWrapper", "
 _REFUSED_MODULE_PARTS = {"saving", "utils", "config", "export", "backend"}  # file, code and global-state helpers
 
 
-def vet_zip(f: Any) -> Any:
-    """Refuse archive tricks before Keras reads it: unknown, duplicate or escaping members, bombs, HDF5 links."""
+def vet_zip(f: Any) -> tuple[Any, int]:
+    """Refuse archive tricks before Keras reads it: unknown, duplicate or escaping members, bombs, HDF5 links.
+
+    Returns the config and the number of values the weights file declares (`vet_hdf5`).
+    """
     try:
         zf = zipfile.ZipFile(f)
     except zipfile.BadZipFile as exc:
@@ -39,7 +46,7 @@ def vet_zip(f: Any) -> Any:
         raise CorruptArtifactError(f"model.keras is damaged: {type(exc).__name__}: {exc}") from None
 
 
-def _vet_members(zf: zipfile.ZipFile, f: Any) -> Any:
+def _vet_members(zf: zipfile.ZipFile, f: Any) -> tuple[Any, int]:
     with zf:
         infos = zf.infolist()
         names = [i.filename for i in infos]
@@ -60,10 +67,11 @@ def _vet_members(zf: zipfile.ZipFile, f: Any) -> Any:
         if zf.getinfo("config.json").file_size > _MAX_CONFIG:
             raise CorruptArtifactError("model.keras config.json is larger than 64 MiB")
         config = _json(zf.read("config.json"), "config.json")
+        declared = 0
         if "model.weights.h5" in names:
             with _member(zf, f, zf.getinfo("model.weights.h5")) as weights:
-                vet_hdf5(weights, "model.weights.h5")
-    return config
+                declared = vet_hdf5(weights, "model.weights.h5")
+    return config, declared
 
 
 def _member(zf: zipfile.ZipFile, f: Any, info: zipfile.ZipInfo) -> Any:
@@ -111,8 +119,9 @@ class _Window(io.RawIOBase):
         return got or 0
 
 
-def h5_config(f: Any) -> Any:
-    vet_hdf5(f, "model.h5")
+def h5_config(f: Any) -> tuple[Any, int]:
+    """The config of a legacy .h5 model, and the number of values its datasets declare (`vet_hdf5`)."""
+    declared = vet_hdf5(f, "model.h5")
     f.seek(0)
     try:
         with h5py.File(f, "r") as h5:
@@ -122,13 +131,13 @@ def h5_config(f: Any) -> Any:
     if raw is None:
         raise CorruptArtifactError("model.h5 has no model_config: it holds weights only; load them with "
                                    "model.load_weights into a model you build")
-    return _json(raw.encode() if isinstance(raw, str) else bytes(raw), "model_config")
+    return _json(raw.encode() if isinstance(raw, str) else bytes(raw), "model_config"), declared
 
 
 MAX_UNSTORED = 64 << 20
 
 
-def vet_hdf5(f: Any, what: str) -> None:
+def vet_hdf5(f: Any, what: str) -> int:
     """Refuse external storage, soft/external links, virtual datasets and shape bombs (CVE-2026-1669, -0897).
 
     Each object is looked into once, however many hard links reach it: 30 groups of 34 KB, each linking
@@ -136,12 +145,14 @@ def vet_hdf5(f: Any, what: str) -> None:
     Keras reads a weight whole before it compares its shape: the datasets together may declare at most
     `MAX_UNSTORED` bytes more than they store (Keras writes every weight in full, uncompressed). A 13 KB
     file with one 3.6 GB dataset never written took 65 s and 15 GB to be refused.
+
+    Returns the number of values the datasets declare (the budget of `variable_budget`).
     """
     seen: set[Any] = set()  # h5py object ids: equal when they are the same object in the file
-    unstored = 0
+    unstored = declared = 0
 
     def visit(group: Any, prefix: str) -> None:
-        nonlocal unstored
+        nonlocal unstored, declared
         for key in group:
             link = group.get(key, getlink=True)
             if not isinstance(link, h5py.HardLink):
@@ -157,6 +168,7 @@ def vet_hdf5(f: Any, what: str) -> None:
                 if obj.external or obj.is_virtual:
                     raise UntrustedContentError(f"{what}: dataset {prefix}{key} uses external or virtual storage, "
                                                 "which reads other files; refusing it", [f"{prefix}{key}"])
+                declared += obj.size
                 unstored += max(0, obj.size * obj.dtype.itemsize - obj.id.get_storage_size())
                 if unstored > MAX_UNSTORED:
                     raise UntrustedContentError(
@@ -173,6 +185,69 @@ def vet_hdf5(f: Any, what: str) -> None:
         raise
     except Exception as exc:  # h5py's OSError, and RuntimeError/KeyError/ValueError for damaged metadata
         raise CorruptArtifactError(f"{what} is not a readable HDF5 file: {type(exc).__name__}: {exc}") from None
+    return declared
+
+
+UNSAVED_VALUES = 16 << 20  # variables a model may make that its weights file does not hold (metric states...)
+
+
+class _Stop(BaseException):
+    """Raised through Keras by the variable budget (not an Exception: no `except Exception` there keeps going)."""
+
+
+_budget: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("mlpersist_keras_budget", default=None)
+_patch_lock = threading.Lock()
+_patched: list[Any] = [0, None]  # loads under way, the original __init__
+
+
+@contextmanager
+def variable_budget(declared: int, what: str) -> Iterator[None]:
+    """Stop Keras making more variable values than the weights file declares, plus `UNSAVED_VALUES`.
+
+    Keras builds every layer from the config, initialising its variables (random values, written), before
+    it reads a weight: a 41 KB .keras whose config asked for a Dense layer of 3,000,000 units took 13 s and
+    3.4 GB to be refused, and ten times that would take all memory. Keras has no hook for this, so the
+    `__init__` of its variable class is wrapped while loads are under way; the wrapper counts only in the
+    context of a load (another thread's variables pass through uncounted) and checks a variable's size
+    before it is made.
+    """
+    left = [declared + UNSAVED_VALUES]
+    token = _budget.set(left)
+    cls = next(c for c in keras.Variable.__mro__ if "__init__" in c.__dict__)
+    with _patch_lock:
+        if _patched[0] == 0:
+            _patched[1] = cls.__init__
+            cls.__init__ = _counting(_patched[1])
+        _patched[0] += 1
+    try:
+        yield
+    except _Stop:
+        raise CorruptArtifactError(f"{what}: the model's config makes more variable values than its weights file "
+                                   f"declares ({declared}), beyond {UNSAVED_VALUES} it may leave unsaved: the "
+                                   "config was changed, or the file is damaged") from None
+    finally:
+        with _patch_lock:
+            _patched[0] -= 1
+            if _patched[0] == 0:
+                cls.__init__ = _patched[1]
+        _budget.reset(token)
+
+
+def _counting(init: Any) -> Any:
+    def counted(self: Any, initializer: Any, shape: Any = None, *args: Any, **kwargs: Any) -> None:
+        left = _budget.get()
+        if left is not None:
+            dims = shape if shape is not None else getattr(initializer, "shape", ())
+            try:
+                n = math.prod(int(d) for d in dims)
+            except (TypeError, ValueError):
+                n = 0  # Keras refuses it itself
+            left[0] -= n
+            if left[0] < 0:
+                raise _Stop
+        init(self, initializer, shape, *args, **kwargs)
+
+    return counted
 
 
 def vet_config(config: Any, custom_objects: Mapping[str, Any], *, legacy: bool = False) -> None:

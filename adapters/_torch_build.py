@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+from torch.nn.modules import module as torch_module
 
 from mlpersist import PersistError
 from mlpersist._capture import INIT_ATTR
@@ -208,7 +209,72 @@ def _arch(m: Any) -> dict[str, Any]:
 def _construct(cls: Any, spec: Mapping[str, Any]) -> Any:
     if "arch" in spec:
         return _build(spec["arch"])
-    return cls(**decode(spec["init"], build=True))
+    return _call(cls, decode(spec["init"], build=True))
+
+
+def _call(cls: Any, kwargs: Any) -> Any:
+    """`cls(**kwargs)`, once counts of copies it would make are found to fit the weights file."""
+    counts = _CLONE_COUNTS.get(cls, ()) if isinstance(kwargs, Mapping) else ()
+    held = len(_WEIGHTS.get())
+    for name in counts:
+        n = kwargs.get(name)
+        if n is not None and (type(n) is not int or n > held):
+            raise _Overbuilt(f"{cls.__qualname__} is recorded with {name}={n!r}, more layers than its "
+                             f"weights file holds tensors ({held}): the manifest's arguments were changed")
+    return cls(**kwargs)
+
+
+# torch's classes that deep-copy a layer a counted number of times, before any of the copies is registered (each
+# copy holds at least one weight); 20,000 layers of a small encoder took 35 s and 0.9 GB to build on meta
+_CLONE_COUNTS: dict[type, tuple[str, ...]] = {
+    torch.nn.TransformerEncoder: ("num_layers",), torch.nn.TransformerDecoder: ("num_layers",),
+    torch.nn.Transformer: ("num_encoder_layers", "num_decoder_layers")}
+
+
+class _Stop(BaseException):
+    """Raised by the registration count, through the constructor, to `_bounded`."""
+
+
+class _Overbuilt(CorruptArtifactError):
+    """The recorded arguments ask for more than the weights file can account for: not to be built at all."""
+
+
+def _bounded(build: Callable[[], Any], cls: type, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """`build()`, stopped once it registers more than 4 modules, parameters or buffers per weight, plus 4,096.
+
+    A loop in a constructor, run with a count from the manifest, ends there, whatever it builds. torch's
+    global registration hooks do the counting; they are installed for this build only, and count only in
+    its context (another thread's modules pass through them uncounted).
+    """
+    limit = 4 * len(tensors) + 4096
+    left = [limit]
+    token = _BUDGET.set(left)
+
+    def count(*_: Any) -> None:
+        if _BUDGET.get() is left:
+            left[0] -= 1
+            if left[0] < 0:
+                raise _Stop  # not an Exception: a constructor's `except Exception` does not keep its loop going
+
+    handles = [torch_module.register_module_module_registration_hook(count),
+               torch_module.register_module_parameter_registration_hook(count),
+               torch_module.register_module_buffer_registration_hook(count)]
+    try:
+        model = build()
+        if left[0] < 0:  # a bare `except:` in the constructor caught it and went on
+            raise _Stop
+        return model
+    except _Stop:
+        raise _Overbuilt(f"{cls.__qualname__} as recorded registers more than {limit} modules, parameters and "
+                         f"buffers, for a weights file of {len(tensors)} tensors: the manifest's arguments were "
+                         f"changed (or give a template: load_any(path, model={cls.__qualname__}(...)))") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+        _BUDGET.reset(token)
+
+
+_BUDGET: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("mlpersist_torch_budget", default=None)
 
 
 def _build(node: Any) -> Any:
@@ -216,7 +282,7 @@ def _build(node: Any) -> Any:
         raise CorruptArtifactError(f"a module in the recorded constructor arguments is {node!r}, not a description")
     cls = _import_class(node.get("class"), lambda c: issubclass(c, torch.nn.Module), "a torch.nn.Module subclass")
     if "children" not in node:
-        return cls(**decode(node.get("init", {}), build=True))
+        return _call(cls, decode(node.get("init", {}), build=True))
     children = {name: _build(child) for name, child in node["children"].items()}
     if cls is torch.nn.ModuleList:
         return cls(list(children.values()))
@@ -332,7 +398,7 @@ def _rebuilt(cls: Any, spec: Mapping[str, Any], info: Mapping[str, Any], tensors
     filling = False
     try:  # no random initialisation: the weights are assigned, not copied
         with torch.device("meta"):
-            model = _construct(cls, spec)
+            model = _bounded(lambda: _construct(cls, spec), cls, tensors)
             reapply(model, info.get("reapplied"))
         filling = True
         fill(model, tensors, strict=True, assign=True)  # refused here, before the artifact's sizes allocate anything
@@ -340,6 +406,8 @@ def _rebuilt(cls: Any, spec: Mapping[str, Any], info: Mapping[str, Any], tensors
         # Built for real below when meta could not do it all (a class that builds only for real; orthogonal's
         # right_inverse, which reads values) and the saved module said so, unless it is larger than the file:
         # its sizes come from the manifest.
+        if isinstance(exc, _Overbuilt):
+            raise  # the recorded arguments ask for more than the file holds: not to be built for real either
         too_big = model is not None and _larger(model, tensors)
         if too_big and not filling:
             raise CorruptArtifactError(f"{cls.__qualname__} as recorded holds more numbers than its weights file: "
@@ -355,7 +423,7 @@ def _rebuilt(cls: Any, spec: Mapping[str, Any], info: Mapping[str, Any], tensors
             return model
     try:
         with torch.device(dev):  # the class cannot be built on meta, or keeps a buffer outside the state dict
-            model = _construct(cls, spec)
+            model = _bounded(lambda: _construct(cls, spec), cls, tensors)
             reapply(model, info.get("reapplied"))
     except PersistError:
         raise

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import keras
 
 from mlpersist import Payload, PersistError
-from mlpersist.adapters._keras_vet import h5_config, vet_config, vet_zip
+from mlpersist.adapters._keras_vet import h5_config, variable_budget, vet_config, vet_zip
 from mlpersist.errors import CorruptArtifactError, UntrustedContentError
 
 _FILES = {"keras": "model.keras", "h5": "model.h5"}
@@ -54,10 +54,10 @@ class KerasAdapter:
             return _load_saved_model(payload, call_endpoint)
         name = _FILES.get(format, _FILES["keras"])
         trusted = payload.policy.trusted
-        config = h5_config(payload.open(name)) if format == "h5" else vet_zip(payload.open(name))
+        config, declared = h5_config(payload.open(name)) if format == "h5" else vet_zip(payload.open(name))
         if not trusted:
             vet_config(config, custom_objects or {}, legacy=format == "h5")
-        with _keras_path(payload, name) as path:
+        with _keras_path(payload, name) as path, variable_budget(declared, payload.label(name)):
             try:
                 return keras.models.load_model(path, custom_objects=custom_objects, compile=compile,
                                                safe_mode=not trusted)

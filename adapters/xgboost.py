@@ -246,7 +246,7 @@ def validate(doc: Any, what: str) -> None:
         if booster["name"] == "dart" and len(booster["weight_drop"]) != len(trees):
             raise ValueError("weight_drop needs one weight per tree")
         _check_groups(model, len(trees), outputs)
-        _check_trees(trees, n_features, outputs, what)
+        _check_width(learner, n_features, _check_trees(trees, n_features, outputs, what))
         if "cats" in model:
             _check_cats(model["cats"])
     except _BadTree as bad:
@@ -289,8 +289,31 @@ def _check_groups(model: Any, n_trees: int, outputs: int) -> None:
             raise ValueError("iteration_indptr must rise from 0 to the number of trees")
 
 
-def _check_trees(trees: list[Any], n_features: int, outputs: int, what: str) -> None:
-    """Check every tree's child, parent, feature and category indices (all trees' node arrays at once)."""
+SPARE_FEATURES = 1 << 20
+
+
+def _check_width(learner: Any, n_features: int, used: int) -> None:
+    """Refuse a `num_feature` far beyond the features the model shows: its trees' splits, its feature names.
+
+    XGBoost's predictor gives each thread a buffer of `num_feature` values per row of a block of 64: a
+    small JSON model edited to a billion features loaded, and its first predict took 24 GB in 59 s
+    before the kernel killed it. A model may have features no tree splits on (the training frame's
+    last columns), and names for them, so up to `SPARE_FEATURES` more than its names and splits show
+    are taken.
+    """
+    names, types = (learner.get(k) or () for k in ("feature_names", "feature_types"))
+    shown = max(used, len(names), len(types))
+    if n_features > shown + SPARE_FEATURES:
+        raise ValueError(f"num_feature is {n_features}, far beyond the {shown} features the model shows (its "
+                         f"highest split index plus one, or its feature names): XGBoost's predict would allocate "
+                         f"{n_features} values per row; up to {SPARE_FEATURES} more are taken")
+
+
+def _check_trees(trees: list[Any], n_features: int, outputs: int, what: str) -> int:
+    """Check every tree's child, parent, feature and category indices (all trees' node arrays at once).
+
+    Returns the number of features the trees split on (the highest index, plus one).
+    """
     sizes, categorical, vector = [], set(), {}
     for i, tree in enumerate(trees):
         n = int(tree["tree_param"]["num_nodes"])
@@ -305,7 +328,7 @@ def _check_trees(trees: list[Any], n_features: int, outputs: int, what: str) -> 
         if width not in ("0", "1") and int(width) > 1:
             vector[i] = _vector_layout(i, tree, n, int(width), outputs=outputs, what=what)
     if not trees:
-        return
+        return 0
     left, right, split, parents = (joined([t[k] for t in trees])
                                    for k in ("left_children", "right_children", "split_indices", "parents"))
     if any(vector.values()):
@@ -330,6 +353,8 @@ def _check_trees(trees: list[Any], n_features: int, outputs: int, what: str) -> 
         span = slice(int(starts[i]), int(starts[i]) + sizes[i])
         if not _categories_ok(trees[i], np.asarray(split_type[span]), np.asarray(left[span])):
             _refuse(i)
+    inner = np.asarray(left) != -1
+    return int(np.asarray(split)[inner].max()) + 1 if inner.any() else 0
 
 
 def _vector_layout(i: int, tree: Any, n: int, width: int, *, outputs: int, what: str) -> bool:

@@ -738,6 +738,34 @@ def test_weights_that_do_not_fit_the_module_are_a_typed_error(case: str, tmp_pat
         load_any(path, **options)
 
 
+@pytest.mark.parametrize("kind", ["Stack", "Stubborn", "TransformerEncoder"])
+def test_a_count_in_the_manifest_builds_no_more_than_the_weights_file_holds(kind: str, tmp_path: Path) -> None:
+    """A constructor's loop runs as many times as the manifest says: 20,000 layers of a small encoder took 35 s
+    and 0.9 GB to build on meta (a million would take the machine's memory) before the weights were compared."""
+    torch = require("torch")
+    from torch.nn.modules import module as torch_module
+
+    if kind == "TransformerEncoder":
+        layer = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+        model, count = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False), "num_layers"
+        match = "recorded with num_layers=10000000, more layers than its weights file holds tensors"
+    else:
+        model, count, match = getattr(tm(), kind)(4, 3), "depth", f"{kind} as recorded registers more than 4120 "
+    model.eval()
+    save_any(model, tmp_path / "m")
+    x = torch.randn(2, 3, 8) if kind == "TransformerEncoder" else torch.randn(2, 4)
+    hooks = [len(h) for h in (torch_module._global_module_registration_hooks,
+                              torch_module._global_parameter_registration_hooks)]
+    assert torch.equal(load_any(tmp_path / "m")(x), model(x))
+    doc = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    doc["info"]["init"]["init"][count] = 10**7
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptArtifactError, match=match):
+        load_any(tmp_path / "m")
+    assert hooks == [len(h) for h in (torch_module._global_module_registration_hooks,
+                                      torch_module._global_parameter_registration_hooks)]  # none left behind
+
+
 @pytest.mark.parametrize("case", ["negative-shape", "unknown-dtype", "no-such-weight", "module-in-optimizer",
                                   "tensor-in-optimizer"])
 def test_modules_and_tensors_are_built_only_as_constructor_arguments(case: str, tmp_path: Path) -> None:

@@ -130,6 +130,32 @@ def test_a_bare_model_file_loads_as_a_booster(suffix: str, tmp_path: Path) -> No
     np.testing.assert_array_equal(loaded.predict(xgb.DMatrix(x)), model.get_booster().predict(xgb.DMatrix(x)))
 
 
+def test_a_feature_count_far_beyond_what_the_model_shows_is_refused(tmp_path: Path) -> None:
+    """XGBoost's predict allocates num_feature values per row of a block, per thread: a small model edited to a
+    billion features loaded, and its first predict took 24 GB in 59 s before the kernel killed it."""
+    xgb = require("xgboost")
+    from mlpersist.adapters.xgboost import SPARE_FEATURES
+
+    x, y = data()
+    xgb.XGBClassifier(n_estimators=5, max_depth=3).fit(x, y).save_model(str(tmp_path / "model.json"))
+    doc = json.loads((tmp_path / "model.json").read_text())
+    used = 1 + max(i for tree in doc["learner"]["gradient_booster"]["model"]["trees"]
+                   for i, left in zip(tree["split_indices"], tree["left_children"], strict=True) if left != -1)
+    for n_features, refused in ((10**9, True), (used + SPARE_FEATURES + 1, True), (used + SPARE_FEATURES, False)):
+        doc["learner"]["learner_model_param"]["num_feature"] = str(n_features)
+        (tmp_path / "edited.json").write_text(json.dumps(doc))
+        if refused:
+            with pytest.raises(UntrustedContentError, match=f"num_feature is {n_features}, far beyond"):
+                load_any(tmp_path / "edited.json")
+        else:  # unused trailing features, up to SPARE_FEATURES of them
+            assert load_any(tmp_path / "edited.json").num_features() == n_features
+    doc["learner"]["feature_names"] = [f"f{i}" for i in range(2 * SPARE_FEATURES)]  # named features count
+    doc["learner"]["feature_types"] = ["float"] * (2 * SPARE_FEATURES)
+    doc["learner"]["learner_model_param"]["num_feature"] = str(2 * SPARE_FEATURES)
+    (tmp_path / "edited.json").write_text(json.dumps(doc))
+    assert load_any(tmp_path / "edited.json").num_features() == 2 * SPARE_FEATURES
+
+
 def test_a_pipeline_with_an_xgboost_step_uses_the_sklearn_adapter_safely(tmp_path: Path) -> None:
     np = require("numpy")
     from sklearn.pipeline import make_pipeline
