@@ -43,9 +43,8 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "xb") as f:
+    with open(path, "x+b") as f, Writeback(f) as flushing:  # hashed and sent to the disk as it is written
         f.write(len(raw).to_bytes(8, "little") + raw)
-        flushing = Writeback(f)  # the disk starts on each 64 MiB as soon as it is written
         for name in order:
             t = tensors[name]
             if t.numel():

@@ -9,11 +9,14 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._digest import algorithm, hash_fd
 from ._manifest import MANIFEST_NAME, FileEntry, check_name
 from .errors import ArtifactExistsError, PersistError
+
+if TYPE_CHECKING:
+    from ._writeback import Followed
 
 _TMP = ".mlpersist-tmp-"
 _OLD = ".mlpersist-old-"
@@ -49,14 +52,17 @@ class Staging:
         self.dir = target.with_name(f".{target.name}{_TMP}{_host()}-{os.getpid()}-{os.urandom(6).hex()}")
         os.mkdir(self.dir, 0o777)  # the umask applies, as for any directory the user makes
 
-    def seal(self) -> dict[str, FileEntry]:
+    def seal(self, followed: Followed | None = None) -> dict[str, FileEntry]:
         """Fsync and digest every file the adapter wrote; refuse anything but regular files.
 
         The fsync of each file of 1 MiB or more runs on a second thread while this one hashes it (both
         release the GIL): the disk flush and the digest overlap instead of adding up. Small files are
-        flushed inline: a thread would cost more than it saves.
+        flushed inline: a thread would cost more than it saves. A file a `_writeback.Writeback` hashed as
+        it was written (`followed`), unchanged since, is not read again.
         """
         from concurrent.futures import Future, ThreadPoolExecutor
+
+        from ._writeback import digest_of
 
         algo = algorithm()
         entries: dict[str, FileEntry] = {}
@@ -81,7 +87,8 @@ class Staging:
                             syncs.append(pool.submit(fsync, fd))
                         else:
                             fsync(fd)
-                        entries[rel] = FileEntry(st.st_size, hash_fd(fd, st.st_size, algo))
+                        digest = digest_of(followed, st, algo) if followed else None
+                        entries[rel] = FileEntry(st.st_size, digest or hash_fd(fd, st.st_size, algo))
                     if dirpath != str(self.dir):  # the root's entries are flushed by commit, with the manifest's
                         fsync(dfd)
                 for done in syncs:

@@ -22,6 +22,7 @@ from mlpersist import (
     inspect,
     load_any,
     save_any,
+    verify,
 )
 
 
@@ -547,6 +548,24 @@ def _st(header: Any, data: bytes = b"", length: int | None = None) -> bytearray:
 
 
 F4 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+def test_a_saved_torch_model_above_a_piece_records_the_digest_of_its_file(tmp_path: Path) -> None:
+    """The weights are hashed as they are written (`_writeback`): the digest is still that of the file."""
+    torch = require("torch")
+    from blake3 import blake3
+
+    from mlpersist import _writeback
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.Linear(2048, 4096))  # 42 MB
+    assert sum(p.numel() for p in net.parameters()) * 4 > 2 * _writeback.PIECE
+    m = save_any(net, tmp_path / "a")
+    for name, entry in m.files.items():
+        assert entry.digest == "blake3:" + blake3((tmp_path / "a" / name).read_bytes()).hexdigest(), name
+    verify(tmp_path / "a")
+    x = torch.randn(4, 1024)
+    assert torch.equal(load_any(tmp_path / "a")(x), net.eval()(x))
 
 
 @pytest.mark.parametrize("buf", [
