@@ -245,8 +245,9 @@ def validate(doc: Any, what: str) -> None:
             raise ValueError("tree_info and num_trees disagree with the number of trees")
         if booster["name"] == "dart" and len(booster["weight_drop"]) != len(trees):
             raise ValueError("weight_drop needs one weight per tree")
-        _check_groups(model, len(trees), outputs)
+        groups = _check_groups(model, len(trees), outputs)
         _check_width(learner, n_features, _check_trees(trees, n_features, outputs, what))
+        _check_outputs(param, outputs, groups, trees)
         if "cats" in model:
             _check_cats(model["cats"])
     except _BadTree as bad:
@@ -278,8 +279,11 @@ def _ints(values: Any, what: str) -> Any:
     return array
 
 
-def _check_groups(model: Any, n_trees: int, outputs: int) -> None:
-    """Each tree adds to an output column XGBoost indexes unchecked; iterations slice the trees."""
+def _check_groups(model: Any, n_trees: int, outputs: int) -> int:
+    """Each tree adds to an output column XGBoost indexes unchecked; iterations slice the trees.
+
+    Returns the number of output columns the trees add to (the highest `tree_info`, plus one; 0 for none).
+    """
     info = _ints(model["tree_info"], "tree_info")
     if len(info) and (int(info.min()) < 0 or int(info.max()) >= outputs):
         raise ValueError(f"tree_info names an output outside the model's {outputs}")
@@ -287,6 +291,33 @@ def _check_groups(model: Any, n_trees: int, outputs: int) -> None:
         bounds = _ints(model["iteration_indptr"], "iteration_indptr")
         if not len(bounds) or bounds[0] != 0 or bounds[-1] != n_trees or bool((np.diff(bounds) < 0).any()):
             raise ValueError("iteration_indptr must rise from 0 to the number of trees")
+    return int(info.max()) + 1 if len(info) else 0
+
+
+SPARE_OUTPUTS = 1 << 10
+
+
+def _check_outputs(param: Any, outputs: int, groups: int, trees: list[Any]) -> None:
+    """Refuse a `num_class`/`num_target` beyond the outputs the model shows.
+
+    XGBoost keeps a base score per output and predicts rows x outputs values: a 3-class model of a few KB
+    edited to 100,000,000 classes took 0.5 GB to load and 12 GB and 73 s to predict 10 rows. Every
+    boosting round adds a tree to each output (`tree_info` names them all), or one vector-leaf tree whose
+    leaves hold a value per output (their width is checked to be the outputs); a base score given per
+    output (XGBoost 3.1+) is checked against them by XGBoost. A model without trees and with one base score
+    shows nothing: up to `SPARE_OUTPUTS` are taken there.
+    """
+    if outputs <= max(groups, 1):
+        return
+    if trees:
+        if any(t["tree_param"].get("size_leaf_vector", "1") not in ("0", "1") for t in trees):
+            return  # vector leaves: as wide as the outputs (`_vector_layout`)
+        raise ValueError(f"num_class/num_target give {outputs} outputs, but the trees add to {groups}")
+    score = param.get("base_score", "")
+    listed = score.count(",") + 1 if isinstance(score, str) and score.strip().startswith("[") else 0
+    if outputs > max(SPARE_OUTPUTS, listed):
+        raise ValueError(f"num_class/num_target give {outputs} outputs to a model without trees; up to "
+                         f"{SPARE_OUTPUTS} are taken")
 
 
 SPARE_FEATURES = 1 << 20

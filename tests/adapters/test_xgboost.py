@@ -156,6 +156,40 @@ def test_a_feature_count_far_beyond_what_the_model_shows_is_refused(tmp_path: Pa
     assert load_any(tmp_path / "edited.json").num_features() == 2 * SPARE_FEATURES
 
 
+@pytest.mark.parametrize("kind", ["classes", "targets", "no-trees"])
+def test_an_output_count_beyond_what_the_model_shows_is_refused(kind: str, tmp_path: Path) -> None:
+    """XGBoost keeps a base score per output and predicts rows x outputs values: a 3-class model of a few KB
+    edited to 100,000,000 classes took 0.5 GB to load and 12 GB and 73 s to predict 10 rows (XGBoost 3.2)."""
+    xgb, np = require("xgboost"), require("numpy")
+    from mlpersist.adapters.xgboost import SPARE_OUTPUTS
+
+    x, y = data()
+    if kind == "classes":
+        model = xgb.XGBClassifier(n_estimators=2, max_depth=2).fit(x, np.arange(len(y)) % 3).get_booster()
+    elif kind == "targets":  # one tree per target and round
+        model = xgb.XGBRegressor(n_estimators=2, max_depth=2).fit(x, np.stack([x[:, 0], y, -y], axis=1)).get_booster()
+    else:  # a booster trained for no round: nothing but its parameters
+        model = xgb.train({"objective": "multi:softprob", "num_class": 3}, xgb.DMatrix(x, np.arange(len(y)) % 3), 0)
+    model.save_model(str(tmp_path / "model.json"))
+    doc = json.loads((tmp_path / "model.json").read_text())
+    param = doc["learner"]["learner_model_param"]
+    field = "num_target" if kind == "targets" else "num_class"
+    assert int(param[field]) == 3
+    np.testing.assert_array_equal(load_any(tmp_path / "model.json").predict(xgb.DMatrix(x)),
+                                  model.predict(xgb.DMatrix(x)))
+    param["base_score"] = "5E-1"  # one score for all outputs, as XGBoost before 3.1 writes it
+    edits = [10**8, 4] if kind != "no-trees" else [10**8, SPARE_OUTPUTS + 1]
+    for outputs in edits:
+        param[field] = str(outputs)
+        (tmp_path / "edited.json").write_text(json.dumps(doc))
+        with pytest.raises(UntrustedContentError, match=f"give {outputs} outputs"):
+            load_any(tmp_path / "edited.json")
+    if kind == "no-trees":  # nothing to show its classes: a few are taken
+        param[field] = str(SPARE_OUTPUTS)
+        (tmp_path / "edited.json").write_text(json.dumps(doc))
+        assert load_any(tmp_path / "edited.json").predict(xgb.DMatrix(x[:2])).shape == (2, SPARE_OUTPUTS)
+
+
 def test_a_pipeline_with_an_xgboost_step_uses_the_sklearn_adapter_safely(tmp_path: Path) -> None:
     np = require("numpy")
     from sklearn.pipeline import make_pipeline
