@@ -189,6 +189,10 @@ def vet_hdf5(f: Any, what: str) -> int:
 
 
 UNSAVED_VALUES = 16 << 20  # variables a model may make that its weights file does not hold (metric states...)
+# what a compiled model's optimizer may add per weight value when it is built at load (its state is in the file
+# only once it has trained): RMSprop's 3 (centered, with momentum) or Adam's (amsgrad), one for use_ema, one for
+# gradient_accumulation_steps
+OPTIMIZER_SLOTS = 5
 
 
 class _Stop(BaseException):
@@ -201,8 +205,12 @@ _patched: list[Any] = [0, None]  # loads under way, the original __init__
 
 
 @contextmanager
-def variable_budget(declared: int, what: str) -> Iterator[None]:
+def variable_budget(declared: int, what: str, *, optimizer: bool) -> Iterator[None]:
     """Stop Keras making more variable values than the weights file declares, plus `UNSAVED_VALUES`.
+
+    `optimizer`: the model is compiled as it loads, and its optimizer may add `OPTIMIZER_SLOTS` values per
+    declared one (a model compiled with Adam and saved before training declares its weights only, and
+    Adam makes two more of each as it is built).
 
     Keras builds every layer from the config, initialising its variables (random values, written), before
     it reads a weight: a 41 KB .keras whose config asked for a Dense layer of 3,000,000 units took 13 s and
@@ -211,7 +219,8 @@ def variable_budget(declared: int, what: str) -> Iterator[None]:
     context of a load (another thread's variables pass through uncounted) and checks a variable's size
     before it is made.
     """
-    left = [declared + UNSAVED_VALUES]
+    allowed = declared * (1 + OPTIMIZER_SLOTS if optimizer else 1) + UNSAVED_VALUES
+    left = [allowed]
     token = _budget.set(left)
     cls = next(c for c in keras.Variable.__mro__ if "__init__" in c.__dict__)
     with _patch_lock:
@@ -222,9 +231,10 @@ def variable_budget(declared: int, what: str) -> Iterator[None]:
     try:
         yield
     except _Stop:
-        raise CorruptArtifactError(f"{what}: the model's config makes more variable values than its weights file "
-                                   f"declares ({declared}), beyond {UNSAVED_VALUES} it may leave unsaved: the "
-                                   "config was changed, or the file is damaged") from None
+        extra = f" and {OPTIMIZER_SLOTS} per value its optimizer may add" if optimizer else ""
+        raise CorruptArtifactError(f"{what}: the model's config makes more than {allowed} variable values, the most "
+                                   f"the {declared} its weights file declares allow (with {UNSAVED_VALUES} a model may "
+                                   f"leave unsaved{extra}): the config was changed, or the file is damaged") from None
     finally:
         with _patch_lock:
             _patched[0] -= 1

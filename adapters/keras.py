@@ -57,7 +57,8 @@ class KerasAdapter:
         config, declared = h5_config(payload.open(name)) if format == "h5" else vet_zip(payload.open(name))
         if not trusted:
             vet_config(config, custom_objects or {}, legacy=format == "h5")
-        with _keras_path(payload, name) as path, variable_budget(declared, payload.label(name)):
+        budget = variable_budget(declared, payload.label(name), optimizer=bool(compile) and _compiled(config, format))
+        with _keras_path(payload, name) as path, budget:
             try:
                 return keras.models.load_model(path, custom_objects=custom_objects, compile=compile,
                                                safe_mode=not trusted)
@@ -66,6 +67,15 @@ class KerasAdapter:
             except Exception as exc:  # ValueError/TypeError from Keras; h5py's and zipfile's errors for its weights
                 raise CorruptArtifactError(f"Keras could not rebuild the model from {payload.label(name)}: "
                                            f"{type(exc).__name__}: {exc}") from exc
+
+
+def _compiled(config: Any, format: str) -> bool:
+    """Whether loading builds an optimizer: a .keras model saved compiled.
+
+    A legacy .h5 builds one only to load its saved state, which its weights file declares.
+    """
+    compile_config = config.get("compile_config") if format == "keras" and isinstance(config, dict) else None
+    return isinstance(compile_config, dict) and compile_config.get("optimizer") is not None
 
 
 def _load_saved_model(payload: Payload, call_endpoint: str) -> Any:
