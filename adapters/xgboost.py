@@ -246,8 +246,9 @@ def validate(doc: Any, what: str) -> None:
         if booster["name"] == "dart" and len(booster["weight_drop"]) != len(trees):
             raise ValueError("weight_drop needs one weight per tree")
         groups = _check_groups(model, len(trees), outputs)
-        _check_width(learner, n_features, _check_trees(trees, n_features, outputs, what))
-        _check_outputs(param, outputs, groups, trees)
+        used, vector = _check_trees(trees, n_features, outputs, what)
+        _check_width(learner, n_features, used)
+        _check_outputs(param, outputs, groups, has_trees=bool(trees), vector=vector)
         if "cats" in model:
             _check_cats(model["cats"])
     except _BadTree as bad:
@@ -297,7 +298,7 @@ def _check_groups(model: Any, n_trees: int, outputs: int) -> int:
 SPARE_OUTPUTS = 1 << 10
 
 
-def _check_outputs(param: Any, outputs: int, groups: int, trees: list[Any]) -> None:
+def _check_outputs(param: Any, outputs: int, groups: int, *, has_trees: bool, vector: bool) -> None:
     """Refuse a `num_class`/`num_target` beyond the outputs the model shows.
 
     XGBoost keeps a base score per output and predicts rows x outputs values: a 3-class model of a few KB
@@ -309,8 +310,8 @@ def _check_outputs(param: Any, outputs: int, groups: int, trees: list[Any]) -> N
     """
     if outputs <= max(groups, 1):
         return
-    if trees:
-        if any(t["tree_param"].get("size_leaf_vector", "1") not in ("0", "1") for t in trees):
+    if has_trees:
+        if vector:
             return  # vector leaves: as wide as the outputs (`_vector_layout`)
         raise ValueError(f"num_class/num_target give {outputs} outputs, but the trees add to {groups}")
     score = param.get("base_score", "")
@@ -340,10 +341,11 @@ def _check_width(learner: Any, n_features: int, used: int) -> None:
                          f"{n_features} values per row; up to {SPARE_FEATURES} more are taken")
 
 
-def _check_trees(trees: list[Any], n_features: int, outputs: int, what: str) -> int:
+def _check_trees(trees: list[Any], n_features: int, outputs: int, what: str) -> tuple[int, bool]:
     """Check every tree's child, parent, feature and category indices (all trees' node arrays at once).
 
-    Returns the number of features the trees split on (the highest index, plus one).
+    Returns the number of features the trees split on (the highest index, plus one), and whether any tree
+    has vector leaves.
     """
     sizes, categorical, vector = [], set(), {}
     for i, tree in enumerate(trees):
@@ -359,7 +361,7 @@ def _check_trees(trees: list[Any], n_features: int, outputs: int, what: str) -> 
         if width not in ("0", "1") and int(width) > 1:
             vector[i] = _vector_layout(i, tree, n, int(width), outputs=outputs, what=what)
     if not trees:
-        return 0
+        return 0, False
     left, right, split, parents = (joined([t[k] for t in trees])
                                    for k in ("left_children", "right_children", "split_indices", "parents"))
     if any(vector.values()):
@@ -385,7 +387,7 @@ def _check_trees(trees: list[Any], n_features: int, outputs: int, what: str) -> 
         if not _categories_ok(trees[i], np.asarray(split_type[span]), np.asarray(left[span])):
             _refuse(i)
     inner = np.asarray(left) != -1
-    return int(np.asarray(split)[inner].max()) + 1 if inner.any() else 0
+    return int(np.asarray(split)[inner].max()) + 1 if inner.any() else 0, bool(vector)
 
 
 def _vector_layout(i: int, tree: Any, n: int, width: int, *, outputs: int, what: str) -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _bare, _checked, _environment, _location, _parts, _reading, _storage, _writeback
+from . import _bare, _checked, _environment, _location, _parts, _reading, _storage
 from ._dispatch import detect
 from ._manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, Part
 from ._policy import TrustPolicy
@@ -81,7 +81,7 @@ def write_artifact(root: Path, *, overwrite: bool, metadata: Any, fill: Callable
         raise StorageError.of(exc, f"cannot save to {root}: {exc.filename or root}: {exc.strerror or exc}; "
                                    "choose a path under a directory you can write to") from None
     try:
-        with _writeback.following() as followed:  # the digests large writers make as they write
+        with _storage.following() as followed:  # the digests large writers make as they write
             part = fill(staging.dir)
         manifest = Manifest(
             format_version=FORMAT_VERSION, adapter=part.adapter, format=part.format, model_class=part.model_class,

@@ -69,14 +69,8 @@ def hash_fd(fd: int, size: int, algo: str | None = None) -> str:
     algo = algo or algorithm()
     h = new(algo, size)
     if size >= MAP_BYTES and algo == "blake3":
-        import mmap
-
         try:
-            for offset in range(0, size, WINDOW):  # one window mapped at a time: RSS grows by 16 MiB at most
-                length = min(WINDOW, size - offset)
-                with mmap.mmap(fd, length, offset=offset, access=mmap.ACCESS_READ) as mapped, \
-                        memoryview(mapped) as view:
-                    h.update(view)
+            update_mapped(h, fd, 0, size)
             return f"{algo}:{h.hexdigest()}"
         except (ValueError, OSError):  # shorter than declared, or not mappable: read it instead
             h = new(algo, size)
@@ -90,6 +84,22 @@ def hash_fd(fd: int, size: int, algo: str | None = None) -> str:
         h.update(want[:n])
         offset += n
     return f"{algo}:{h.hexdigest()}"
+
+
+def update_mapped(h: Hasher, fd: int, start: int, end: int) -> None:
+    """Feed bytes `start` to `end` of `fd` to `h` from read-only mappings, one 16 MiB window at a time.
+
+    No copy, and RSS grows by one window at most; nothing stays mapped after the call. Raises what
+    `mmap` raises (ValueError, OSError) for a file shorter than `end` or one that cannot be mapped.
+    """
+    import mmap
+
+    for at in range(start, end, WINDOW):
+        base = at - at % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
+        stop = min(at + WINDOW, end)
+        with mmap.mmap(fd, stop - base, offset=base, access=mmap.ACCESS_READ) as mapped, \
+                memoryview(mapped) as view, view[at - base:] as piece:
+            h.update(piece)
 
 
 def algorithm_of(digest: str) -> str:

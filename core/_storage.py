@@ -8,15 +8,14 @@ import functools
 import os
 import stat
 import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._digest import algorithm, hash_fd
 from ._manifest import MANIFEST_NAME, FileEntry, check_name
 from .errors import ArtifactExistsError, PersistError
-
-if TYPE_CHECKING:
-    from ._writeback import Followed
 
 _TMP = ".mlpersist-tmp-"
 _OLD = ".mlpersist-old-"
@@ -30,6 +29,31 @@ def _rmtree(path: Path | str) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+# (device, inode) -> (size, mtime_ns, ctime_ns, algorithm, digest) of the files a `_writeback.Writeback`
+# hashed as they were written during the current save (`following`)
+Followed = dict[tuple[int, int], tuple[int, int, int, str, str]]
+FOLLOWED: ContextVar[Followed | None] = ContextVar("mlpersist_followed", default=None)
+
+
+@contextlib.contextmanager
+def following() -> Iterator[Followed]:
+    """During a save: the digests the `Writeback`s of this thread made, for `digest_of`."""
+    followed: Followed = {}
+    token = FOLLOWED.set(followed)
+    try:
+        yield followed
+    finally:
+        FOLLOWED.reset(token)
+
+
+def digest_of(followed: Followed, st: os.stat_result, algo: str) -> str | None:
+    """The digest a `Writeback` made of the file `st` describes, if it is unchanged since; else None."""
+    entry = followed.get((st.st_dev, st.st_ino))
+    if entry is None or entry[:4] != (st.st_size, st.st_mtime_ns, st.st_ctime_ns, algo):
+        return None
+    return entry[4]
 
 
 # The I/O seam: fault-injection tests patch these names, never the frameworks.
@@ -61,8 +85,6 @@ class Staging:
         it was written (`followed`), unchanged since, is not read again.
         """
         from concurrent.futures import Future, ThreadPoolExecutor
-
-        from ._writeback import digest_of
 
         algo = algorithm()
         entries: dict[str, FileEntry] = {}

@@ -11,19 +11,16 @@ the end (still done, by the core) waits for the tail only.
 The digest is of the file's own bytes, read back after they were written, exactly as `seal` would read
 them. The core uses it only for the file it was made of, unchanged since (same device, inode, size and
 mtime and ctime); any other file, or this one after a change, is hashed by `seal` as before. Outside a save
-(`following` not active) only the early disk write is done.
+(`_storage.following` not active) only the early disk write is done.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
-from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import _digest
-from ._storage import libc_function
+from ._storage import FOLLOWED, libc_function
 
 if TYPE_CHECKING:
     import threading
@@ -34,34 +31,11 @@ STEP = 64 << 20  # handed to the disk at a time
 PIECE = 16 << 20  # hashed at a time: the hash of the last piece is all that is left after the last write
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait
 
-# (device, inode) -> (size, mtime_ns, ctime_ns, algorithm, digest) of the files followed during this save
-Followed = dict[tuple[int, int], tuple[int, int, int, str, str]]
-_followed: ContextVar[Followed | None] = ContextVar("mlpersist_followed", default=None)
-
 
 def _sync_file_range() -> Any:
     import ctypes
 
     return libc_function("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint))
-
-
-@contextlib.contextmanager
-def following() -> Iterator[Followed]:
-    """During a save: the digests the `Writeback`s of this thread made, for `digest_of`."""
-    followed: Followed = {}
-    token = _followed.set(followed)
-    try:
-        yield followed
-    finally:
-        _followed.reset(token)
-
-
-def digest_of(followed: Followed, st: os.stat_result, algo: str) -> str | None:
-    """The digest a `Writeback` made of the file `st` describes, if it is unchanged since; else None."""
-    entry = followed.get((st.st_dev, st.st_ino))
-    if entry is None or entry[:4] != (st.st_size, st.st_mtime_ns, st.st_ctime_ns, algo):
-        return None
-    return entry[4]
 
 
 class Writeback:
@@ -76,7 +50,7 @@ class Writeback:
         from queue import SimpleQueue  # with the first large save only: keeps `import mlpersist` light
 
         self._f, self._sync = f, _sync_file_range()
-        self._followed = _followed.get() if f.readable() else None
+        self._followed = FOLLOWED.get() if f.readable() else None
         self._algo = _digest.algorithm() if self._followed is not None else ""
         self._queued = 0  # bytes handed to the thread
         self._jobs: SimpleQueue[tuple[int, int] | None] = SimpleQueue()
@@ -132,17 +106,10 @@ class Writeback:
                 self._failed = exc
 
     def _follow(self, fd: int, start: int, end: int) -> None:
-        import mmap
-
         if self._followed is not None:
             if self._hasher is None:
                 self._hasher = _digest.new(self._algo, 0)  # one core: the writer has the other
-            for at in range(start, end, _digest.WINDOW):  # mapped 16 MiB at a time, as `hash_fd` does
-                base = at - at % mmap.ALLOCATIONGRANULARITY
-                stop = min(at + _digest.WINDOW, end)
-                with mmap.mmap(fd, stop - base, offset=base, access=mmap.ACCESS_READ) as mapped, \
-                        memoryview(mapped) as view, view[at - base:] as piece:
-                    self._hasher.update(piece)
+            _digest.update_mapped(self._hasher, fd, start, end)
             self._hashed = end
         if self._sync is not None and end - self._synced >= STEP:  # the tail is left to the core's fsync
             self._sync(fd, self._synced, end - self._synced, _SYNC_FILE_RANGE_WRITE)  # best effort

@@ -108,32 +108,32 @@ def _write_followed(path: Path, chunk: bytes, count: int, mode: str = "x+b") -> 
 @pytest.mark.parametrize("algo", ["blake3", "sha256"])
 def test_a_large_file_is_hashed_as_it_is_written_and_the_digest_is_of_its_bytes(
         algo: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlpersist import _writeback
+    from mlpersist import _storage, _writeback
 
     monkeypatch.setenv("MLPERSIST_DIGEST", algo)
     chunk = os.urandom(3 << 20)  # pieces that do not fall on page boundaries
     count = _writeback.STEP // len(chunk) * 2 + 3  # two whole disk steps and a tail
-    with _writeback.following() as followed:
+    with _storage.following() as followed:
         _write_followed(tmp_path / "big", chunk, count)
     data = (tmp_path / "big").read_bytes()
     assert data == chunk * count
     expected = f"{algo}:" + (blake3(data) if algo == "blake3" else hashlib.sha256(data)).hexdigest()
     assert next(iter(followed.values()))[-1] == expected
-    assert _writeback.digest_of(followed, os.stat(tmp_path / "big"), algo) == expected
-    assert _writeback.digest_of(followed, os.stat(tmp_path / "big"), "sha256" if algo == "blake3" else "blake3") is None
+    assert _storage.digest_of(followed, os.stat(tmp_path / "big"), algo) == expected
+    assert _storage.digest_of(followed, os.stat(tmp_path / "big"), "sha256" if algo == "blake3" else "blake3") is None
     with open(tmp_path / "big", "r+b") as f:  # changed after the writer was done, size and mtime kept
         st = os.fstat(f.fileno())
         f.write(b"x")
     os.utime(tmp_path / "big", ns=(st.st_atime_ns, st.st_mtime_ns))
     assert os.stat(tmp_path / "big").st_size == st.st_size
-    assert _writeback.digest_of(followed, os.stat(tmp_path / "big"), algo) is None  # the core hashes it again
+    assert _storage.digest_of(followed, os.stat(tmp_path / "big"), algo) is None  # the core hashes it again
 
 
 def test_files_not_followed_to_the_end_are_left_to_the_core(tmp_path: Path) -> None:
-    from mlpersist import _writeback
+    from mlpersist import _storage, _writeback
 
     chunk = os.urandom(1 << 20)
-    with _writeback.following() as followed:
+    with _storage.following() as followed:
         _write_followed(tmp_path / "small", chunk, 3)  # under a piece: no thread, the core hashes it
         _write_followed(tmp_path / "write-only", chunk, 40, mode="xb")  # cannot be read back: only sent early
         with pytest.raises(ZeroDivisionError), open(tmp_path / "failed", "x+b") as f, \
