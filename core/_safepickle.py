@@ -165,6 +165,22 @@ _SHAPE_ARGUMENT = {"numpy.core.multiarray._reconstruct": 1, "numpy._core.multiar
                    "numpy.ma.core._mareconstruct": 2}
 
 
+def never_called(cls: type) -> bool:
+    """Whether pickle rebuilds `cls` without calling it: a class with no reduction of its own, nor one in copyreg.
+
+    Pickle makes such an object with `cls.__new__` (NEWOBJ, protocols 2-5) or `copyreg._reconstructor`
+    (0 and 1), then sets its state (BUILD): the constructor never runs. A call of it (REDUCE, OBJ, INST) is
+    no pickle's doing, and a constructor can allocate by its arguments: 32 bytes asking for
+    `scipy.sparse.lil_matrix((3e7, 1))` took 4.3 GB and 26 s. Classes that reduce to a call of themselves
+    (numpy.dtype, scikit-learn's Tree, set) define `__reduce__`/`__reduce_ex__`, or copyreg registers them
+    (complex). Builtin types are left to `_check_call`'s rules: pickle writes `bytes()` for an empty bytes
+    object in protocols 0-2.
+    """
+    return (cls.__module__ != "builtins" and getattr(cls, "__reduce__", None) is object.__reduce__
+            and getattr(cls, "__reduce_ex__", None) is object.__reduce_ex__
+            and cls not in copyreg.dispatch_table)
+
+
 def _no_elements(shape: Any) -> bool:
     dims = shape if type(shape) is tuple else (shape,)
     return all(type(d) is int and d >= 0 for d in dims) and 0 in dims
@@ -200,6 +216,7 @@ class State:
         self.missing: set[str] = set()  # those of `refused` the policy allows, not found here (other versions)
         self.globals: set[int] = set()  # ids of objects find_class handed out
         self.values_only: dict[int, str] = {}  # of those, functions models keep but their pickles never call
+        self.rebuilt_only: dict[int, str] = {}  # of those, classes pickles rebuild from their state, never call
         self.shaped: dict[int, int] = {}  # of those, numpy's array rebuilders: where their shape argument is
         self.cache: dict[tuple[str, str], Any] = {}
         self.raw_stream = False  # True when the unpickler reads the file itself (not a decompressor)
@@ -330,6 +347,8 @@ class Guard:
             s.values_only.pop(id(obj), None)
         else:
             s.values_only[id(obj)] = full
+        if isinstance(obj, type) and full not in s.policy.allow and never_called(obj):
+            s.rebuilt_only[id(obj)] = full
         return obj
 
     def persistent_load(self, pid: Any) -> Any:
@@ -345,13 +364,17 @@ class Guard:
         a metric, a ufunc, check_array) are values a model keeps, and a call of them with the file's
         arguments is work of any size: three calls of numpy.sum on a 16 GB array of no bytes, in a 77-byte
         file, took 3 s. And a few bytes can ask a constructor for gigabytes: bytearray(3e9) (48 bytes made
-        3 GB), list(range(3e8)) (57 bytes made 11.6 GB in 64 s), numpy.ndarray of a large shape, np.void(n).
-        A pickle writes none of these: bytes objects come whole, containers from their items, arrays with
-        no elements first, then their data.
+        3 GB), list(range(3e8)) (57 bytes made 11.6 GB in 64 s), numpy.ndarray of a large shape, np.void(n),
+        scipy.sparse.lil_matrix((3e7, 1)) (`never_called`). A pickle writes none of these: bytes objects come
+        whole, containers from their items, arrays with no elements first, then their data, other objects
+        from `__new__` and their state unless their class reduces to a call of itself.
         """
         s = self._s
         if isinstance(fn, _Refused):
             return
+        if id(fn) in s.rebuilt_only and op not in ("NEWOBJ", "NEWOBJ_EX"):
+            raise s.structural(f"{op} would call {s.rebuilt_only[id(fn)]}, which pickles rebuild from its state "
+                               "and never call (its constructor can be asked for far more than the file holds)")
         if id(fn) in s.values_only:
             raise s.structural(f"{op} would call {s.values_only[id(fn)]}, which models keep as a value and their "
                                "pickles never call")

@@ -440,6 +440,7 @@ def _amplifier(case: str) -> Any:
     (sizes kept small here: without the rule each loads, in a moment)."""
     np = require("numpy")
     metrics = require("sklearn.metrics")
+    sparse = require("scipy.sparse")
     reconstruct = np.zeros(1).__reduce__()[0]
     return {
         "bytearray-of-a-size": Reduce(bytearray, 10**7),
@@ -454,6 +455,8 @@ def _amplifier(case: str) -> Any:
         "numpy-sum-called": Reduce(np.sum, [1.0, 2.0]),
         "ufunc-called": Reduce(np.add, 1.0, 2.0),
         "metric-called": Reduce(metrics.pairwise_distances, [[0.0], [1.0]]),
+        # a list per row: 32 bytes asking for (3e7, 1) took 4.3 GB and 26 s
+        "sparse-of-a-shape": Reduce(sparse.lil_matrix, (10**5, 1)),
     }[case]
 
 
@@ -462,7 +465,9 @@ _AMPLIFIERS = {"bytearray-of-a-size": "bytearray from int", "bytes-of-a-size": "
                "ndarray-of-a-shape": "array of shape", "reconstruct-of-a-shape": "array of shape",
                "void-of-a-size": "numpy.void of a size", "numpy-sum-called": "call numpy.sum",
                "ufunc-called": r"call numpy(\.core\._multiarray_umath)?\.add",  # its name under numpy 1
-               "metric-called": "call sklearn.metrics.pairwise.pairwise_distances"}
+               "metric-called": "call sklearn.metrics.pairwise.pairwise_distances",
+               "sparse-of-a-shape": r"REDUCE would call scipy\.sparse\.\S*lil_matrix, which pickles rebuild from its "
+                                    "state and never call"}
 
 
 @pytest.mark.parametrize("protocol", [2, 4])
@@ -485,6 +490,35 @@ def test_protocol_0_inst_is_held_to_the_same_rule(tmp_path: Path) -> None:
     path = bare(tmp_path, payload)
     with watched(), pytest.raises(UntrustedContentError, match="OBJ/INST would make bytearray from int"):
         load_any(path)
+
+
+def test_protocol_0_inst_of_a_class_pickles_never_call_is_refused(tmp_path: Path) -> None:
+    sparse = require("scipy.sparse")
+    payload = b"((I100000\nI1\ntiscipy.sparse\nlil_matrix\n."
+    assert pickle.loads(payload).shape == (10**5, 1)
+    path = bare(tmp_path, payload)
+    with watched(), pytest.raises(UntrustedContentError, match=r"OBJ/INST would call scipy\.sparse\.\S*lil_matrix"):
+        load_any(path)
+    assert sparse.lil_matrix.__reduce__ is object.__reduce__  # the premise: nothing of its own to call it with
+
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_the_scipy_objects_models_keep_load_in_every_protocol(protocol: int, tmp_path: Path) -> None:
+    """Sparse matrices and arrays, frozen distributions, splines: rebuilt from their state, none called."""
+    np, sparse, stats = require("numpy"), require("scipy.sparse"), require("scipy.stats")
+    interpolate = require("scipy.interpolate")
+    m = sparse.random(6, 4, density=0.5, format="csr", random_state=0)
+    kept = {f"{fmt}_{kind}": getattr(sparse, f"{fmt}_{kind}")(m) for fmt in ("csr", "csc", "coo", "bsr", "dia")
+            for kind in ("matrix", "array") if hasattr(sparse, f"{fmt}_{kind}")}
+    path = bare(tmp_path, pickle.dumps([kept, stats.norm(1.0, 2.0), interpolate.BSpline(np.arange(8.0), np.ones(4), 3),
+                                        1 + 2j, frozenset({1})], protocol=protocol))
+    with watched():
+        loaded, norm, spline, number, items = load_any(path)
+    assert {k: type(v) for k, v in loaded.items()} == {k: type(v) for k, v in kept.items()}
+    assert all((loaded[k] != kept[k]).nnz == 0 for k in kept)
+    assert norm.cdf(1.5) == stats.norm(1.0, 2.0).cdf(1.5)
+    assert spline(2.5) == interpolate.BSpline(np.arange(8.0), np.ones(4), 3)(2.5)
+    assert (number, items) == (1 + 2j, frozenset({1}))
 
 
 def test_a_function_named_in_allow_may_be_called(tmp_path: Path) -> None:
@@ -521,8 +555,8 @@ def test_p11_build_on_a_global_class_is_refused_and_the_class_unchanged(tmp_path
 
 def test_p11_setitem_on_something_not_a_dict_is_refused(tmp_path: Path, sentinel: Path) -> None:
     require("sklearn.linear_model")
-    payload = (b"\x80\x04" + sstr("sklearn.linear_model._logistic") + sstr("LogisticRegression") + b"\x93)R"
-               + sstr("C") + b"K\x01s.")
+    payload = (b"\x80\x04" + sstr("sklearn.linear_model._logistic") + sstr("LogisticRegression") + b"\x93)\x81"
+               + sstr("C") + b"K\x01s.")  # NEWOBJ, as pickle makes an estimator (a call of it is refused before)
     path = bare(tmp_path, payload)
     with watched(), pytest.raises(UntrustedContentError, match="SETITEM"):
         load_any(path)
