@@ -248,7 +248,7 @@ def validate(doc: Any, what: str) -> None:
         groups = _check_groups(model, len(trees), outputs)
         used, vector = _check_trees(trees, n_features, outputs, what)
         _check_width(learner, n_features, used)
-        _check_outputs(param, outputs, groups, has_trees=bool(trees), vector=vector)
+        _check_outputs(_base_score(doc), outputs, groups, has_trees=bool(trees), vector=vector)
         if "cats" in model:
             _check_cats(model["cats"])
     except _BadTree as bad:
@@ -298,7 +298,7 @@ def _check_groups(model: Any, n_trees: int, outputs: int) -> int:
 SPARE_OUTPUTS = 1 << 10
 
 
-def _check_outputs(param: Any, outputs: int, groups: int, *, has_trees: bool, vector: bool) -> None:
+def _check_outputs(score: str | None, outputs: int, groups: int, *, has_trees: bool, vector: bool) -> None:
     """Refuse a `num_class`/`num_target` beyond the outputs the model shows.
 
     XGBoost keeps a base score per output and predicts rows x outputs values: a 3-class model of a few KB
@@ -314,8 +314,7 @@ def _check_outputs(param: Any, outputs: int, groups: int, *, has_trees: bool, ve
         if vector:
             return  # vector leaves: as wide as the outputs (`_vector_layout`)
         raise ValueError(f"num_class/num_target give {outputs} outputs, but the trees add to {groups}")
-    score = param.get("base_score", "")
-    listed = score.count(",") + 1 if isinstance(score, str) and score.strip().startswith("[") else 0
+    listed = score.count(",") + 1 if score is not None and score.strip().startswith("[") else 0  # `_base_score`
     if outputs > max(SPARE_OUTPUTS, listed):
         raise ValueError(f"num_class/num_target give {outputs} outputs to a model without trees; up to "
                          f"{SPARE_OUTPUTS} are taken")
