@@ -72,7 +72,7 @@ def case_torch_1gb(build: bool = True) -> dict[str, Any]:
         return net
 
     return {"model": model, "native_save": lambda m, p: torch.save(m.state_dict(), p / "weights.pt"),
-            "native_load": native_load, "repeat": 3, "mlflow": "pytorch",
+            "native_load": native_load, "repeat": 5, "mlflow": "pytorch",
             # MLflow 3's default, pt2, needs an input example and then fixes the batch size: its pickle format
             "mlflow_options": {"serialization_format": "pickle"}}
 
@@ -124,6 +124,10 @@ def interleaved(ops: dict[str, Op]) -> dict[str, float]:
     This VM's speed drifts by tens of percent within minutes: run one op's repeats, then the next's,
     and a ratio compares calls made in different spells. In turn, each ratio compares calls made in
     the same minutes. Each load comes after its save in `ops`, and reads what was just saved.
+
+    Before each call, untimed, `os.sync()` writes out what earlier calls left in the page cache: a save
+    that does not fsync (the native one, MLflow's) leaves its file to the kernel, which wrote it to the
+    disk during the calls that came next, and an fsync then waited for that file as well as its own.
     """
     for fn, before, _ in ops.values():
         before()
@@ -134,6 +138,7 @@ def interleaved(ops: dict[str, Op]) -> dict[str, float]:
             if i >= n:
                 continue
             before()
+            os.sync()
             gc.collect()
             t0 = time.perf_counter()
             fn()
@@ -275,14 +280,18 @@ def import_time() -> float:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
     def run(code: str) -> float:
+        t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", code], check=True, env=env)
-        ts = []
-        for _ in range(20):
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], check=True, env=env)
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-    return run("import mlpersist") - run("pass")
+        return time.perf_counter() - t0
+
+    codes = ("import mlpersist", "pass")
+    for code in codes:
+        run(code)  # warm-up
+    ts: dict[str, list[float]] = {code: [] for code in codes}
+    for _ in range(20):  # in turn, as the cases' calls: the machine's drift falls on both alike
+        for code in codes:
+            ts[code].append(run(code))
+    return statistics.median(ts["import mlpersist"]) - statistics.median(ts["pass"])
 
 
 def main() -> None:
@@ -348,7 +357,8 @@ def write(out: Path, rows: list[dict[str, Any]], imp: float) -> None:
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Produced by `nox -s bench` (benchmarks/bench.py).",
         "", "Times: median of repeated runs after a warm-up; a case's calls run in turn (native, save_any, MLflow, "
-        "round after round), so that each ratio compares calls made in the same minutes of this machine. save_any "
+        "round after round), so that each ratio compares calls made in the same minutes of this machine; before each "
+        "call, untimed, `os.sync()` writes out what the calls before it left in the page cache. save_any "
         "includes the digest (BLAKE3) of every file and fsync; load_any includes verifying every digest. Ratios are "
         "to the framework's native call in the same run. The native save leaves its file in the page cache; "
         "`native + fsync` is the same call followed by an fsync of its file and directory, the durability "
@@ -408,7 +418,8 @@ def write(out: Path, rows: list[dict[str, Any]], imp: float) -> None:
                 f"| {r['case']} | {r['peak_native_save'] / 1e6:.0f} MB | {r['peak_save_any'] / 1e6:.0f} MB"
                 f" | {r['peak_save_any'] / r['peak_native_save']:.2f}x | {r['peak_native_load'] / 1e6:.0f} MB"
                 f" | {r['peak_load_any'] / 1e6:.0f} MB | {r['peak_load_any'] / r['peak_native_load']:.2f}x |")
-    lines += ["", f"`import mlpersist`: +{imp * 1e3:.1f} ms over a bare interpreter start (median of 20).", "",
+    lines += ["", f"`import mlpersist`: +{imp * 1e3:.1f} ms over a bare interpreter start (medians of 20 runs of "
+              "each, run in turn).", "",
               "![ratios](ratios.png)", ""]
     out.write_text("\n".join(lines))
 
