@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import keras
 
 from mlpersist import Payload, PersistError
+from mlpersist._writeback import Stream, Writeback
 from mlpersist.adapters._keras_vet import h5_config, variable_budget, vet_config, vet_zip
 from mlpersist.errors import CorruptArtifactError, UntrustedContentError
 
@@ -40,7 +41,7 @@ class KerasAdapter:
             return {**info, "one_way": True}
         if options:
             raise PersistError(f"the keras adapter takes no save options for .keras, not {', '.join(sorted(options))}")
-        model.save(str(dest / _FILES["keras"]))
+        _save_keras(model, dest / _FILES["keras"])
         return info
 
     def example_outputs(self, model: Any, args: list[Any]) -> Mapping[str, Any]:
@@ -67,6 +68,24 @@ class KerasAdapter:
             except Exception as exc:  # ValueError/TypeError from Keras; h5py's and zipfile's errors for its weights
                 raise CorruptArtifactError(f"Keras could not rebuild the model from {payload.label(name)}: "
                                            f"{type(exc).__name__}: {exc}") from exc
+
+
+def _save_keras(model: Any, path: Path) -> None:
+    """What `model.save(path)` does, with the file hashed and sent to the disk as Keras writes it.
+
+    `model.save` takes only a path; Keras's own `saving_lib.save_model`, which it calls, takes a file object
+    too (Keras pickles models that way; 3.6, the oldest supported, has it). Given a forward-only `Stream`,
+    it writes the same archive with a data descriptor after each member (zipfile cannot go back to patch
+    the member's header), and its 200 MB of weights, written in one call, are hashed during the write
+    instead of after it. A class that overrides `save`, or a Keras without that function, gets `model.save`.
+    """
+    from keras.src.saving import saving_lib  # noqa: PLC0415 - Keras's internal module: only where it is used
+
+    if type(model).save is not keras.Model.save or not hasattr(saving_lib, "_save_model_to_fileobj"):
+        model.save(str(path))
+        return
+    with open(path, "x+b") as f, Writeback(f) as following:
+        saving_lib.save_model(model, Stream(f, following))
 
 
 def _compiled(config: Any, format: str) -> bool:

@@ -16,6 +16,7 @@ mtime and ctime); any other file, or this one after a change, is hashed by `seal
 
 from __future__ import annotations
 
+import io
 import os
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -114,6 +115,43 @@ class Writeback:
         if self._sync is not None and end - self._synced >= STEP:  # the tail is left to the core's fsync
             self._sync(fd, self._synced, end - self._synced, _SYNC_FILE_RANGE_WRITE)  # best effort
             self._synced = end
+
+
+class Stream(io.RawIOBase):
+    """A forward-only file object over a file a `Writeback` follows, for a writer that takes a file object.
+
+    Each write goes to the file in pieces of at most 16 MiB, each handed to the thread as it is done (a
+    writer that writes 200 MB at once, as Keras writes its weights into its zip, is hashed while it
+    writes). It cannot seek: zipfile then writes a data descriptor after each member instead of going back
+    to its header, so no byte changes after it was hashed.
+    """
+
+    def __init__(self, f: BinaryIO, following: Writeback) -> None:
+        super().__init__()
+        self._f, self._following = f, following
+        self.name = f.name
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        raise io.UnsupportedOperation("a forward-only stream")
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def write(self, data: Any) -> int:
+        with memoryview(data) as view, view.cast("B") as flat:
+            for start in range(0, len(flat), PIECE):
+                self._f.write(flat[start:start + PIECE])
+                self._following.written()
+            return len(flat)
+
+    def flush(self) -> None:
+        self._f.flush()
 
 
 def supported() -> bool:

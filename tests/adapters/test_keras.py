@@ -19,6 +19,7 @@ from mlpersist import (
     UntrustedContentError,
     load_any,
     save_any,
+    verify,
 )
 
 
@@ -57,6 +58,48 @@ class TestKeras(AdapterContract):
 def same(a: Any, b: Any) -> None:
     x = x_input(8, seed=3)
     require("numpy").testing.assert_array_equal(a.predict(x, verbose=0), b.predict(x, verbose=0))
+
+
+def test_a_large_model_is_hashed_as_keras_writes_it_and_its_digest_is_that_of_its_file(tmp_path: Path) -> None:
+    """Keras's zip goes through a forward-only stream (`_writeback.Stream`): each member is followed by a data
+    descriptor, its weights are hashed as they are written, and the manifest's digest is still that of the
+    file; the model loads and predicts bit for bit, and the archive also loads with Keras alone."""
+    from blake3 import blake3
+
+    from mlpersist import _writeback
+
+    k = keras()
+    k.utils.set_random_seed(0)
+    model = k.Sequential([k.Input((4,)), k.layers.Dense(2400), k.layers.Dense(2400), k.layers.Dense(2)])  # 23 MB
+    assert model.count_params() * 4 > _writeback.PIECE
+    m = save_any(model, tmp_path / "m")
+    path = tmp_path / "m" / "model.keras"
+    assert m.files["model.keras"].digest == "blake3:" + blake3(path.read_bytes()).hexdigest()
+    verify(tmp_path / "m")
+    with zipfile.ZipFile(path) as zf:
+        assert {i.filename: bool(i.flag_bits & 0x8) for i in zf.infolist()} == {
+            "metadata.json": True, "config.json": True, "model.weights.h5": True}
+    same(model, load_any(tmp_path / "m"))
+    same(model, k.models.load_model(str(path)))
+
+
+def test_a_model_class_with_its_own_save_is_saved_by_it(tmp_path: Path) -> None:
+    """A class that overrides `save` gets its `save` called, not Keras's saving function."""
+    k = keras()
+    calls: list[str] = []
+
+    class Saving(k.Sequential):  # type: ignore[name-defined,misc]
+        def save(self, filepath: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(str(filepath))
+            return super().save(filepath, *args, **kwargs)
+
+    k.utils.set_random_seed(0)
+    model = Saving([k.Input((4,)), k.layers.Dense(2)])
+    save_any(model, tmp_path / "m")
+    assert [Path(c).name for c in calls] == ["model.keras"]
+    with zipfile.ZipFile(tmp_path / "m" / "model.keras") as zf:
+        assert not any(i.flag_bits & 0x8 for i in zf.infolist())  # zipfile's own file: headers patched in place
+    same(model, load_any(tmp_path / "m", custom_objects={"Saving": Saving}))
 
 
 def test_functional_with_a_registered_custom_layer_loads_with_no_arguments(tmp_path: Path) -> None:
