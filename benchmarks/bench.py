@@ -72,7 +72,7 @@ def case_torch_1gb(build: bool = True) -> dict[str, Any]:
         return net
 
     return {"model": model, "native_save": lambda m, p: torch.save(m.state_dict(), p / "weights.pt"),
-            "native_load": native_load, "repeat": 5, "mlflow": "pytorch",
+            "native_load": native_load, "repeat": 9, "mlflow": "pytorch",
             # MLflow 3's default, pt2, needs an input example and then fixes the batch size: its pickle format
             "mlflow_options": {"serialization_format": "pickle"}}
 
@@ -104,7 +104,7 @@ def case_keras_200mb(build: bool = True) -> dict[str, Any]:
         model = keras.Sequential([keras.Input((4096,))] + [keras.layers.Dense(4096) for _ in range(3)])  # 50M params
         model.compile(optimizer="adam", loss="mse")
     return {"model": model, "native_save": lambda m, p: m.save(str(p / "model.keras")),
-            "native_load": lambda p: keras.models.load_model(str(p / "model.keras")), "repeat": 5, "mlflow": "keras"}
+            "native_load": lambda p: keras.models.load_model(str(p / "model.keras")), "repeat": 11, "mlflow": "keras"}
 
 
 CASES: dict[str, Callable[..., dict[str, Any]]] = {
@@ -118,23 +118,28 @@ CASES: dict[str, Callable[..., dict[str, Any]]] = {
 Op = tuple[Callable[[], Any], Callable[[], Any], int]  # the call, what to do before each, how many times
 
 
-def interleaved(ops: dict[str, Op]) -> dict[str, float]:
+def interleaved(*groups: dict[str, Op]) -> dict[str, float]:
     """The median time of each op, the ops run in turn, round after round, after one warm-up each.
 
     This VM's speed drifts by tens of percent within minutes: run one op's repeats, then the next's,
     and a ratio compares calls made in different spells. In turn, each ratio compares calls made in
-    the same minutes. Each load comes after its save in `ops`, and reads what was just saved.
+    the same minutes. A round runs the groups in order (the saves, then the loads, which read what was
+    just saved), and each group's ops in an order rotated by one every round: a call's place in the
+    round changes its time (in a run with a fixed order, the native Keras load, first of the loads, took
+    1.32x MLflow's, which makes the same Keras call last), and each op takes each place in turn.
 
     Before each call, untimed, `os.sync()` writes out what earlier calls left in the page cache: a save
     that does not fsync (the native one, MLflow's) leaves its file to the kernel, which wrote it to the
     disk during the calls that came next, and an fsync then waited for that file as well as its own.
     """
+    ops = {k: op for group in groups for k, op in group.items()}
     for fn, before, _ in ops.values():
         before()
         fn()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in ops}
     for i in range(max(n for _, _, n in ops.values())):
-        for k, (fn, before, n) in ops.items():
+        for k in [k for group in groups for k in _rotated(list(group), i)]:
+            fn, before, n = ops[k]
             if i >= n:
                 continue
             before()
@@ -144,6 +149,11 @@ def interleaved(ops: dict[str, Op]) -> dict[str, float]:
             fn()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _rotated(names: list[str], i: int) -> list[str]:
+    """`names` starting at its `i`-th (modulo its length)."""
+    return names[i % len(names):] + names[:i % len(names)] if names else names
 
 
 def time_case(name: str, c: dict[str, Any], work: Path) -> dict[str, float]:
@@ -178,16 +188,13 @@ def time_case(name: str, c: dict[str, Any], work: Path) -> dict[str, float]:
         "load_any_trusted": (lambda: mlpersist.load_any(ours, trusted=True), nothing, repeat),
     }
     flavor = mlflow_flavor(c)
-    theirs: dict[str, Op] = {}
     if flavor is not None:  # MLflow as its users call it: the flavor's save_model/load_model, defaults
         mlflow_dir = work / f"{name}-mlflow"
         few = min(repeat, 5)  # its save infers pip requirements in a subprocess: seconds per call
         options = c.get("mlflow_options", {})
-        theirs = {"mlflow_save": (lambda: flavor.save_model(model, str(mlflow_dir), **options), fresh(mlflow_dir),
-                                  few),
-                  "mlflow_load": (lambda: flavor.load_model(str(mlflow_dir)), nothing, few)}
-    # MLflow's calls last in a round: what its save's subprocess leaves behind falls on its own load
-    return interleaved({**saves, **loads, **theirs})
+        saves["mlflow_save"] = (lambda: flavor.save_model(model, str(mlflow_dir), **options), fresh(mlflow_dir), few)
+        loads["mlflow_load"] = (lambda: flavor.load_model(str(mlflow_dir)), nothing, few)
+    return interleaved(saves, loads)
 
 
 def fsync_tree(root: Path) -> None:
@@ -356,8 +363,9 @@ def write(out: Path, rows: list[dict[str, Any]], imp: float) -> None:
         "# Benchmark results", "",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Produced by `nox -s bench` (benchmarks/bench.py).",
-        "", "Times: median of repeated runs after a warm-up; a case's calls run in turn (native, save_any, MLflow, "
-        "round after round), so that each ratio compares calls made in the same minutes of this machine; before each "
+        "", "Times: median of repeated runs after a warm-up; a case's calls run in turn, round after round (the saves, "
+        "then the loads; within each, the order rotated by one every round, so that each call takes every place), "
+        "so that each ratio compares calls made in the same minutes of this machine; before each "
         "call, untimed, `os.sync()` writes out what the calls before it left in the page cache. save_any "
         "includes the digest (BLAKE3) of every file and fsync; load_any includes verifying every digest. Ratios are "
         "to the framework's native call in the same run. The native save leaves its file in the page cache; "
