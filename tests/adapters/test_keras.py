@@ -60,20 +60,33 @@ def same(a: Any, b: Any) -> None:
     require("numpy").testing.assert_array_equal(a.predict(x, verbose=0), b.predict(x, verbose=0))
 
 
-def test_a_large_model_is_hashed_as_keras_writes_it_and_its_digest_is_that_of_its_file(tmp_path: Path) -> None:
+def test_a_large_model_is_hashed_as_keras_writes_it_and_its_digest_is_that_of_its_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keras's zip goes through a forward-only stream (`_writeback.Stream`): each member is followed by a data
-    descriptor, its weights are hashed as they are written, and the manifest's digest is still that of the
-    file; the model loads and predicts bit for bit, and the archive also loads with Keras alone."""
+    descriptor, its weights are hashed as they are written (the core does not read the file again), and the
+    manifest's digest is still that of the file; the model loads and predicts bit for bit, and the archive
+    also loads with Keras alone."""
     from blake3 import blake3
 
-    from mlpersist import _writeback
+    from mlpersist import _storage, _writeback
 
     k = keras()
     k.utils.set_random_seed(0)
     model = k.Sequential([k.Input((4,)), k.layers.Dense(2400), k.layers.Dense(2400), k.layers.Dense(2)])  # 23 MB
     assert model.count_params() * 4 > _writeback.PIECE
+    hashed: list[int] = []
+    real_hash = _storage.hash_fd
+
+    def recording(fd: int, size: int, algo: str | None = None) -> str:
+        hashed.append(size)
+        return real_hash(fd, size, algo)
+
+    monkeypatch.setattr(_storage, "hash_fd", recording)
     m = save_any(model, tmp_path / "m")
     path = tmp_path / "m" / "model.keras"
+    assert path.stat().st_size not in hashed
+    save_any(sequential(), tmp_path / "small")  # under 16 MiB: no thread, the core hashes it
+    assert hashed == [(tmp_path / "small" / "model.keras").stat().st_size]
     assert m.files["model.keras"].digest == "blake3:" + blake3(path.read_bytes()).hexdigest()
     verify(tmp_path / "m")
     with zipfile.ZipFile(path) as zf:
