@@ -48,8 +48,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
         for name in order:
             t = tensors[name]
             if t.numel():
-                f.write(t.detach().reshape(-1).view(torch.uint8).numpy().data)  # a view of the tensor: no copy
-                flushing.written()
+                flushing.write(t.detach().reshape(-1).view(torch.uint8).numpy().data)  # a view of the tensor: no copy
 
 
 def unique_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -2,11 +2,11 @@
 
 A durable save of a large file costs, after the write itself, a digest of every byte and an fsync. Done
 after the write (as `_storage.Staging.seal` does for any file), they add up to half the write again (1 GB:
-0.3 s of BLAKE3, and the disk's flush). A writer that wraps its file in `Writeback` and calls `written`
-after each write has both done during the write: each finished 16 MiB is hashed from the page cache on
-a second thread while the writer writes the next (the write and the hash release the GIL, and run on two
-cores), and each finished 64 MiB is handed to the disk at once (Linux `sync_file_range`), so the fsync at
-the end (still done, by the core) waits for the tail only.
+0.3 s of BLAKE3, and the disk's flush). A writer that wraps its file in `Writeback` and writes through it
+(or calls `written` after each write) has both done during the write: each finished 16 MiB is hashed from
+the page cache on a second thread while the writer writes the next (the write and the hash release the
+GIL, and run on two cores), and each finished 64 MiB is handed to the disk at once (Linux
+`sync_file_range`), so the fsync at the end (still done, by the core) waits for the tail only.
 
 The digest is of the file's own bytes, read back after they were written, exactly as `seal` would read
 them. The core uses it only for the file it was made of, unchanged since (same device, inode, size and
@@ -42,9 +42,9 @@ def _sync_file_range() -> Any:
 class Writeback:
     """Follows one file being written from its first byte; see the module docstring.
 
-    Use as a context manager around the writes, inside the `with open(..., "x+b")`; call `written` after
-    each. The file must be open for reading too (the hash reads it back); if it is not, it is only sent
-    to the disk early, and the core hashes it.
+    Use as a context manager around the writes, inside the `with open(..., "x+b")`: write through `write`,
+    or call `written` after each write to the file. The file must be open for reading too (the hash reads
+    it back); if it is not, it is only sent to the disk early, and the core hashes it.
     """
 
     def __init__(self, f: BinaryIO) -> None:
@@ -71,6 +71,18 @@ class Writeback:
         if end - self._queued >= PIECE:
             self._f.flush()
             self._hand(end)
+
+    def write(self, data: Any) -> int:
+        """Write `data` to the file in pieces of at most 16 MiB, each handed on (`written`) once written.
+
+        One large buffer (a tensor, the 200 MB of weights Keras writes into its zip at once) is then hashed
+        while it is written, not after it.
+        """
+        with memoryview(data) as view, view.cast("B") as flat:
+            for start in range(0, len(flat), PIECE):
+                self._f.write(flat[start:start + PIECE])
+                self.written()
+            return len(flat)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._thread is None:
@@ -120,10 +132,8 @@ class Writeback:
 class Stream(io.RawIOBase):
     """A forward-only file object over a file a `Writeback` follows, for a writer that takes a file object.
 
-    Each write goes to the file in pieces of at most 16 MiB, each handed to the thread as it is done (a
-    writer that writes 200 MB at once, as Keras writes its weights into its zip, is hashed while it
-    writes). It cannot seek: zipfile then writes a data descriptor after each member instead of going back
-    to its header, so no byte changes after it was hashed.
+    Each write goes through `Writeback.write`, 16 MiB at a time. It cannot seek: zipfile then writes a data
+    descriptor after each member instead of going back to its header, so no byte changes after it was hashed.
     """
 
     def __init__(self, f: BinaryIO, following: Writeback) -> None:
@@ -144,11 +154,7 @@ class Stream(io.RawIOBase):
         return self._f.tell()
 
     def write(self, data: Any) -> int:
-        with memoryview(data) as view, view.cast("B") as flat:
-            for start in range(0, len(flat), PIECE):
-                self._f.write(flat[start:start + PIECE])
-                self._following.written()
-            return len(flat)
+        return self._following.write(data)
 
     def flush(self) -> None:
         self._f.flush()
