@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,34 @@ def test_an_io_error_at_any_step_of_an_overwrite_keeps_the_old_artifact_and_no_l
     assert result == ([14] if not failed or committed else dummy.predict([1]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporaries left behind
     assert failed or step >= len(calls)  # every step up to the last one was faulted by some case
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["first file", "second file", "both"])
+def test_an_fsync_error_on_the_second_thread_fails_the_save_and_keeps_the_old_artifact(
+        which: int, tmp_path: Path, dummy: DummyModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large files are flushed on a second thread while the next is hashed: its error is the save's."""
+    save_any(dummy, tmp_path / "a")
+    monkeypatch.setattr(_storage, "_OVERLAP_BYTES", 0)  # every file flushed on the thread
+    real, threads, on_thread = _storage.fsync, set(), []
+
+    def fsync(fd: int) -> None:
+        if threading.current_thread() is not threading.main_thread():  # a file's flush
+            threads.add(threading.current_thread().name)
+            on_thread.append(fd)
+            if which == 2 or len(on_thread) == which + 1:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(_storage, "fsync", fsync)
+    with pytest.raises(StorageError) as info:
+        save_any(DummyModel(7, 7), tmp_path / "a", overwrite=True)
+    monkeypatch.undo()
+    assert info.value.errno == errno.EIO and "nothing was replaced" in str(info.value)
+    assert len(on_thread) == 2  # both files were flushed on the thread; the error surfaced after the walk
+    assert threads and all(name.startswith("mlpersist-fsync") for name in threads)
+    verify(tmp_path / "a")
+    assert load_any(tmp_path / "a").predict([1]) == dummy.predict([1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
 READER = """
