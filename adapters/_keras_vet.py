@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import contextvars
 import importlib
 import io
 import json
-import math
-import threading
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import h5py
@@ -146,7 +142,7 @@ def vet_hdf5(f: Any, what: str) -> int:
     `MAX_UNSTORED` bytes more than they store (Keras writes every weight in full, uncompressed). A 13 KB
     file with one 3.6 GB dataset never written took 65 s and 15 GB to be refused.
 
-    Returns the number of values the datasets declare (the budget of `variable_budget`).
+    Returns the number of values the datasets declare (the budget of `_keras_variables.loading_variables`).
     """
     seen: set[Any] = set()  # h5py object ids: equal when they are the same object in the file
     unstored = declared = 0
@@ -186,78 +182,6 @@ def vet_hdf5(f: Any, what: str) -> int:
     except Exception as exc:  # h5py's OSError, and RuntimeError/KeyError/ValueError for damaged metadata
         raise CorruptArtifactError(f"{what} is not a readable HDF5 file: {type(exc).__name__}: {exc}") from None
     return declared
-
-
-UNSAVED_VALUES = 16 << 20  # variables a model may make that its weights file does not hold (metric states...)
-# what a compiled model's optimizer may add per weight value when it is built at load (its state is in the file
-# only once it has trained): RMSprop's 3 (centered, with momentum) or Adam's (amsgrad), one for use_ema, one for
-# gradient_accumulation_steps
-OPTIMIZER_SLOTS = 5
-
-
-class _Stop(BaseException):
-    """Raised through Keras by the variable budget (not an Exception: no `except Exception` there keeps going)."""
-
-
-_budget: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("mlpersist_keras_budget", default=None)
-_patch_lock = threading.Lock()
-_patched: list[Any] = [0, None]  # loads under way, the original __init__
-
-
-@contextmanager
-def variable_budget(declared: int, what: str, *, optimizer: bool) -> Iterator[None]:
-    """Stop Keras making more variable values than the weights file declares, plus `UNSAVED_VALUES`.
-
-    `optimizer`: the model is compiled as it loads, and its optimizer may add `OPTIMIZER_SLOTS` values per
-    declared one (a model compiled with Adam and saved before training declares its weights only, and
-    Adam makes two more of each as it is built).
-
-    Keras builds every layer from the config, initialising its variables (random values, written), before
-    it reads a weight: a 41 KB .keras whose config asked for a Dense layer of 3,000,000 units took 13 s and
-    3.4 GB to be refused, and ten times that would take all memory. Keras has no hook for this, so the
-    `__init__` of its variable class is wrapped while loads are under way; the wrapper counts only in the
-    context of a load (another thread's variables pass through uncounted) and checks a variable's size
-    before it is made.
-    """
-    allowed = declared * (1 + OPTIMIZER_SLOTS if optimizer else 1) + UNSAVED_VALUES
-    left = [allowed]
-    token = _budget.set(left)
-    cls = next(c for c in keras.Variable.__mro__ if "__init__" in c.__dict__)
-    with _patch_lock:
-        if _patched[0] == 0:
-            _patched[1] = cls.__init__
-            cls.__init__ = _counting(_patched[1])
-        _patched[0] += 1
-    try:
-        yield
-    except _Stop:
-        extra = f" and {OPTIMIZER_SLOTS} per value its optimizer may add" if optimizer else ""
-        raise CorruptArtifactError(f"{what}: the model's config makes more than {allowed} variable values, the most "
-                                   f"the {declared} its weights file declares allow (with {UNSAVED_VALUES} a model may "
-                                   f"leave unsaved{extra}): the config was changed, or the file is damaged") from None
-    finally:
-        with _patch_lock:
-            _patched[0] -= 1
-            if _patched[0] == 0:
-                cls.__init__ = _patched[1]
-        _budget.reset(token)
-
-
-def _counting(init: Any) -> Any:
-    def counted(self: Any, initializer: Any, shape: Any = None, *args: Any, **kwargs: Any) -> None:
-        left = _budget.get()
-        if left is not None:
-            dims = shape if shape is not None else getattr(initializer, "shape", ())
-            try:
-                n = math.prod(int(d) for d in dims)
-            except (TypeError, ValueError):
-                n = 0  # Keras refuses it itself
-            left[0] -= n
-            if left[0] < 0:
-                raise _Stop
-        init(self, initializer, shape, *args, **kwargs)
-
-    return counted
 
 
 def vet_config(config: Any, custom_objects: Mapping[str, Any], *, legacy: bool = False) -> None:

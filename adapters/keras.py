@@ -13,7 +13,8 @@ import keras
 
 from mlpersist import Payload, PersistError
 from mlpersist._writeback import Stream, Writeback
-from mlpersist.adapters._keras_vet import h5_config, variable_budget, vet_config, vet_zip
+from mlpersist.adapters._keras_variables import loading_variables
+from mlpersist.adapters._keras_vet import h5_config, vet_config, vet_zip
 from mlpersist.errors import CorruptArtifactError, UntrustedContentError
 
 _FILES = {"keras": "model.keras", "h5": "model.h5"}
@@ -58,8 +59,9 @@ class KerasAdapter:
         config, declared = h5_config(payload.open(name)) if format == "h5" else vet_zip(payload.open(name))
         if not trusted:
             vet_config(config, custom_objects or {}, legacy=format == "h5")
-        budget = variable_budget(declared, payload.label(name), optimizer=bool(compile) and _compiled(config, format))
-        with _keras_path(payload, name) as path, budget:
+        variables = loading_variables(declared, payload.label(name),
+                                      optimizer=bool(compile) and _compiled(config, format))
+        with _keras_path(payload, name) as path, variables:
             try:
                 return keras.models.load_model(path, custom_objects=custom_objects, compile=compile,
                                                safe_mode=not trusted)

@@ -43,3 +43,38 @@ class TwoTower(keras.Model):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "units": self.units}
+
+
+@keras.saving.register_keras_serializable(package="mlptest")
+class CountedNormal(keras.initializers.Initializer):
+    """Seeded normal values; counts its calls (`calls`, across instances)."""
+
+    calls = 0
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def __call__(self, shape: Any, dtype: Any = None) -> Any:
+        type(self).calls += 1
+        return keras.random.normal(shape, dtype=dtype, seed=self.seed)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="mlptest")
+class HalfSaved(keras.layers.Layer):
+    """Saves its kernel; its `offset` (not trainable) is drawn from a seeded initializer at every build."""
+
+    def build(self, input_shape: Any) -> None:
+        self.kernel = self.add_weight(shape=(input_shape[-1], 3), initializer=CountedNormal(1))
+        self.offset = self.add_weight(shape=(3,), initializer=CountedNormal(2), trainable=False)
+
+    def call(self, x: Any) -> Any:
+        return keras.ops.matmul(x, self.kernel) + self.offset
+
+    def save_own_variables(self, store: Any) -> None:
+        store["0"] = keras.ops.convert_to_numpy(self.kernel)
+
+    def load_own_variables(self, store: Any) -> None:
+        self.kernel.assign(store["0"])
