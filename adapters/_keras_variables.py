@@ -83,8 +83,10 @@ def loading_variables(declared: int, what: str, *, optimizer: bool) -> Iterator[
         try:
             variable.assign(initializer(variable.shape, dtype=variable.dtype))
         except Exception as exc:  # what Keras would have raised as it made the variable
-            raise CorruptArtifactError(f"{what}: the initializer of the variable {variable.path!r}, which the file "
-                                       f"does not hold, failed: {type(exc).__name__}: {exc}") from exc
+            name = getattr(variable, "path", None) or getattr(variable, "name", "?")
+            raise CorruptArtifactError(f"{what}: Keras could not rebuild the model: the initializer of the variable "
+                                       f"{name!r}, which the file does not hold, failed: {type(exc).__name__}: "
+                                       f"{exc}") from exc
 
 
 def _install() -> None:

@@ -47,15 +47,18 @@ class TwoTower(keras.Model):
 
 @keras.saving.register_keras_serializable(package="mlptest")
 class CountedNormal(keras.initializers.Initializer):
-    """Seeded normal values; counts its calls (`calls`, across instances)."""
+    """Seeded normal values; counts its calls (`calls`, across instances), and raises while `failing` is set."""
 
     calls = 0
+    failing = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
     def __call__(self, shape: Any, dtype: Any = None) -> Any:
         type(self).calls += 1
+        if type(self).failing:
+            raise RuntimeError("this initializer is broken")
         return keras.random.normal(shape, dtype=dtype, seed=self.seed)
 
     def get_config(self) -> dict[str, Any]:
@@ -67,8 +70,8 @@ class HalfSaved(keras.layers.Layer):
     """Saves its kernel; its `offset` (not trainable) is drawn from a seeded initializer at every build."""
 
     def build(self, input_shape: Any) -> None:
-        self.kernel = self.add_weight(shape=(input_shape[-1], 3), initializer=CountedNormal(1))
-        self.offset = self.add_weight(shape=(3,), initializer=CountedNormal(2), trainable=False)
+        self.kernel = self.add_weight(shape=(input_shape[-1], 3), initializer=CountedNormal(1), name="kernel")
+        self.offset = self.add_weight(shape=(3,), initializer=CountedNormal(2), trainable=False, name="offset")
 
     def call(self, x: Any) -> Any:
         return keras.ops.matmul(x, self.kernel) + self.offset

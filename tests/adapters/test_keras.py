@@ -605,6 +605,26 @@ def test_initial_values_the_file_replaces_are_not_drawn_and_those_it_lacks_are_d
     assert CountedNormal.calls == 2 and np.all(np.asarray(fresh) != 0)
 
 
+def test_an_initializer_that_fails_for_a_variable_the_file_lacks_fails_the_load_as_in_keras(tmp_path: Path) -> None:
+    """Called after Keras's own load returned (not as the variable was made): still a CorruptArtifactError."""
+    k = keras()
+    from keras_models import CountedNormal, HalfSaved
+
+    inp = k.Input((4,))
+    save_any(k.Model(inp, HalfSaved()(inp)), tmp_path / "m")
+    CountedNormal.failing = True
+    try:
+        with pytest.raises(RuntimeError, match="this initializer is broken"):
+            k.models.load_model(str(tmp_path / "m" / "model.keras"))
+        with pytest.raises(CorruptArtifactError, match=r"could not rebuild the model: the initializer of the variable "
+                                                       r"'.*offset.*', which the file does not hold, failed: "
+                                                       "RuntimeError: this initializer is broken"):
+            load_any(tmp_path / "m")
+    finally:
+        CountedNormal.failing = False
+    load_any(tmp_path / "m")
+
+
 def test_a_legacy_h5_file_loads_without_drawing_the_values_it_replaces(tmp_path: Path) -> None:
     k = keras()
     from keras_models import CountedNormal
