@@ -13,6 +13,18 @@ import keras
 
 from mlpersist.errors import CorruptArtifactError
 
+
+def _stateless_scope_check() -> Any:
+    """Keras's `in_stateless_scope` (internal); None in a Keras that moved it: no zero start there."""
+    try:
+        from keras.src.backend.common import stateless_scope  # noqa: PLC0415
+    except ImportError:
+        return None
+    return getattr(stateless_scope, "in_stateless_scope", None)
+
+
+_IN_STATELESS_SCOPE = _stateless_scope_check()
+
 UNSAVED_VALUES = 16 << 20  # variables a model may make that its weights file does not hold (metric states...)
 # what a compiled model's optimizer may add per weight value when it is built at load (its state is in the file
 # only once it has trained): RMSprop's 3 (centered, with momentum) or Adam's (amsgrad), one for use_ema, one for
@@ -147,14 +159,14 @@ def _deferrable(initializer: Any) -> Any:
     Not for zeros (nothing to save), values given as arrays, names Keras does not know (it raises
     itself), or variables made in a stateless scope (Keras defers their values).
     """
-    from keras.src.backend.common.stateless_scope import in_stateless_scope  # noqa: PLC0415 - Keras-internal
-
+    if _IN_STATELESS_SCOPE is None:
+        return None
     if isinstance(initializer, str):
         try:
             initializer = keras.initializers.get(initializer)
         except (ValueError, TypeError):
             return None
-    if not callable(initializer) or isinstance(initializer, keras.initializers.Zeros) or in_stateless_scope():
+    if not callable(initializer) or isinstance(initializer, keras.initializers.Zeros) or _IN_STATELESS_SCOPE():
         return None
     return initializer
 

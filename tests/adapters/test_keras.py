@@ -625,6 +625,25 @@ def test_an_initializer_that_fails_for_a_variable_the_file_lacks_fails_the_load_
     load_any(tmp_path / "m")
 
 
+def test_a_keras_without_the_internal_it_relies_on_loads_as_keras_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zero start needs Keras's internal `in_stateless_scope`: where a Keras moved it, values are drawn."""
+    from keras_models import CountedNormal, HalfSaved
+
+    from mlpersist.adapters import _keras_variables
+
+    k = keras()
+    inp = k.Input((4,))
+    model = k.Model(inp, HalfSaved()(inp))
+    save_any(model, tmp_path / "m")
+    monkeypatch.setattr(_keras_variables, "_IN_STATELESS_SCOPE", None)
+    CountedNormal.calls = 0
+    loaded = load_any(tmp_path / "m")
+    assert CountedNormal.calls == 2  # the kernel and the offset, as Keras's own load draws them
+    same(loaded, k.models.load_model(str(tmp_path / "m" / "model.keras")))
+    same(loaded, model)
+
+
 def test_a_legacy_h5_file_loads_without_drawing_the_values_it_replaces(tmp_path: Path) -> None:
     k = keras()
     from keras_models import CountedNormal
