@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import functools
+import io
 import math
+import os
 import pickle
 from typing import Any, BinaryIO, ClassVar
 
 from ._safepickle import Guard, PlainUnpickler, State, guarded_dispatch
 from .errors import CorruptArtifactError, MissingFrameworkError
 
+MAX_INFLATION = 1000  # a compressed stream may hold this many times the file's size (and 1 MiB whatever its size)
+_FLOOR = 1 << 20
 
-def decompressed(fileobj: BinaryIO, what: str) -> BinaryIO:
-    """`fileobj` itself, or a reader of its decompressed stream (joblib's compressed formats).
+
+def decompressed(fileobj: BinaryIO, what: str, *, bounded: bool = True) -> tuple[BinaryIO, int | None]:
+    """`fileobj` itself, or a reader of its decompressed stream (joblib's compressed formats); and its limit.
+
+    `bounded`: a decompressed stream may not inflate past `MAX_INFLATION` times the file's size (or
+    1 MiB); the limit is returned (None for an uncompressed file) and reading past it is refused. zlib
+    and gzip inflate at most about 1,030 times, but bz2 and lzma much more: 1 GB of zeros is a 1 KB bz2
+    stream. A trusted load is not bounded.
 
     Raises:
         mlpersist.errors.CorruptArtifactError: joblib's pre-0.10 format, whose side files are never opened.
@@ -25,14 +35,56 @@ def decompressed(fileobj: BinaryIO, what: str) -> BinaryIO:
     if kind == "compat":
         raise CorruptArtifactError(f"{what} uses joblib's pre-0.10 format, whose side files mlpersist never "
                                    f"opens (prefix {_ZFILE_PREFIX!r}); re-save it with a current joblib")
-    if kind in _COMPRESSORS:
-        try:
-            reader = _COMPRESSORS[kind].decompressor_file(fileobj)
-        except ValueError:  # joblib's LZ4 wrapper, where the lz4 package is missing (or older than joblib needs)
-            raise MissingFrameworkError(f"{what} is compressed with {kind}, which joblib reads only with the {kind} "
-                                        f"package: pip install {kind}") from None
-        return _buffered_read_file(reader)  # type: ignore[no-any-return]
-    return fileobj
+    if kind not in _COMPRESSORS:
+        return fileobj, None
+    try:
+        reader = _COMPRESSORS[kind].decompressor_file(fileobj)
+    except ValueError:  # joblib's LZ4 wrapper, where the lz4 package is missing (or older than joblib needs)
+        raise MissingFrameworkError(f"{what} is compressed with {kind}, which joblib reads only with the {kind} "
+                                    f"package: pip install {kind}") from None
+    if not bounded:
+        return _buffered_read_file(reader), None
+    size = _size_of(fileobj)
+    limit = max(MAX_INFLATION * size, _FLOOR)
+    return _buffered_read_file(_Bounded(reader, limit, f"{what}: its {kind} stream inflates past {limit} bytes, the "
+                                                       f"most a compressed file of {size} bytes may give here "
+                                                       f"({MAX_INFLATION} times its size, or 1 MiB): a decompression "
+                                                       "bomb, refused. If you trust its author, load it with "
+                                                       "trusted=True; or save the model uncompressed")), limit
+
+
+def _size_of(fileobj: BinaryIO) -> int:
+    try:
+        return os.fstat(fileobj.fileno()).st_size
+    except (OSError, AttributeError, io.UnsupportedOperation):  # in memory
+        at = fileobj.tell()
+        size = fileobj.seek(0, io.SEEK_END)
+        fileobj.seek(at)
+        return size
+
+
+class _Bounded(io.RawIOBase):
+    """A decompressor's stream that raises `CorruptArtifactError(message)` once it would give more than `limit` bytes.
+
+    `tell()` is the bytes given so far (the read position of the buffered reader over it, less its buffer).
+    """
+
+    def __init__(self, reader: io.BufferedIOBase, limit: int, message: str) -> None:
+        self._reader, self._limit, self._message, self._given = reader, limit, message, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        with memoryview(buffer) as view:  # at most one byte past the limit: enough to know it is passed
+            n: int = self._reader.readinto(view[:self._limit - self._given + 1])
+        self._given += n
+        if self._given > self._limit:
+            raise CorruptArtifactError(self._message)
+        return n
+
+    def tell(self) -> int:
+        return self._given
 
 
 _JOBLIB_CLASS: type | None = None
@@ -132,8 +184,11 @@ def _read_wrapped(up: Any, wrapper: Any) -> Any:
             raise CorruptArtifactError(f"{s.what}: the file ends inside an array's padding")
     count = math.prod(shape)
     need = dtype.itemsize * count
-    if s.raw_stream and need > s.remaining(f):
-        raise CorruptArtifactError(f"{s.what}: an array declares {need} bytes, more than the file holds")
+    if need > s.remaining(f):
+        raise CorruptArtifactError(f"{s.what}: an array declares {need} bytes, more than the file holds" + (
+            "" if s.inflation is None else f" once decompressed (at most {s.inflation} bytes, {MAX_INFLATION} times "
+                                           "its size, or 1 MiB: a decompression bomb); if you trust its author, "
+                                           "load it with trusted=True"))
     flat = np.empty(count, dtype=dtype)
     if need and f.readinto(flat.view(np.uint8)) != need:  # a BufferedReader: fills it, or the file ended
         raise CorruptArtifactError(f"{s.what}: the file ends inside an array's data")

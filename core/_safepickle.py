@@ -90,7 +90,7 @@ def _run(fileobj: BinaryIO, policy: TrustPolicy, *, what: str, joblib_format: bo
     if joblib_format:
         from . import _safejoblib  # joblib is imported only for joblib files
 
-        stream = _safejoblib.decompressed(fileobj, what)
+        stream, state.inflation = _safejoblib.decompressed(fileobj, what, bounded=not policy.trusted)
         # trusted: joblib's reader with the same read loop, unguarded (what the file names is imported and called)
         kind = _safejoblib.trusted_unpickler_class() if policy.trusted else _safejoblib.unpickler_class()
         up = kind(stream, state)
@@ -220,10 +220,16 @@ class State:
         self.shaped: dict[int, int] = {}  # of those, numpy's array rebuilders: where their shape argument is
         self.cache: dict[tuple[str, str], Any] = {}
         self.raw_stream = False  # True when the unpickler reads the file itself (not a decompressor)
+        self.inflation: int | None = None  # a decompressed stream's limit, if it has one (`_safejoblib.decompressed`)
         self._size: int | None = None
 
     def remaining(self, f: Any) -> float:
-        """How many bytes the raw file holds after the read position (its size is asked once per load)."""
+        """How many bytes the raw file holds after the read position (its size is asked once per load).
+
+        For a decompressed stream: how many more it may give (its limit), if it has one.
+        """
+        if not self.raw_stream:
+            return float(1 << 40) if self.inflation is None else float(self.inflation - f.tell())
         try:
             if self._size is None:
                 self._size = os.fstat(f.fileno()).st_size

@@ -659,6 +659,59 @@ def test_p12_a_payload_before_a_valid_pickle_is_refused(tmp_path: Path, sentinel
     load_refused(bare(tmp_path, payload), sentinel, OPEN)
 
 
+# --- decompression bombs: a compressed joblib stream gives at most 1000 times its file's size, or 1 MiB ----
+
+@pytest.mark.parametrize("compress", ["bz2", "lzma", "xz"])
+@pytest.mark.parametrize("inside", ["an array", "a bytes object"])
+def test_a_compressed_stream_may_not_inflate_past_a_thousand_times_its_file(
+        compress: str, inside: str, tmp_path: Path) -> None:
+    np, joblib = require("numpy"), require("joblib")
+    big = 16 << 20
+    obj = {"w": np.zeros(big // 8)} if inside == "an array" else {"b": bytes(big)}
+    joblib.dump(obj, tmp_path / "m.joblib", compress=(compress, 3))
+    raw = (tmp_path / "m.joblib").read_bytes()
+    assert big > 1000 * len(raw)  # zeros: bz2 and lzma inflate them far more than zlib's 1,030 times
+    # an array's declared size is refused before anything is allocated; a bytes object once its read passes the limit
+    message = "more than the file holds once decompressed" if inside == "an array" else f"{compress} stream inflates"
+    for path in (tmp_path / "m.joblib", as_artifact(tmp_path, raw)):
+        with watched(), pytest.raises(CorruptArtifactError, match=f"{message} .*decompression bomb.*trusted=True"):
+            load_any(path)
+    got = load_any(tmp_path / "m.joblib", trusted=True)  # the author vouched for: read as joblib.load reads it
+    assert len(next(iter(got.values())).tobytes() if inside == "an array" else got["b"]) == big
+
+
+def test_a_compressed_stream_of_up_to_a_mib_loads_however_it_inflates(tmp_path: Path) -> None:
+    joblib = require("joblib")
+    obj = {"b": bytes(1 << 19), "c": bytes((1 << 19) - 4096) + b"x" * 1000}  # under 1 MiB with the pickle's bytes
+    joblib.dump(obj, tmp_path / "m.joblib", compress=("bz2", 9))
+    assert 1000 * (tmp_path / "m.joblib").stat().st_size < (1 << 20)  # inflates more than 1000 times
+    assert load_any(tmp_path / "m.joblib") == obj
+
+
+def test_a_decompression_bomb_is_refused_without_taking_its_memory(tmp_path: Path) -> None:
+    """2 GiB of zeros in a 13 KB bz2 file (streams laid end to end, which bz2 reads on through): refused,
+    and the process's peak memory grows by far less than the bomb's size (a pickled bytes object:
+    without the limit, the read fills it whole)."""
+    import bz2
+    import struct
+
+    size, zeros = 2 << 30, bz2.compress(bytes(64 << 20), 1)
+    head = bz2.compress(b"\x80\x04\x8e" + struct.pack("<Q", size), 1)  # protocol 4, BINBYTES8 of `size` bytes
+    path = bare(tmp_path, head + zeros * (size // (64 << 20)) + bz2.compress(b".", 1))
+    code = f"""
+        import resource, mlpersist, joblib, numpy
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            mlpersist.load_any({str(path)!r})
+        except mlpersist.CorruptArtifactError as exc:
+            print(type(exc).__name__, "decompression bomb" in str(exc))
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) >> 10)
+    """
+    refused, grown = run_python(code).stdout.split("\n")[-3:-1]
+    assert refused == "CorruptArtifactError True"
+    assert int(grown) < 256, f"peak memory grew by {grown} MB for a bomb of {size >> 20} MB"
+
+
 # --- allowed is not safe: crafted trees, checked in a subprocess (a miss could crash) ------------------
 
 CRAFT = """
