@@ -12,7 +12,10 @@ from typing import Any, BinaryIO, ClassVar
 from ._safepickle import Guard, PlainUnpickler, State, guarded_dispatch
 from .errors import CorruptArtifactError, MissingFrameworkError
 
-MAX_INFLATION = 1000  # a compressed stream may hold this many times the file's size (and 1 MiB whatever its size)
+# A compressed stream may hold this many times the file's size (and 1 MiB whatever its size): more than zlib and
+# gzip (deflate) can give at all (1,028 times, zeros at level 9), so no file they wrote is refused; bz2 and lzma
+# inflate far more.
+MAX_INFLATION = 1100
 _FLOOR = 1 << 20
 
 
@@ -21,8 +24,8 @@ def decompressed(fileobj: BinaryIO, what: str, *, bounded: bool = True) -> tuple
 
     `bounded`: a decompressed stream may not inflate past `MAX_INFLATION` times the file's size (or
     1 MiB); the limit is returned (None for an uncompressed file) and reading past it is refused. zlib
-    and gzip inflate at most about 1,030 times, but bz2 and lzma much more: 1 GB of zeros is a 1 KB bz2
-    stream. A trusted load is not bounded.
+    and gzip inflate at most about 1,030 times, but bz2 and lzma much more: 400 MB of zeros is a 1 KB
+    bz2 stream. A trusted load is not bounded.
 
     Raises:
         mlpersist.errors.CorruptArtifactError: joblib's pre-0.10 format, whose side files are never opened.
