@@ -42,8 +42,9 @@ def sniff(path: Path) -> tuple[str, str, str]:
             for magic, fmt, payload_name in spec.sniff:
                 if isinstance(magic, str) and magic.startswith("dir:") and (path / magic[4:]).is_file():
                     return name, fmt, payload_name
-        raise ArtifactNotFoundError(f"{path} is a directory with no manifest.json and no model no adapter "
-                                    "recognises: not an mlpersist artifact, or its save did not finish")
+        raise ArtifactNotFoundError(f"{path} is a directory with no manifest.json, nor a model directory an adapter "
+                                    "recognises (such as a TensorFlow SavedModel): not an mlpersist artifact, or its "
+                                    "save did not finish; pass the artifact's directory, or a model file")
     with open(path, "rb") as f:
         head = f.read(64)
     _registry.claims()  # reads entry points once
