@@ -699,6 +699,24 @@ def test_a_compressed_stream_of_up_to_a_mib_loads_however_it_inflates(tmp_path: 
     assert load_any(tmp_path / "m.joblib") == obj
 
 
+def test_a_compressed_stream_held_in_memory_is_bounded_by_its_length(tmp_path: Path) -> None:
+    """A stream without a file descriptor (none of the core's handles lacks one): its length is its size."""
+    import io
+
+    from mlpersist._safepickle import TrustPolicy, load
+
+    joblib = require("joblib")
+    for size, refused in (((1 << 20) - 4096, False), (4 << 20, True)):
+        joblib.dump({"b": bytes(size)}, tmp_path / "m.joblib", compress=("bz2", 3))
+        stream = io.BytesIO((tmp_path / "m.joblib").read_bytes())
+        if refused:
+            with pytest.raises(CorruptArtifactError, match="bz2 stream inflates past 1048576 bytes, the most a "
+                                                           r"compressed file of \d+ bytes"):
+                load(stream, TrustPolicy(), what="m")
+        else:
+            assert load(stream, TrustPolicy(), what="m") == {"b": bytes(size)}
+
+
 def test_a_decompression_bomb_is_refused_without_taking_its_memory(tmp_path: Path) -> None:
     """2 GiB of zeros in a 13 KB bz2 file (streams laid end to end, which bz2 reads on through): refused,
     and the process's peak memory grows by far less than the bomb's size (a pickled bytes object:
