@@ -17,6 +17,7 @@ from sklearn.tree._tree import Tree
 
 from mlpersist import Payload, _registry
 from mlpersist._policy import NATIVE_STATE, unchecked_native
+from mlpersist._safejoblib import check_inflation
 from mlpersist._trees import first_bad_tree
 from mlpersist.errors import PersistError, UntrustedContentError, VersionMismatchWarning
 
@@ -42,6 +43,8 @@ class SklearnAdapter:
             raise PersistError(f"the sklearn adapter takes compress= and protocol=, not {', '.join(sorted(options))}")
         if format == "joblib":
             joblib.dump(model, dest / _FILES["joblib"], compress=compress, protocol=protocol)
+            if compress:  # a file load_any would refuse as a decompression bomb is not saved
+                check_inflation(dest / _FILES["joblib"], _FILES["joblib"])
         else:
             with open(dest / _FILES["pickle"], "wb") as f:
                 pickle.dump(model, f, protocol=pickle.HIGHEST_PROTOCOL if protocol is None else protocol)

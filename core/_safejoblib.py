@@ -10,7 +10,7 @@ import pickle
 from typing import Any, BinaryIO, ClassVar
 
 from ._safepickle import Guard, PlainUnpickler, State, guarded_dispatch
-from .errors import CorruptArtifactError, MissingFrameworkError
+from .errors import CorruptArtifactError, MissingFrameworkError, PersistError
 
 # A compressed stream may hold this many times the file's size (and 1 MiB whatever its size): more than zlib and
 # gzip (deflate) can give at all (1,028 times, zeros at level 9), so no file they wrote is refused; bz2 and lzma
@@ -54,6 +54,36 @@ def decompressed(fileobj: BinaryIO, what: str, *, bounded: bool = True) -> tuple
                                                        f"({MAX_INFLATION} times its size, or 1 MiB): a decompression "
                                                        "bomb, refused. If you trust its author, load it with "
                                                        "trusted=True; or save the model uncompressed")), limit
+
+
+_FAR_INFLATING = ("bz2", "lzma", "xz")  # deflate (zlib, gzip) gives at most 1,028 times, lz4 about 255 times
+
+
+def check_inflation(path: str | os.PathLike[str], what: str) -> None:
+    """Refuse, as a save, a compressed joblib file that a checked load would refuse as a decompression bomb.
+
+    Only bz2, lzma and xz can inflate past `MAX_INFLATION`: their stream is read through once, through the
+    very limit a load puts on it (a model that is mostly one value, say a sparse model's zeros, can).
+
+    Raises:
+        mlpersist.errors.PersistError: saying what to save instead.
+
+    """
+    from joblib.numpy_pickle_utils import _detect_compressor
+
+    with open(path, "rb") as f:
+        kind = _detect_compressor(f)
+        if kind not in _FAR_INFLATING:
+            return
+        stream, limit = decompressed(f, what)
+        try:
+            while stream.read(1 << 20):
+                pass
+        except CorruptArtifactError:
+            raise PersistError(f"{what}: the model compresses more than {MAX_INFLATION} times with {kind} (its "
+                               f"{_size_of(f)} bytes inflate past {limit}), which load_any refuses from a file "
+                               "it is not told to trust, as it would a decompression bomb; save it with compress=3 "
+                               "(zlib, which never inflates that far) or uncompressed") from None
 
 
 def _size_of(fileobj: BinaryIO) -> int:

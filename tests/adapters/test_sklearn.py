@@ -267,7 +267,8 @@ def test_the_manifest_records_features_and_classes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("options", [{"compress": 3}, {"compress": ("gzip", 3)}, {"compress": ("lzma", 1)},
-                                     {"format": "pickle"}, {"protocol": 2}], ids=str)
+                                     {"compress": ("bz2", 3)}, {"compress": ("xz", 3)}, {"format": "pickle"},
+                                     {"protocol": 2}], ids=str)
 def test_compression_and_formats_round_trip(options: dict[str, Any], tmp_path: Path) -> None:
     np = require("numpy")
     from sklearn.ensemble import RandomForestClassifier
@@ -276,6 +277,26 @@ def test_compression_and_formats_round_trip(options: dict[str, Any], tmp_path: P
     model = RandomForestClassifier(n_estimators=10, random_state=0).fit(x, y)
     save_any(model, tmp_path / "m", **options)
     np.testing.assert_array_equal(load_any(tmp_path / "m").predict_proba(x), model.predict_proba(x))
+
+
+@pytest.mark.parametrize("compress", [("bz2", 3), ("xz", 3)], ids=str)
+def test_a_model_compressing_past_what_load_any_takes_is_not_saved(compress: tuple[str, int], tmp_path: Path) -> None:
+    """bz2 and lzma can inflate past the limit a checked load puts on a compressed file (1100 times, or 1 MiB):
+    such a save fails, saying what to save instead, rather than leave an artifact load_any refuses."""
+    np = require("numpy")
+    from sklearn.dummy import DummyClassifier
+
+    x, y = data()
+    model = DummyClassifier().fit(x, y)
+    model.mask_ = np.zeros(4 << 20, dtype=bool)  # 4 MiB of one value (a sparse model's zeros)
+    save_any(DummyClassifier().fit(x, y), tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    with pytest.raises(PersistError, match=rf"compresses more than 1100 times with {compress[0]} .*compress=3"):
+        save_any(model, tmp_path / "m", overwrite=True, compress=compress)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before  # the old artifact, whole
+    assert os.listdir(tmp_path) == ["m"]  # nothing left behind
+    save_any(model, tmp_path / "z", compress=3)  # what the message says: zlib
+    assert load_any(tmp_path / "z").mask_.tobytes() == model.mask_.tobytes()
 
 
 @pytest.mark.parametrize("protocol", [0, 1])
