@@ -37,9 +37,10 @@ def _build(kind: str) -> tuple[Any, Any, dict[str, Any]]:
 
     x = np.random.default_rng(0).normal(size=(300, 6))
     y = (x[:, 0] + x[:, 1] * x[:, 2] > 0).astype(int)  # numpy only: the torch and Keras sessions have no sklearn
-    if kind == "forest":
+    if kind in ("forest", "forest-bz2"):  # forest-bz2: its joblib stream compressed, the changes made inside it
         from sklearn.ensemble import RandomForestClassifier
-        return RandomForestClassifier(10, max_depth=4, random_state=0).fit(x, y), lambda m: m.predict_proba(x), {}
+        options = {"compress": ("bz2", 1)} if kind == "forest-bz2" else {}
+        return RandomForestClassifier(10, max_depth=4, random_state=0).fit(x, y), lambda m: m.predict_proba(x), options
     if kind == "hist-gbm":
         from sklearn.ensemble import HistGradientBoostingClassifier
         return HistGradientBoostingClassifier(max_iter=5, random_state=0).fit(x, y), lambda m: m.predict_proba(x), {}
@@ -85,6 +86,13 @@ def _changed(data: bytes, rng: random.Random) -> bytes:
         at = rng.randrange(len(b))
         b[at] = rng.choice([0, 0xFF, 0x7F, 0x80, rng.randrange(256), b[at] ^ (1 << rng.randrange(8))])
     return bytes(b)
+
+
+def _in_bz2(stream: bytes, rng: random.Random) -> bytes:
+    """The bz2 stream with its content changed and compressed again (a matching CRC: the content is tested)."""
+    import bz2
+
+    return bz2.compress(_changed(bz2.decompress(stream), rng), 1)
 
 
 def _in_archive(archive: bytes, member: str, rng: random.Random) -> bytes:
@@ -144,7 +152,8 @@ def main(kind: str, count: int, seed: int) -> dict[str, Any]:
     raw: list[str] = []
     copy = base.parent / "copy"
     for _ in range(count):
-        data = _in_archive(original, "model.weights.h5", rng) if kind == "keras-weights" else _changed(original, rng)
+        data = (_in_archive(original, "model.weights.h5", rng) if kind == "keras-weights"
+                else _in_bz2(original, rng) if kind == "forest-bz2" else _changed(original, rng))
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(base, copy)
         (copy / name).write_bytes(data)

@@ -40,7 +40,7 @@ def data(n: int = 200, features: int = 6, seed: int = 0) -> tuple[Any, Any]:
 class TestSklearn(AdapterContract):
     adapter = "sklearn"
     framework_module = "sklearn"
-    mutants: ClassVar[tuple[tuple[str, int], ...]] = (("forest", 400), ("hist-gbm", 200))
+    mutants: ClassVar[tuple[tuple[str, int], ...]] = (("forest", 400), ("hist-gbm", 200), ("forest-bz2", 100))
 
     def make_model(self) -> Any:
         pipeline = require("sklearn.pipeline")
