@@ -53,7 +53,8 @@ def decompressed(fileobj: BinaryIO, what: str, *, bounded: bool = True) -> tuple
                                                        f"most a compressed file of {size} bytes may give here "
                                                        f"({MAX_INFLATION} times its size, or 1 MiB): a decompression "
                                                        "bomb, refused. If you trust its author, load it with "
-                                                       "trusted=True; or save the model uncompressed")), limit
+                                                       "trusted=True; a model is shared safely saved with compress=3 "
+                                                       "(zlib) or uncompressed")), limit
 
 
 _FAR_INFLATING = ("bz2", "lzma", "xz")  # deflate (zlib, gzip) gives at most 1,028 times, lz4 about 255 times
