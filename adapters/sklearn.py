@@ -17,7 +17,6 @@ from sklearn.tree._tree import Tree
 
 from mlpersist import Payload, _registry
 from mlpersist._policy import NATIVE_STATE, unchecked_native
-from mlpersist._safejoblib import check_inflation
 from mlpersist._trees import first_bad_tree
 from mlpersist.errors import PersistError, UntrustedContentError, VersionMismatchWarning
 
@@ -44,6 +43,8 @@ class SklearnAdapter:
         if format == "joblib":
             joblib.dump(model, dest / _FILES["joblib"], compress=compress, protocol=protocol)
             if compress:  # a file load_any would refuse as a decompression bomb is not saved
+                from mlpersist._safejoblib import check_inflation  # noqa: PLC0415 - the unpickler: compressed saves only
+
                 check_inflation(dest / _FILES["joblib"], _FILES["joblib"])
         else:
             with open(dest / _FILES["pickle"], "wb") as f:
