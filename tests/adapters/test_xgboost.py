@@ -16,6 +16,7 @@ from contract import AdapterContract
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlp_testkit import collections_started, require, run_python
+from ubjson_kit import ARRAY_MARKERS, encode, read_arrays, same
 
 from mlpersist import (
     CorruptArtifactError,
@@ -428,7 +429,7 @@ def test_a_vector_leaf_tree_in_the_layout_before_3_2(fmt: str, trusted: bool, tm
         tree["right_children"] = [-1 if left == -1 else right
                                   for left, right in zip(tree["left_children"], tree["right_children"], strict=True)]
     old = tmp_path / f"old.{fmt}"  # UBJSON with lengths as XGBoost writes them (int64)
-    old.write_bytes(json.dumps(doc).encode() if fmt == "json" else _encode(doc, "L"))
+    old.write_bytes(json.dumps(doc).encode() if fmt == "json" else encode(doc, "L"))
     if xgb_version() >= (3, 2):
         subject = "its trees are vector-leaf trees" if trusted else "tree 0 is a vector-leaf tree"
         with pytest.raises(VersionMismatchError, match=rf"{subject} .* before 3\.2.*xgboost<3\.2"):
@@ -709,60 +710,9 @@ def test_fuzzed_ubj_files_raise_only_persist_errors(body: bytes, tmp_path: Path)
 
 # --- the UBJSON reader against an independent encoder ---------------------------------------------
 
-_INT_MARKERS = [(b"U", ">B", 0, 255), (b"i", ">b", -128, 127), (b"I", ">h", -(2**15), 2**15 - 1),
-                (b"l", ">i", -(2**31), 2**31 - 1), (b"L", ">q", -(2**63), 2**63 - 1)]
-_ARRAY_MARKERS = {"uint8": b"U", "int8": b"i", "int16": b"I", "int32": b"l", "int64": b"L", "float32": b"d",
-                  "float64": b"D"}
-
-
-def _length(n: int, wide: str) -> bytes:
-    """A length as XGBoost writes it ('L': int64), or in one ('U') or two ('I') bytes."""
-    if wide == "L":
-        return b"L" + struct.pack(">q", n)
-    return b"I" + struct.pack(">h", n) if wide == "I" or n > 255 else b"U" + bytes([n])
-
-
-def _encode(v: Any, wide: str, counted: bool = False, noop: bool = False) -> bytes:
-    """UBJSON draft 12 as XGBoost writes it, with lengths written as `wide` says; `counted` writes containers
-    with a count (`#`) instead of an end marker, `noop` puts a no-op (`N`) before every key and value."""
-    np = require("numpy")
-    n = b"N" if noop else b""
-    if v is None or isinstance(v, bool):
-        return n + {None: b"Z", True: b"T", False: b"F"}[v]
-    if isinstance(v, int):
-        marker, fmt = next((m, f) for m, f, lo, hi in _INT_MARKERS if lo <= v <= hi)
-        return n + marker + struct.pack(fmt, v)
-    if isinstance(v, float):
-        return n + b"D" + struct.pack(">d", v)
-    if isinstance(v, str):
-        data = v.encode()
-        return n + b"S" + _length(len(data), wide) + data
-    if isinstance(v, np.ndarray):
-        big_endian = v.astype(v.dtype.newbyteorder(">")).tobytes()
-        return n + b"[$" + _ARRAY_MARKERS[v.dtype.name] + b"#" + _length(len(v), wide) + big_endian
-    head, tail = (b"#" + _length(len(v), wide), b"") if counted else (b"", None)
-    if isinstance(v, list):
-        return n + b"[" + head + b"".join(_encode(x, wide, counted, noop) for x in v) + (b"]" if tail is None else tail)
-    return n + b"{" + head + b"".join(n + _length(len(k.encode()), wide) + k.encode() + _encode(x, wide, counted, noop)
-                                      for k, x in v.items()) + (b"}" if tail is None else tail)
-
-
-def _same(a: Any, b: Any) -> bool:
-    np = require("numpy")
-    if isinstance(b, np.ndarray):
-        return (isinstance(a, np.ndarray) and a.dtype.newbyteorder("=") == b.dtype
-                and np.array_equal(a, b, equal_nan=b.dtype.kind == "f"))
-    if isinstance(b, dict):
-        return isinstance(a, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in b)
-    if isinstance(b, list):
-        return isinstance(a, list) and len(a) == len(b) and all(map(_same, a, b))
-    both_nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
-    return bool(a == b) or both_nan
-
-
 def _arrays() -> Any:
     np = require("numpy")
-    return st.sampled_from(list(_ARRAY_MARKERS)).flatmap(lambda d: st.lists(
+    return st.sampled_from(list(ARRAY_MARKERS)).flatmap(lambda d: st.lists(
         st.integers(0, 255) if d == "uint8" else st.integers(-100, 100) if "int" in d else st.floats(width=32),
         max_size=8).map(lambda xs: np.asarray(xs, dtype=d)))
 
@@ -780,25 +730,9 @@ def test_the_ubjson_reader_reads_what_an_independent_encoder_wrote(doc: dict[str
                                                                    noop: bool) -> None:
     from mlpersist._ubjson import loads
 
-    raw = _encode(doc, wide, counted, noop)
-    assert _same(loads(raw, "doc"), doc)
-    assert _same(_read_arrays(loads(raw, "doc", lazy=True)), doc)  # the arrays the XGBoost check reads
-
-
-def _read_arrays(value: Any) -> Any:
-    """A lazily parsed document with every typed array read (numpy.asarray), as the XGBoost check does."""
-    np = require("numpy")
-    from mlpersist._ubjson import TypedArray
-
-    if isinstance(value, TypedArray):
-        array = np.asarray(value)
-        assert len(value) == len(array)
-        return array
-    if isinstance(value, dict):
-        return {k: _read_arrays(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_read_arrays(v) for v in value]
-    return value
+    raw = encode(doc, wide, counted, noop)
+    assert same(loads(raw, "doc"), doc)
+    assert same(read_arrays(loads(raw, "doc", lazy=True)), doc)  # the arrays the XGBoost check reads
 
 
 @pytest.mark.parametrize("raw", [
@@ -833,7 +767,7 @@ def test_counted_typed_and_noop_objects_read_as_written() -> None:
     assert loads(b"{N}", "doc") == {}
     raw = b"{U\x01a[$I#U\x02\x01\x02\xff\xffU\x01bN[$U#U\x01\x07U\x01c[[$D#U\x01" + struct.pack(">d", 0.5) + b"]}"
     for lazy in (False, True):  # the inline path (after a key), the general one (inside a list)
-        got = _read_arrays(loads(raw, "doc", lazy=lazy))
+        got = read_arrays(loads(raw, "doc", lazy=lazy))
         assert got["a"].tolist() == [258, -1] and got["b"].tolist() == [7] and got["c"][0].tolist() == [0.5]
 
 
@@ -867,7 +801,7 @@ def _siblings(draw: Any) -> list[dict[str, Any]]:
     kinds = {k: draw(st.sampled_from(_KINDS)) for k in keys}
 
     def value(kind: str) -> Any:
-        if kind in _ARRAY_MARKERS:
+        if kind in ARRAY_MARKERS:
             ints = st.integers(0, 255) if kind == "uint8" else st.integers(-(2**31), 2**31 - 1)
             return np.asarray(draw(st.lists(st.floats(width=32) if kind == "float32" else ints, max_size=6)),
                               dtype=kind)
@@ -897,7 +831,7 @@ def _long_way(raw: bytes, lazy: bool) -> Any:
 
 def _outcome(read: Any, raw: bytes, lazy: bool) -> Any:
     try:
-        return ("read", _read_arrays(read(raw, lazy)))
+        return ("read", read_arrays(read(raw, lazy)))
     except CorruptArtifactError:
         return ("corrupt",)
 
@@ -922,8 +856,8 @@ def test_sibling_objects_read_as_the_long_way_reads_them_even_when_damaged(
     or, for any one byte set, dropped or inserted, or the file cut there, the same refusal."""
     from mlpersist._ubjson import loads
 
-    raw = _encode({"trees": doc}, *form)  # lengths' width, counted containers, no-ops
-    assert _same(loads(raw, "doc"), {"trees": doc})
+    raw = encode({"trees": doc}, *form)  # lengths' width, counted containers, no-ops
+    assert same(loads(raw, "doc"), {"trees": doc})
     at, byte, edit = damage
     at %= len(raw)
     damaged = {"set": raw[:at] + bytes([byte]) + raw[at + 1:], "drop": raw[:at] + raw[at + 1:],
@@ -958,7 +892,7 @@ def test_an_object_that_starts_like_its_sibling_is_read_as_it_is(second: bytes, 
         with pytest.raises(CorruptArtifactError, match="not valid UBJSON"):
             loads(raw, "doc")
         return
-    first, got = _read_arrays(loads(raw, "doc"))
+    first, got = read_arrays(loads(raw, "doc"))
     assert first["a"].tolist() == [7] and first["b"] == "hi" and first["d"] == {"x": None}
     assert {k: v.tolist() if k == "a" else v for k, v in got.items()} == expected
 
@@ -1009,5 +943,5 @@ def test_joined_lazy_arrays_equal_their_concatenation(values: list[Any], pad: st
     from mlpersist._ubjson import joined, loads
 
     doc = {f"{pad}{i}": v for i, v in enumerate(values)}
-    got, want = joined(list(loads(_encode(doc, "U"), "doc", lazy=True).values())), np.concatenate(values)
+    got, want = joined(list(loads(encode(doc, "U"), "doc", lazy=True).values())), np.concatenate(values)
     assert got.dtype.newbyteorder("=") == want.dtype and np.array_equal(got, want, equal_nan=want.dtype.kind == "f")
