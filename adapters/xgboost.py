@@ -13,6 +13,7 @@ import numpy as np
 import xgboost
 
 from mlpersist import Payload, PersistError, _gc
+from mlpersist._runs import rows as as_rows
 from mlpersist._trees import first_bad_tree
 from mlpersist._ubjson import joined
 from mlpersist._ubjson import loads as ubjson_loads
@@ -340,29 +341,35 @@ def _check_width(learner: Any, n_features: int, used: int) -> None:
                          f"{n_features} values per row; up to {SPARE_FEATURES} more are taken")
 
 
-def _check_trees(trees: list[Any], n_features: int, outputs: int, what: str) -> tuple[int, bool]:
+def _check_trees(trees: Any, n_features: int, outputs: int, what: str) -> tuple[int, bool]:
     """Check every tree's child, parent, feature and category indices (all trees' node arrays at once).
 
-    Returns the number of features the trees split on (the highest index, plus one), and whether any tree
-    has vector leaves.
+    `trees`: a list, or the `Rows` the UBJSON reader made of runs of like trees, whose columns are read
+    without an object per tree. Returns the number of features the trees split on (the highest index,
+    plus one), and whether any tree has vector leaves.
     """
-    sizes, categorical, vector = [], set(), {}
-    for i, tree in enumerate(trees):
-        n = int(tree["tree_param"]["num_nodes"])
-        if n < 1 or any(len(tree[k]) != n for k in _ARRAYS):
+    table = as_rows(trees)
+    sizes: Any = np.asarray([int(v) for v in table.values(("tree_param", "num_nodes"))], dtype=np.int64)
+    short = sizes < 1
+    for k in _ARRAYS:
+        short |= table.lengths(k) != sizes
+    ids = table.values(("id",))
+    misplaced = next((i for i, v in enumerate(ids) if v != i), None)  # XGBoost puts each tree at its id: a
+    first = min(int(np.argmax(short)) if short.any() else len(sizes),  # repeated one left a tree unset (segfault)
+                len(sizes) if misplaced is None else misplaced)
+    widths = table.values(("tree_param", "size_leaf_vector"), "1")  # "0" or "1": one value per leaf
+    vector = {}
+    for i, width in enumerate(widths):  # in order: a bad tree before a vector-leaf one is named first
+        if i == first and short[i]:
             _refuse(i)
-        if tree["id"] != i:  # XGBoost puts each tree at its id: a repeated one left a tree unset (segfault)
-            _refuse(i, f"its id is {tree['id']!r}, not its place in the list")
-        sizes.append(n)
-        if len(tree.get("categories_nodes", ())):
-            categorical.add(i)
-        width = tree["tree_param"].get("size_leaf_vector", "1")  # "0" or "1": one value per leaf
+        if i == first:
+            _refuse(i, f"its id is {ids[i]!r}, not its place in the list")
         if width not in ("0", "1") and int(width) > 1:
-            vector[i] = _vector_layout(i, tree, n, int(width), outputs=outputs, what=what)
-    if not trees:
+            vector[i] = _vector_layout(i, table[i], int(sizes[i]), int(width), outputs=outputs, what=what)
+    if not len(sizes):
         return 0, False
-    left, right, split, parents = (joined([t[k] for t in trees])
-                                   for k in ("left_children", "right_children", "split_indices", "parents"))
+    left, right, split, parents = (table.joined(k) for k in ("left_children", "right_children", "split_indices",
+                                                              "parents"))
     if any(vector.values()):
         right = _leaf_indices_checked(sizes, vector, left, right)
     bad = first_bad_tree(sizes, left, right, split, n_features, adjacent=True)  # predict assumes adjacent children
@@ -370,20 +377,22 @@ def _check_trees(trees: list[Any], n_features: int, outputs: int, what: str) -> 
         bad = _first_bad_parents(sizes, left, right, parents, list(vector))
     if bad is not None:
         _refuse(bad)
-    split_type = joined([t["split_type"] if "split_type" in t else np.zeros(n, np.uint8) for t, n in zip(
-        trees, sizes, strict=True)])  # absent before XGBoost 1.6: every split numerical
+    typed = table.lengths("split_type", -1)  # absent before XGBoost 1.6 (-1 here): every split numerical
+    split_type = (table.joined("split_type") if (typed >= 0).all() else
+                  joined([t["split_type"] if "split_type" in t else np.zeros(n, np.uint8) for t, n in zip(
+                      table, sizes.tolist(), strict=True)]))
     if len(split_type) != len(left):
-        _refuse(next(i for i, (t, n) in enumerate(zip(trees, sizes, strict=True))
-                     if len(t.get("split_type", [0] * n)) != n))
+        _refuse(int(np.argmax(np.where(typed < 0, sizes, typed) != sizes)))
     unknown = np.flatnonzero((split_type != 0) & (split_type != 1))
     if len(unknown):
         _refuse(_tree_of(sizes, int(unknown[0])))
     ends = np.cumsum(sizes)
     starts = ends - sizes
+    categorical = set(np.flatnonzero(table.lengths("categories_nodes", 0)).tolist())
     categorical.update(np.searchsorted(ends, np.flatnonzero(split_type == 1), side="right").tolist())  # their trees
     for i in sorted(categorical):  # most models have none: no per-tree work for them
-        span = slice(int(starts[i]), int(starts[i]) + sizes[i])
-        if not _categories_ok(trees[i], np.asarray(split_type[span]), np.asarray(left[span])):
+        span = slice(int(starts[i]), int(ends[i]))
+        if not _categories_ok(table[i], np.asarray(split_type[span]), np.asarray(left[span])):
             _refuse(i)
     inner = np.asarray(left) != -1
     return int(np.asarray(split)[inner].max()) + 1 if inner.any() else 0, bool(vector)
@@ -431,7 +440,7 @@ def _vector_leaves_before_3_2(raw: bytes) -> bool:
     return width is not None and int(width.group(1)) > 1 and b"leaf_weights" not in raw
 
 
-def _leaf_indices_checked(sizes: list[int], vector: dict[int, bool], left: Any, right: Any) -> Any:
+def _leaf_indices_checked(sizes: Any, vector: dict[int, bool], left: Any, right: Any) -> Any:
     """`right` with -1 at the leaves of trees whose leaves index `leaf_weights`, once those indices are checked.
 
     A leaf of such a tree keeps its place in `leaf_weights` in `right_children`: the leaves of a tree must
@@ -496,12 +505,12 @@ def _first_misnumbered(local: Any, counts: Any) -> int | None:
     return int(group[np.argmax(taken != 1)]) if (taken != 1).any() else None
 
 
-def _tree_of(sizes: list[int], node: int) -> int:
+def _tree_of(sizes: Any, node: int) -> int:
     """The tree that holds the `node`-th node of all trees' joined arrays."""
     return int(np.searchsorted(np.cumsum(sizes), node, side="right"))
 
 
-def _first_bad_parents(sizes: list[int], left: Any, right: Any, parents: Any, vector: list[int]) -> int | None:
+def _first_bad_parents(sizes: Any, left: Any, right: Any, parents: Any, vector: list[int]) -> int | None:
     """Return the first tree whose `parents` disagree with its children, or None.
 
     Every node but the root is the child of exactly one node, which is its parent; the root's parent
