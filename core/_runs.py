@@ -32,7 +32,10 @@ from ._ubjson import _CONSTANTS, _FLOATS, _INTS, _NUMPY, TypedArray, _numpy
 
 _OPEN, _CLOSE, _ARRAY, _TYPE, _COUNT, _S = (ord(c) for c in "{}[$#S")
 MAX_ATTEMPTS = 8  # templates tried per list: a list of unlike objects costs at most this many walks
-_CHUNK = 256  # siblings compared at once: bounds the index arrays (256 x the template's bytes)
+# Siblings compared at once: 8 at first, twice as many after each chunk that matched whole, up to 256 or
+# 2**20 words and counts (8 MiB per index array). A run that ends has then compared at most 8 siblings
+# more than it kept, or as many as it kept: a crafted list costs at most a few times its long-way read.
+_FIRST_CHUNK, _CHUNK, _CELLS = 8, 256, 1 << 20
 _TEMPLATE_DEPTH = 8  # nested objects in a template; deeper ones are read the long way
 _MISSING: Any = object()
 
@@ -288,12 +291,14 @@ def read_run(buf: bytes, pos: int, tpl: _Template, limit: int | None) -> tuple[R
     leads: list[int] = []
     digits: list[int] = []
     limit, origin = size if limit is None else limit, pos
+    cells = sum(len(w[1]) for w in tpl.words) + sum(len(c[2]) for c in tpl.counts)
+    chunk, most = _FIRST_CHUNK, max(1, min(_CHUNK, _CELLS // max(cells, 1)))
     while True:
         chunk_starts: list[int] = []
         chunk_leads: list[int] = []
         chunk_digits: list[int] = []
         chunk_texts: list[str] = []
-        while len(starts) + len(chunk_starts) < limit and len(chunk_starts) < _CHUNK and pos < size \
+        while len(starts) + len(chunk_starts) < limit and len(chunk_starts) < chunk and pos < size \
                 and buf[pos] == _OPEN and pos + at + lead.size <= size:
             n = lead.unpack_from(buf, pos + at)[0]
             text = str(n) if per_digit else ""
@@ -324,6 +329,7 @@ def read_run(buf: bytes, pos: int, tpl: _Template, limit: int | None) -> tuple[R
         digits += chunk_digits[:k]
         if k < len(chunk_starts):
             break
+        chunk = min(chunk * 2, most)
     if not starts:
         return None, origin
     s, n_, g_ = (np.asarray(v, dtype=np.int64) for v in (starts, leads, digits))
