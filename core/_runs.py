@@ -28,7 +28,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
-from ._ubjson import _CONSTANTS, _FLOATS, _INTS, _NUMPY, TypedArray, _numpy
+from ._ubjson import _CONSTANTS, _FLOATS, _INTS, _NUMPY, TypedArray, _numpy, joined
 
 _OPEN, _CLOSE, _ARRAY, _TYPE, _COUNT, _S = (ord(c) for c in "{}[$#S")
 MAX_ATTEMPTS = 8  # templates tried per list: a list of unlike objects costs at most this many walks
@@ -425,19 +425,25 @@ class Rows(Sequence[Any]):
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def joined(self, key: str) -> Any:
-        """Every element's `element[key]` array, joined in order, as one numpy array."""
+        """Every element's `element[key]` array, joined in order, as one numpy array (`_ubjson.joined`)."""
         np = _numpy()[0]
         pieces: list[Any] = []
+        singles: list[Any] = []  # the arrays of elements read one by one since the last run
         for p in self.parts:
             f = p.field((key,)) if type(p) is Run else None
             if f is not None and f.kind == "A":
+                if singles:
+                    pieces.append(joined(singles))
+                    singles = []
                 size = f.dtype.itemsize
                 with memoryview(p.buf) as view:
                     data = b"".join([view[o:o + c * size] for o, c in zip(
                         p.place(f).tolist(), p.counts(f).tolist(), strict=True)])
                 pieces.append(np.frombuffer(data, dtype=f.dtype))
             else:
-                pieces += [np.asarray(e[key]) for e in (p.rows() if type(p) is Run else (p,))]
+                singles += [e[key] for e in (p.rows() if type(p) is Run else (p,))]
+        if singles:
+            pieces.append(joined(singles))
         if not pieces:
             return np.empty(0)
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)

@@ -48,6 +48,10 @@ def _build(kind: str) -> tuple[Any, Any, dict[str, Any]]:
         import xgboost
         model = xgboost.XGBClassifier(n_estimators=10, max_depth=3, n_jobs=1).fit(x, y)
         return model, lambda m: m.predict_proba(x), {"format": kind.rpartition("-")[2]}
+    if kind == "xgboost-many":  # 200 trees: read as two runs (ids past 126 take two bytes), with a tree between
+        import xgboost
+        model = xgboost.XGBClassifier(n_estimators=200, max_depth=3, n_jobs=1).fit(x, y)
+        return model, lambda m: m.predict_proba(x), {}
     if kind == "xgboost-multiclass":  # an output group per tree (`tree_info`), iterations of three trees
         import xgboost
         model = xgboost.XGBClassifier(n_estimators=4, max_depth=3, n_jobs=1).fit(x, y + (x[:, 3] > 0.5))

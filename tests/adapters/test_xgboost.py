@@ -43,7 +43,8 @@ class TestXGBoost(AdapterContract):
     adapter = "xgboost"
     framework_module = "xgboost"
     mutants: ClassVar[tuple[tuple[str, int], ...]] = (("xgboost-ubj", 400), ("xgboost-json", 200),
-                                                      ("xgboost-multiclass", 200), ("xgboost-vector", 200))
+                                                      ("xgboost-multiclass", 200), ("xgboost-vector", 200),
+                                                      ("xgboost-many", 100))
 
     def make_model(self) -> Any:
         x, y = data()
