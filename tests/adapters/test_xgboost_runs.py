@@ -96,8 +96,6 @@ def test_changed_models_read_and_check_the_same_both_ways(kind: str, tmp_path: P
     data. Either way the long way must agree, on what is read and on what the check says of it.
     """
     raw = _model(kind, tmp_path)
-    if kind == "vector" and require("xgboost").__version__ < "3.2":
-        pytest.skip("the vector-leaf layout checked here is XGBoost 3.2's")
     start = raw.index(b"trees[") + 6
     rng = random.Random(20261128)
     seen = set()
