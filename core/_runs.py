@@ -31,7 +31,9 @@ from typing import Any, NamedTuple
 from ._ubjson import _CONSTANTS, _FLOATS, _INTS, _NUMPY, TypedArray, _numpy, joined
 
 _OPEN, _CLOSE, _ARRAY, _TYPE, _COUNT, _S = (ord(c) for c in "{}[$#S")
-MAX_ATTEMPTS = 8  # templates tried per list: a list of unlike objects costs at most this many walks
+# Templates tried per list, and in a whole document: each costs ~0.1 ms of numpy calls, which a document
+# of many short lists would otherwise pay once per list. An XGBoost model tries 2 or 3.
+MAX_ATTEMPTS, MAX_TEMPLATES = 8, 32
 # Siblings compared at once: 8 at first, twice as many after each chunk that matched whole, up to 256 or
 # 2**20 words and counts (8 MiB per index array). A run that ends has then compared at most 8 siblings
 # more than it kept, or as many as it kept: a crafted list costs at most a few times its long-way read.

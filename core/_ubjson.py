@@ -96,10 +96,11 @@ class _Reader:
         self.buf, self.pos, self.what = buf, 0, what
         self.typed: Any = TypedArray if lazy else None
         self.runs: Any = None
+        self.budget = 0  # templates left to try in the whole document
         if lazy and runs:
             from . import _runs
 
-            self.runs = _runs
+            self.runs, self.budget = _runs, _runs.MAX_TEMPLATES
         self.shapes: dict[int, list[_Entry | None]] = {}  # by depth: the entries of the last object read there
 
     def bad(self, why: str) -> CorruptArtifactError:
@@ -217,8 +218,8 @@ class _Reader:
                     start = self.pos - 1  # its marker, read just now: the first byte of a run's template
                     out.append(self.object(None, None, depth + 1))  # the trees
                     if (self.runs is not None and typ is None and attempts < self.runs.MAX_ATTEMPTS
-                            and self.pos < len(self.buf) and self.buf[self.pos] == _OBJECT):
-                        attempts += 1
+                            and self.budget > 0 and self.pos < len(self.buf) and self.buf[self.pos] == _OBJECT):
+                        attempts, self.budget = attempts + 1, self.budget - 1
                         run = self.run(start, None if n is None else n - done - 1)
                         if run is not None:
                             out.append(run)

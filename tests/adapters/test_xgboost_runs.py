@@ -163,9 +163,10 @@ def test_lists_of_like_objects_read_as_written(trees: list[dict[str, Any]], wide
     assert same(read_arrays(loads(raw, "doc", lazy=True)), doc)
 
 
-def test_like_objects_make_one_run_and_unlike_ones_a_bounded_number_of_attempts(
+def test_like_objects_make_one_run_and_unlike_ones_a_bounded_number_of_tries(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A list of objects that each differ from the last tries at most `MAX_ATTEMPTS` templates, not one per object."""
+    """A list of objects that each differ from the last tries at most `MAX_ATTEMPTS` templates, not one per object,
+    and a document of many lists at most `MAX_TEMPLATES`."""
     np = require("numpy")
     from mlpersist import _runs
     from mlpersist._ubjson import loads
@@ -181,3 +182,9 @@ def test_like_objects_make_one_run_and_unlike_ones_a_bounded_number_of_attempts(
     unlike = [{f"k{i}": np.arange(3, dtype="int32")} for i in range(200)]
     assert same(read_arrays(loads(encode({"t": unlike}, "L"), "doc", lazy=True)), {"t": unlike})
     assert len(tried) == _runs.MAX_ATTEMPTS
+
+    tried.clear()  # many short lists: a budget for the whole document, not a try per list
+    short = [[{"n": np.arange(2, dtype="int32")}, {"n": np.arange(3, dtype="int32")}] for _ in range(500)]
+    rows = loads(encode({"t": short}, "L"), "doc", lazy=True)["t"]
+    assert same(read_arrays(rows), short)
+    assert len(tried) == _runs.MAX_TEMPLATES
