@@ -18,8 +18,8 @@ reading one count each, and every one of their template bytes and counts is then
 numpy calls. The siblings that match, in order, are kept as a `Run`: their columns, no object per
 entry. The first that does not is read the long way, which refuses what is wrong, and may be the
 template of the next run. A sibling that matches is, byte for byte, the template with other array
-data, numbers, and lead count: the long way would read it to the same entries (`tests/core/
-test_runs.py` reads thousands of changed models both ways).
+data, numbers, and lead count: the long way would read it to the same entries (`tests/adapters/
+test_xgboost_runs.py` reads changed models and generated lists both ways, and requires the same).
 """
 
 from __future__ import annotations
