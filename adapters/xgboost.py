@@ -13,7 +13,7 @@ import numpy as np
 import xgboost
 
 from mlpersist import Payload, PersistError, _gc
-from mlpersist._runs import rows as as_rows
+from mlpersist._rows import rows as as_rows
 from mlpersist._trees import first_bad_tree
 from mlpersist._ubjson import joined
 from mlpersist._ubjson import loads as ubjson_loads

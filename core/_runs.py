@@ -16,19 +16,19 @@ first array's length: a tree's node count), or from nothing at all:
 So each sibling's length is a function of its lead count alone: the siblings' starts are found by
 reading one count each, and every one of their template bytes and counts is then compared in a few
 numpy calls. The siblings that match, in order, are kept as a `Run`: their columns, no object per
-entry. The first that does not is read the long way, which refuses what is wrong, and may be the
-template of the next run. A sibling that matches is, byte for byte, the template with other array
-data, numbers, and lead count: the long way would read it to the same entries (`tests/adapters/
-test_xgboost_runs.py` reads changed models and generated lists both ways, and requires the same).
+entry (a list holding runs is a `_rows.Rows`). The first that does not is read the long way, which
+refuses what is wrong, and may be the template of the next run. A sibling that matches is, byte for
+byte, the template with other array data, numbers, and lead count: the long way would read it to the
+same entries (`tests/adapters/test_xgboost_runs.py` reads changed models and generated lists both
+ways, and requires the same).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
-from ._ubjson import _CONSTANTS, _FLOATS, _INTS, _NUMPY, TypedArray, _numpy, joined
+from ._ubjson import _CONSTANTS, _FLOATS, _INTS, _NUMPY, TypedArray, _numpy
 
 _OPEN, _CLOSE, _ARRAY, _TYPE, _COUNT, _S = (ord(c) for c in "{}[$#S")
 # Templates tried per list, and in a whole document: each costs ~0.1 ms of numpy calls, which a document
@@ -39,7 +39,6 @@ MAX_ATTEMPTS, MAX_TEMPLATES = 8, 32
 # more than it kept, or as many as it kept: a crafted list costs at most a few times its long-way read.
 _FIRST_CHUNK, _CHUNK, _CELLS = 8, 256, 1 << 20
 _TEMPLATE_DEPTH = 8  # nested objects in a template; deeper ones are read the long way
-_MISSING: Any = object()
 
 
 class _Field(NamedTuple):
@@ -351,120 +350,3 @@ def _digits_ok(buf: bytes, s: Any, n: Any, g: Any, texts: list[str], tpl: _Templ
             ok &= np.fromiter((buf.startswith(t.encode(), p) for t, p in zip(texts, at, strict=True)), dtype=bool,
                               count=len(s))
     return ok
-
-
-class Rows(Sequence[Any]):
-    """A list whose elements are partly read as runs: `parts` holds runs and single elements, in order.
-
-    The columns a check needs (`values`, `lengths`, `joined`) come from a run's columns, without an
-    object per element; the elements themselves are made when asked for.
-    """
-
-    def __init__(self, parts: list[Any]) -> None:
-        self.parts = parts
-
-    def __len__(self) -> int:
-        return sum(len(p) if type(p) is Run else 1 for p in self.parts)
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return list(self)[i]
-        if i < 0:
-            i += len(self)
-        for p in self.parts:
-            n = len(p) if type(p) is Run else 1
-            if 0 <= i < n:
-                return p.row(i) if type(p) is Run else p
-            i -= n
-        raise IndexError("list index out of range")
-
-    def __iter__(self) -> Iterator[Any]:
-        for p in self.parts:
-            yield from (p.rows() if type(p) is Run else (p,))
-
-    def __eq__(self, other: object) -> bool:
-        return list(self) == list(other) if isinstance(other, Sequence) else NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def values(self, path: tuple[str, ...], default: Any = _MISSING) -> list[Any]:
-        """Each element's value at `path` (`element[path[0]][path[1]]...`), or `default` where it has none.
-
-        Raises:
-            KeyError: an element has none and there is no default.
-            TypeError: an element (or a value on the path) is not an object.
-
-        """
-        out: list[Any] = []
-        for p in self.parts:
-            f = p.field(path) if type(p) is Run else None
-            if f is not None:
-                out += p.values(f)
-            elif type(p) is Run and default is not _MISSING and _on_path(p, path):
-                out += [default] * len(p)
-            else:
-                out += [_at(e, path, default) for e in (p.rows() if type(p) is Run else (p,))]
-        return out
-
-    def lengths(self, key: str, default: int | None = None) -> Any:
-        """Each element's `len(element[key])` as a numpy array (`default` where it has no `key`).
-
-        Raises:
-            KeyError: an element has no `key` and there is no default.
-            TypeError: a value has no length.
-
-        """
-        np = _numpy()[0]
-        parts = []
-        for p in self.parts:
-            f = p.field((key,)) if type(p) is Run else None
-            if f is not None and f.kind == "A":
-                parts.append(p.counts(f))
-            else:
-                elements = p.rows() if type(p) is Run else (p,)
-                parts.append(np.asarray([len(e[key]) if default is None or key in e else default for e in elements],
-                                        dtype=np.int64))
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-    def joined(self, key: str) -> Any:
-        """Every element's `element[key]` array, joined in order, as one numpy array (`_ubjson.joined`)."""
-        np = _numpy()[0]
-        pieces: list[Any] = []
-        singles: list[Any] = []  # the arrays of elements read one by one since the last run
-        for p in self.parts:
-            f = p.field((key,)) if type(p) is Run else None
-            if f is not None and f.kind == "A":
-                if singles:
-                    pieces.append(joined(singles))
-                    singles = []
-                size = f.dtype.itemsize
-                with memoryview(p.buf) as view:
-                    data = b"".join([view[o:o + c * size] for o, c in zip(
-                        p.place(f).tolist(), p.counts(f).tolist(), strict=True)])
-                pieces.append(np.frombuffer(data, dtype=f.dtype))
-            else:
-                singles += [e[key] for e in (p.rows() if type(p) is Run else (p,))]
-        if singles:
-            pieces.append(joined(singles))
-        if not pieces:
-            return np.empty(0)
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-
-
-def _on_path(run: Run, path: tuple[str, ...]) -> bool:
-    """Whether a run's objects have an object at each step of `path` but the last (else `values` reads them)."""
-    return all(run.field(path[:i]) is not None and run.field(path[:i]).kind == "O"  # type: ignore[union-attr]
-               for i in range(1, len(path)))
-
-
-def _at(element: Any, path: tuple[str, ...], default: Any) -> Any:
-    for key in path[:-1]:
-        element = element[key]
-    if default is _MISSING:
-        return element[path[-1]]
-    return element.get(path[-1], default) if isinstance(element, dict) else element[path[-1]]
-
-
-def rows(elements: Sequence[Any]) -> Rows:
-    """`elements` (a list, or the `Rows` a lazy parse made) as `Rows`."""
-    return elements if isinstance(elements, Rows) else Rows(list(elements))

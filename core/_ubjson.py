@@ -31,7 +31,7 @@ def loads(data: bytes | bytearray | memoryview, what: str, *, lazy: bool = False
     `lazy`: they become `TypedArray`s instead, whose numpy view is made when one is used (`len()` needs
     none; `joined` reads many at once): a 500-tree XGBoost model holds 7,000 arrays, of which its check
     reads 1,500. And a list's runs of like objects (the trees) are read as columns: such a list is a
-    `_runs.Rows`, whose `values`, `lengths` and `joined` make no object per element (`runs=False`: a
+    `_rows.Rows`, whose `values`, `lengths` and `joined` make no object per element (`runs=False`: a
     plain list, each object read the long way; the tests compare the two).
 
     Raises:
@@ -96,11 +96,12 @@ class _Reader:
         self.buf, self.pos, self.what = buf, 0, what
         self.typed: Any = TypedArray if lazy else None
         self.runs: Any = None
+        self.rows: Any = None
         self.budget = 0  # templates left to try in the whole document
         if lazy and runs:
-            from . import _runs
+            from . import _rows, _runs
 
-            self.runs, self.budget = _runs, _runs.MAX_TEMPLATES
+            self.runs, self.rows, self.budget = _runs, _rows.Rows, _runs.MAX_TEMPLATES
         self.shapes: dict[int, list[_Entry | None]] = {}  # by depth: the entries of the last object read there
 
     def bad(self, why: str) -> CorruptArtifactError:
@@ -203,9 +204,9 @@ class _Reader:
             if n is None:
                 m, pending = (pending if pending is not None else self.marker()), None
                 if m == end:
-                    return self.runs.Rows(out) if ran else out
+                    return self.rows(out) if ran else out
             elif done == n:
-                return self.runs.Rows(out) if ran else out
+                return self.rows(out) if ran else out
             if is_object:  # an object with one value type (XGBoost writes none): untyped ones go to object()
                 assert typ is not None
                 key = self.text(m)  # a key is a length (marker + integer), then UTF-8 bytes

@@ -77,7 +77,8 @@ def _model(kind: str, tmp_path: Path) -> bytes:
 
 def test_a_model_s_trees_are_read_as_runs(tmp_path: Path) -> None:
     """150 trees: ids 0-126 are written in one byte, the rest in two: two runs, each after a tree read the long way."""
-    from mlpersist._runs import Rows, Run
+    from mlpersist._rows import Rows
+    from mlpersist._runs import Run
 
     raw = _model("binary", tmp_path)
     fast, slow = _both(raw)
