@@ -164,11 +164,8 @@ def _walk(buf: bytes, p: int, end: int, tpl: _Template, *, path: tuple[str, ...]
             tpl.take(buf[p:p + 1])
             return p + 1
         fmt = _INTS.get(m)
-        if fmt is None:
-            return None
-        length = fmt[0].unpack_from(buf, p + 1)[0]
-        key_end = p + 1 + fmt[1] + length
-        if length < 0 or key_end > end:
+        key_end = _sized(buf, p + 1, fmt, end)
+        if fmt is None or key_end is None:
             return None
         key = (*path, buf[p + 1 + fmt[1]:key_end].decode("utf-8"))
         tpl.take(buf[p:key_end])
@@ -193,11 +190,8 @@ def _walk(buf: bytes, p: int, end: int, tpl: _Template, *, path: tuple[str, ...]
             p += 1 + number[1]
         elif m == _S:
             length_format = _INTS.get(buf[p + 1])
-            if length_format is None:
-                return None
-            length = length_format[0].unpack_from(buf, p + 2)[0]
-            stop = p + 2 + length_format[1] + length
-            if length < 0 or stop > end:
+            stop = _sized(buf, p + 2, length_format, end)
+            if length_format is None or stop is None:
                 return None
             tpl.take(buf[p:p + 2])
             tpl.string(key, length_format, buf[p + 2 + length_format[1]:stop].decode("utf-8"), buf[p + 2:stop])
@@ -215,6 +209,15 @@ def _walk(buf: bytes, p: int, end: int, tpl: _Template, *, path: tuple[str, ...]
         else:
             return None
     return None
+
+
+def _sized(buf: bytes, at: int, fmt: tuple[struct.Struct, int] | None, end: int) -> int | None:
+    """Where the bytes whose length is at `at` (in `fmt`) end; None if `fmt` is None, or past `end`."""
+    if fmt is None:
+        return None
+    length = fmt[0].unpack_from(buf, at)[0]
+    stop = at + fmt[1] + length
+    return stop if length >= 0 and stop <= end else None
 
 
 class Run:
