@@ -13,7 +13,6 @@ import numpy as np
 import xgboost
 
 from mlpersist import Payload, PersistError, _gc
-from mlpersist._rows import rows as as_rows
 from mlpersist._trees import first_bad_tree
 from mlpersist._ubjson import joined
 from mlpersist._ubjson import loads as ubjson_loads
@@ -348,7 +347,9 @@ def _check_trees(trees: Any, n_features: int, outputs: int, what: str) -> tuple[
     without an object per tree. Returns the number of features the trees split on (the highest index,
     plus one), and whether any tree has vector leaves.
     """
-    table = as_rows(trees)
+    from mlpersist._rows import rows  # noqa: PLC0415 (checked loads only: the parse that made `trees` imported it)
+
+    table = rows(trees)
     sizes: Any = np.asarray([int(v) for v in table.values(("tree_param", "num_nodes"))], dtype=np.int64)
     short = sizes < 1
     for k in _ARRAYS:
