@@ -3,10 +3,16 @@
 A durable save of a large file costs, after the write itself, a digest of every byte and an fsync. Done
 after the write (as `_storage.Staging.seal` does for any file), they add up to half the write again (1 GB:
 0.3 s of BLAKE3, and the disk's flush). A writer that wraps its file in `Writeback` and writes through it
-(or calls `written` after each write) has both done during the write: each finished 16 MiB is hashed from
+(or calls `written` after each write) has both done during the write: each finished 4 MiB is hashed from
 the page cache on a second thread while the writer writes the next (the write and the hash release the
-GIL, and run on two cores), and each finished 64 MiB is handed to the disk at once (Linux
+GIL, and run on two cores), and each finished 8 MiB is handed to the disk at once (Linux
 `sync_file_range`), so the fsync at the end (still done, by the core) waits for the tail only.
+
+Both sizes set what is left after the last write: the hash of the last piece, and the disk write of what
+was not yet handed to it. With 16 and 64 MiB the 200 MB Keras save took 224-231 ms here, with 4 and 8 MiB
+205-209 ms (model.save: 191-196 ms; the same runs). Smaller ones (2 and 4 MiB) gained Keras nothing beyond
+the noise, and the 1 GB torch save varied too much between runs here to choose by (289-773 ms with the old
+sizes, 295-365 ms with these): the benchmark reports it.
 
 The digest is of the file's own bytes, read back after they were written, exactly as `seal` would read
 them. The core uses it only for the file it was made of, unchanged since (same device, inode, size and
@@ -28,8 +34,8 @@ if TYPE_CHECKING:
     from queue import SimpleQueue
     from types import TracebackType
 
-STEP = 64 << 20  # handed to the disk at a time
-PIECE = 16 << 20  # hashed at a time: the hash of the last piece is all that is left after the last write
+STEP = 8 << 20  # handed to the disk at a time: the fsync after the last write waits for less than this
+PIECE = 4 << 20  # hashed at a time: the hash of the last piece is all that is left after the last write
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait
 
 
@@ -64,7 +70,7 @@ class Writeback:
         return self
 
     def written(self) -> None:
-        """Call after each write: hands every complete 16 MiB written since the last call to the thread."""
+        """Call after each write: hands every complete piece (`PIECE`) written since the last call to the thread."""
         if self._followed is None and self._sync is None:
             return
         end = self._f.tell()
@@ -73,7 +79,7 @@ class Writeback:
             self._hand(end)
 
     def write(self, data: Any) -> int:
-        """Write `data` to the file in pieces of at most 16 MiB, each handed on (`written`) once written.
+        """Write `data` to the file in pieces of at most `PIECE`, each handed on (`written`) once written.
 
         One large buffer (a tensor, the 200 MB of weights Keras writes into its zip at once) is then hashed
         while it is written, not after it.
@@ -86,7 +92,7 @@ class Writeback:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._thread is None:
-            return  # under 16 MiB (or nothing to do here): the core hashes it as any file
+            return  # under a piece (or nothing to do here): the core hashes it as any file
         if kind is None:
             self._f.flush()
             self._hand(self._f.tell())
@@ -132,7 +138,7 @@ class Writeback:
 class Stream(io.RawIOBase):
     """A forward-only file object over a file a `Writeback` follows, for a writer that takes a file object.
 
-    Each write goes through `Writeback.write`, 16 MiB at a time. It cannot seek: zipfile then writes a data
+    Each write goes through `Writeback.write`, a piece at a time. It cannot seek: zipfile then writes a data
     descriptor after each member instead of going back to its header, so no byte changes after it was hashed.
     """
 

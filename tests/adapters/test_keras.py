@@ -85,7 +85,7 @@ def test_a_large_model_is_hashed_as_keras_writes_it_and_its_digest_is_that_of_it
     m = save_any(model, tmp_path / "m")
     path = tmp_path / "m" / "model.keras"
     assert path.stat().st_size not in hashed
-    save_any(sequential(), tmp_path / "small")  # under 16 MiB: no thread, the core hashes it
+    save_any(sequential(), tmp_path / "small")  # under a piece (4 MiB): no thread, the core hashes it
     assert hashed == [(tmp_path / "small" / "model.keras").stat().st_size]
     assert m.files["model.keras"].digest == "blake3:" + blake3(path.read_bytes()).hexdigest()
     verify(tmp_path / "m")
