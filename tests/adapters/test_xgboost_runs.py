@@ -169,7 +169,7 @@ def test_like_objects_make_one_run_and_unlike_ones_a_bounded_number_of_tries(
     """A list of objects that each differ from the last tries at most `MAX_ATTEMPTS` templates, not one per object,
     and a document of many lists at most `MAX_TEMPLATES`."""
     np = require("numpy")
-    from mlpersist import _runs
+    from mlpersist import _runs, _template
     from mlpersist._ubjson import loads
 
     like = [{"n": np.arange(i % 7, dtype="int32"), "id": i, "size": str(i % 7)} for i in range(200)]
@@ -178,8 +178,8 @@ def test_like_objects_make_one_run_and_unlike_ones_a_bounded_number_of_tries(
     assert same(read_arrays(rows), like)
 
     tried = []
-    template = _runs.template
-    monkeypatch.setattr(_runs, "template", lambda *a: tried.append(1) or template(*a))
+    template = _template.template  # the templates tried (`_template`), each for a run (`_runs`)
+    monkeypatch.setattr(_template, "template", lambda *a: tried.append(1) or template(*a))
     unlike = [{f"k{i}": np.arange(3, dtype="int32")} for i in range(200)]
     assert same(read_arrays(loads(encode({"t": unlike}, "L"), "doc", lazy=True)), {"t": unlike})
     assert len(tried) == _runs.MAX_ATTEMPTS
