@@ -186,6 +186,19 @@ def _no_elements(shape: Any) -> bool:
     return all(type(d) is int and d >= 0 for d in dims) and 0 in dims
 
 
+def _call_kind(fn: Any) -> str:
+    """What `_check_call` checks a call of `fn` for, by its type alone: "bytes", "array", "void" or ""."""
+    if isinstance(fn, type) and issubclass(fn, (bytes, bytearray)):
+        return "bytes"
+    if _is_numpy_type(fn, "ndarray"):
+        return "array"
+    return "void" if _is_numpy_type(fn, "void") else ""
+
+
+def _name(fn: Any) -> str:
+    return str(getattr(fn, "__qualname__", type(fn).__name__))
+
+
 def _is_numpy_type(fn: Any, name: str) -> bool:
     np = sys.modules.get("numpy")
     return np is not None and isinstance(fn, type) and issubclass(fn, getattr(np, name))
@@ -218,6 +231,8 @@ class State:
         self.values_only: dict[int, str] = {}  # of those, functions models keep but their pickles never call
         self.rebuilt_only: dict[int, str] = {}  # of those, classes pickles rebuild from their state, never call
         self.shaped: dict[int, int] = {}  # of those, numpy's array rebuilders: where their shape argument is
+        self.kinds: dict[int, tuple[Any, str]] = {}  # id -> (callable, `_call_kind`): each is classed once per load
+        self.built: dict[type, tuple[bool, bool]] = {}  # the type of a BUILD target -> (a numpy dtype?, NATIVE_STATE?)
         self.cache: dict[tuple[str, str], Any] = {}
         self.raw_stream = False  # True when the unpickler reads the file itself (not a decompressor)
         self.inflation: int | None = None  # a decompressed stream's limit, if it has one (`_safejoblib.decompressed`)
@@ -385,20 +400,22 @@ class Guard:
             raise s.structural(f"{op} would call {s.values_only[id(fn)]}, which models keep as a value and their "
                                "pickles never call")
         values = (*args, *kwargs.values()) if kwargs else tuple(args)
-        name = getattr(fn, "__qualname__", type(fn).__name__)
+        known = s.kinds.get(id(fn))
+        if known is None or known[0] is not fn:
+            known = s.kinds[id(fn)] = (fn, _call_kind(fn))
+        kind = known[1]  # a forest's load makes ~700 calls of a dozen callables
         why = None
-        if any(type(v) is range for v in values):
-            why = f"pass a range object to {name}, which would hold all its items"
-        elif isinstance(fn, type) and issubclass(fn, (bytes, bytearray)) \
-                and not all(isinstance(v, (bytes, bytearray, str)) for v in values):
+        if range in map(type, values):
+            why = f"pass a range object to {_name(fn)}, which would hold all its items"
+        elif kind == "bytes" and not all(isinstance(v, (bytes, bytearray, str)) for v in values):
             kinds = ", ".join(sorted({type(v).__name__ for v in values}))
-            why = f"make {name} from {kinds}, not from bytes or text"
-        elif id(fn) in s.shaped or _is_numpy_type(fn, "ndarray"):
+            why = f"make {_name(fn)} from {kinds}, not from bytes or text"
+        elif id(fn) in s.shaped or kind == "array":
             at = s.shaped.get(id(fn), 0)
             if len(values) > at and not _no_elements(values[at]):
                 why = (f"make an array of shape {str(values[at])[:80]} with no data (numpy writes an empty array, "
                        "then its data)")
-        elif _is_numpy_type(fn, "void") and any(isinstance(v, int) for v in values):
+        elif kind == "void" and any(isinstance(v, int) for v in values):
             why = "make a numpy.void of a size, not of its bytes"
         if why is not None:
             raise s.structural(f"{op} would {why}")
@@ -475,8 +492,14 @@ class Guard:
         if id(target) in self._s.globals or isinstance(target, (type, ModuleType, FunctionType,
                                                                  BuiltinFunctionType)):
             raise self._s.structural(f"BUILD would set state on the global {type(target).__name__} itself")
-        _check_dtype_state(target, state, self._s)
-        if type(target).__module__.partition(".")[0] in NATIVE_STATE:
+        kind = self._s.built.get(type(target))
+        if kind is None:  # a forest's load builds ~600 objects of a handful of types
+            np = sys.modules.get("numpy")
+            kind = self._s.built[type(target)] = (np is not None and isinstance(target, np.dtype),
+                                                  type(target).__module__.partition(".")[0] in NATIVE_STATE)
+        if kind[0]:
+            _check_dtype_state(target, state, self._s)
+        if kind[1]:
             self.stack[-1] = self._s.native_state(target, state)
         pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
 

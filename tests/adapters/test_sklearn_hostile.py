@@ -484,6 +484,23 @@ def test_calls_that_would_build_far_more_than_the_file_or_compute_at_its_will_ar
         load_any(path)
 
 
+@pytest.mark.parametrize("case", ["bytearray-of-a-size", "reconstruct-of-a-shape", "void-of-a-size"])
+def test_a_callable_s_later_calls_are_checked_as_its_first(case: str, tmp_path: Path) -> None:
+    """The guard classes each callable once per load (a forest makes ~700 calls of a dozen): a call it admitted
+    does not admit the next call of the same callable with other arguments."""
+    np = require("numpy")
+    reconstruct = np.zeros(1).__reduce__()[0]
+    admitted = {"bytearray-of-a-size": lambda: Reduce(bytearray, b"ok"),
+                "void-of-a-size": lambda: Reduce(np.void, b"ok"),
+                "reconstruct-of-a-shape": lambda: Reduce(reconstruct, np.ndarray, (0,), b"b")}[case]
+    assert len(load_any(bare(tmp_path, pickle.dumps([admitted(), admitted()], protocol=4)))) == 2  # both admitted
+    payload = pickle.dumps([admitted(), _amplifier(case)], protocol=4)
+    assert pickle.loads(payload)[1] is not None  # what pickle itself does with it: builds it
+    path = bare(tmp_path, payload)
+    with watched(), pytest.raises(UntrustedContentError, match=_AMPLIFIERS[case]):
+        load_any(path)
+
+
 def test_protocol_0_inst_is_held_to_the_same_rule(tmp_path: Path) -> None:
     payload = b"(I10000000\nibuiltins\nbytearray\n."
     assert len(pickle.loads(payload)) == 10**7
