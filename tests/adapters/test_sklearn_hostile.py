@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from blake3 import blake3
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from mlp_testkit import require, run_cli, run_python
 
@@ -1105,6 +1105,9 @@ def test_the_default_policy_allows_every_estimator_scikit_learn_ships() -> None:
 @given(head=st.sampled_from([b"\x80\x02", b"\x80\x04", b"\x80\x05", b"\x78\x9c", b"\x1f\x8b"]),
        body=st.binary(max_size=200))
 def test_fuzzed_bare_files_raise_only_persist_errors(head: bytes, body: bytes, tmp_path: Path) -> None:
+    # a pickle of torch's magic number is torch's legacy format, which loads through torch (imported then,
+    # as for any torch file): not this test's subject
+    assume(b"l\xfc\x9cF\xf9 j\xa8P\x19" not in body[:20])
     f = tmp_path / "fuzz.pkl"
     f.write_bytes(head + body)
     with watched(), contextlib.suppress(PersistError):
