@@ -10,7 +10,7 @@ GIL, and run on two cores), and each finished 8 MiB is handed to the disk at onc
 
 Both sizes set what is left after the last write: the hash of the last piece, and the disk write of what
 was not yet handed to it. With 16 and 64 MiB the 200 MB Keras save took 224-231 ms here, with 4 and 8 MiB
-205-209 ms (model.save: 191-196 ms; the same runs). Smaller ones (2 and 4 MiB) gained Keras nothing beyond
+205-215 ms (model.save: 191-196 ms; the same runs). Smaller ones (2 and 4 MiB) gained Keras nothing beyond
 the noise, and the 1 GB torch save varied too much between runs here to choose by (289-773 ms with the old
 sizes, 295-365 ms with these): the benchmark reports it.
 
