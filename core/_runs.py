@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import _template
 from ._template import _OPEN, Field, Template, words
 from ._ubjson import TypedArray, _numpy
 
@@ -62,10 +63,7 @@ class Run:
 
     def numbers(self, f: Field) -> Any:
         """The values of a number field, one per object."""
-        np = _numpy()[0]
-        size = f.dtype.itemsize
-        at = self.place(f)[:, None] + np.arange(size)
-        return np.frombuffer(self.buf, dtype=np.uint8)[at].view(f.dtype).ravel()
+        return _big_endian(words(self.buf, f.dtype.itemsize), f.dtype, self.place(f))
 
     def values(self, f: Field) -> list[Any]:
         """A field's value in each object, as the long way reads it (arrays as `TypedArray`s)."""
@@ -95,6 +93,15 @@ class Run:
         """Object `i` as the long way reads it."""
         one = Run(self.buf, self.fields, self.starts[i:i + 1], self.leads[i:i + 1], self.digits[i:i + 1])
         return one.rows()[0]
+
+
+def read_after(buf: bytes, start: int, end: int, limit: int | None) -> tuple[Run | None, int]:
+    """The objects from `end` that match the object at `buf[start:end]` (read the long way) as a template.
+
+    At most `limit` of them; returns the run and where it ends, or None and `end`.
+    """
+    tpl = _template.template(buf, start, end)
+    return (None, end) if tpl is None else read_run(buf, end, tpl, limit)
 
 
 def read_run(buf: bytes, pos: int, tpl: Template, limit: int | None) -> tuple[Run | None, int]:
@@ -136,7 +143,7 @@ def read_run(buf: bytes, pos: int, tpl: Template, limit: int | None) -> tuple[Ru
         for width, wa, wb, wd, expected in tpl.words:
             ok &= (views[width][s_ + wa + n2 * wb + g2 * wd] == expected).all(axis=1)
         for dtype, of_digits, ca, cb, cd in tpl.counts:  # big-endian counts, read as little-endian words
-            found = views[dtype.itemsize][s_ + ca + n2 * cb + g2 * cd].view(dtype.newbyteorder("<")).byteswap()
+            found = _big_endian(views[dtype.itemsize], dtype, s_ + ca + n2 * cb + g2 * cd)
             ok &= (found == (g2 if of_digits else n2)).all(axis=1)
         if tpl.digits:
             ok &= _digits_ok(buf, s, n_, g_, chunk_texts, tpl)
@@ -152,6 +159,11 @@ def read_run(buf: bytes, pos: int, tpl: Template, limit: int | None) -> tuple[Ru
     s, n_, g_ = (np.asarray(v, dtype=np.int64) for v in (starts, leads, digits))
     end = starts[-1] + whole + per_lead * leads[-1] + per_digit * digits[-1]
     return Run(buf, tpl.fields, s, n_, g_), end
+
+
+def _big_endian(view: Any, dtype: Any, places: Any) -> Any:
+    """The big-endian `dtype` values at byte offsets `places`, from `view`: `words(buf, dtype.itemsize)`."""
+    return view[places].view(dtype.newbyteorder("<")).byteswap()
 
 
 def _digits_ok(buf: bytes, s: Any, n: Any, g: Any, texts: list[str], tpl: Template) -> Any:  # noqa: PLR0917

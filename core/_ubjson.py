@@ -96,13 +96,12 @@ class _Reader:
         self.buf, self.pos, self.what = buf, 0, what
         self.typed: Any = TypedArray if lazy else None
         self.runs: Any = None
-        self.templates: Any = None
         self.rows: Any = None
         self.budget = 0  # templates left to try in the whole document
         if lazy and runs:
-            from . import _rows, _runs, _template
+            from . import _rows, _runs
 
-            self.runs, self.templates, self.rows, self.budget = _runs, _template, _rows.Rows, _runs.MAX_TEMPLATES
+            self.runs, self.rows, self.budget = _runs, _rows.Rows, _runs.MAX_TEMPLATES
         self.shapes: dict[int, list[_Entry | None]] = {}  # by depth: the entries of the last object read there
 
     def bad(self, why: str) -> CorruptArtifactError:
@@ -233,10 +232,7 @@ class _Reader:
     def run(self, start: int, limit: int | None) -> Any:
         """The siblings after the object at `start` that match it as a template (`_runs`), or None."""
         assert self.runs is not None
-        tpl = self.templates.template(self.buf, start, self.pos)
-        if tpl is None:
-            return None
-        run, self.pos = self.runs.read_run(self.buf, self.pos, tpl, limit)
+        run, self.pos = self.runs.read_after(self.buf, start, self.pos, limit)
         return run
 
     def object(self, n: int | None, pending: int | None, depth: int) -> dict[str, Any]:
