@@ -28,10 +28,11 @@ def private_copy(fd: int, size: int, algo: str) -> tuple[str, mmap.mmap] | None:
     (which would discard even the copied-on-write pages of a private file mapping). Two threads each
     take a 64 MiB window in turn: have the kernel allocate its pages at once, read the file into them,
     then hash it once the previous window is hashed. Allocating fresh pages is most of the cost (more
-    than the read and the hash together on a VM), so it runs on both cores, not on one fill thread,
-    and in 2 MiB pages where the kernel allows them (`MADV_HUGEPAGE`): a 1 GB copy took 0.17-0.20 s
-    instead of 0.31-0.35 s here. The price is the kernel's: with `defrag` set to `madvise` (the usual
-    default) it may compact memory to find them, and 1 copy in 20 took 0.4-1.3 s.
+    than the read and the hash together on a VM), so it runs on both cores, not on one fill thread.
+    Not in 2 MiB pages (`MADV_HUGEPAGE`): a loop of 1 GB loads took 0.18 s each instead of 0.33 s, but
+    the first load in a fresh process took 1.3-1.6 s instead of 0.35 s. On a VM that hands free memory
+    back to its host (virtio-balloon free page reporting, as here), free blocks of 2 MiB and more are
+    what it hands back, and exactly what huge pages are made of: each is faulted in again on the host.
     None off Linux, or if the file is shorter than `size`: the caller reads it the plain way.
     """
     if not sys.platform.startswith("linux"):
@@ -42,8 +43,6 @@ def private_copy(fd: int, size: int, algo: str) -> tuple[str, mmap.mmap] | None:
         copy = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except (OSError, ValueError):
         return None
-    if hasattr(mmap, "MADV_HUGEPAGE"):  # 2 MiB pages where the kernel has them: 512x fewer pages to allocate
-        copy.madvise(mmap.MADV_HUGEPAGE)
     step, populate = WINDOW * 4, _populator(copy)
 
     def fill(view: memoryview, offset: int) -> bool:
