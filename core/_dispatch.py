@@ -16,6 +16,8 @@ def detect(model: object) -> str:
         mlpersist.errors.UnsupportedModelError: no adapter claims any class in its MRO.
 
     """
+    if (name := _registry.claimed(type(model).__module__)) is not None:
+        return name  # the model's own class: no other class of its MRO comes before it
     claims = _registry.claims()
     for cls in type(model).__mro__:  # XGBClassifier meets "xgboost" before sklearn's BaseEstimator
         if (name := claims.get(cls.__module__.partition(".")[0])) is not None:

@@ -156,20 +156,34 @@ def claims() -> dict[str, str]:
     return {c: name for name, spec in _specs.items() for c in spec.claims}
 
 
+def claimed(module: str) -> str | None:
+    """The name of the adapter claiming `module`'s top-level package, or None; reads entry points only if needed.
+
+    Entry points never take a name or a claim already taken (`_read_entry_points`), and are read before
+    any `register_adapter`, so a claim found before reading them is the one found after.
+    """
+    top = module.partition(".")[0]
+    for name, spec in _specs.items():
+        if top in spec.claims:
+            return name
+    return None if _entry_points_read else claims().get(top)
+
+
 def claimant(module: str, table: Mapping[str, str] | None = None) -> Adapter | None:
     """The adapter registered for `module`'s top-level package (imported on first use), or None.
 
     `table`: `claims()`, when the caller asks for many objects in one go.
     """
-    name = (claims() if table is None else table).get(module.partition(".")[0])
+    name = claimed(module) if table is None else table.get(module.partition(".")[0])
     if name is None or get_spec(name) is None:
         return None
     return get_adapter(name)
 
 
 def get_spec(name: str) -> AdapterSpec | None:
-    """Return the spec registered under `name`, reading entry points on first use."""
-    _read_entry_points()
+    """Return the spec registered under `name`, reading entry points first if no spec has that name."""
+    if name not in _specs:
+        _read_entry_points()
     return _specs.get(name)
 
 
@@ -229,6 +243,7 @@ def _read_entry_points() -> None:
     _entry_points_read = True
     from importlib.metadata import entry_points
 
+    taken = {c for spec in _specs.values() for c in spec.claims}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in _specs:  # stored as a string: never loaded until used
+        if ep.name not in _specs and ep.name not in taken:  # stored as a string: never loaded until used
             _specs[ep.name] = AdapterSpec(ep.value, (ep.name,), "", ep.name)

@@ -77,6 +77,44 @@ def test_entry_points_register_adapters_lazily(tmp_path: Path, monkeypatch: pyte
     assert load_any(tmp_path / "art").predict([1]) == [6]
 
 
+def _plugin_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
+    """An installed distribution whose one `mlpersist.adapters` entry point is `entry`; not read yet."""
+    dist = tmp_path / "mlp_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mlp-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[mlpersist.adapters]\n{entry}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(_registry, "_entry_points_read", False)
+
+
+def test_entry_points_are_read_only_for_what_the_built_in_adapters_do_not_claim(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading every installed distribution's entry points took ~5 ms of a process's first save or load (135
+    distributions): a model, an artifact or a pickled object of a framework an adapter already claims skips it."""
+    _plugin_dist(tmp_path, monkeypatch, "mlp_testkit = mlp_testkit:DummyAdapter")
+    estimator = type("LogisticRegression", (), {"__module__": "sklearn.linear_model._logistic"})
+    assert detect(estimator()) == "sklearn"
+    assert _registry.get_spec("xgboost") is _registry._BUILTIN["xgboost"]
+    assert _registry.claimed("torch.nn.modules.linear") == "torch"
+    assert not _registry._entry_points_read
+    assert _registry.claimed("mlp_testkit.models") == "mlp_testkit"  # not claimed yet: the entry points are read
+    assert _registry._entry_points_read
+    del _registry._specs["mlp_testkit"]  # as it was before the read (the fixture restores the registry)
+    monkeypatch.setattr(_registry, "_entry_points_read", False)
+    assert detect(DummyModel()) == "mlp_testkit"  # the model's own class is not claimed: the same
+    assert _registry._entry_points_read
+
+
+def test_an_entry_point_cannot_take_a_module_another_adapter_claims(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """So a claim found before the entry points are read is the one found after (`claimed`)."""
+    mlpersist.register_adapter("mine", "mlp_testkit:DummyAdapter", claims=("mlp_testkit",))
+    _plugin_dist(tmp_path, monkeypatch, "mlp_testkit = somebody_else:Adapter")
+    assert _registry.claims()["mlp_testkit"] == "mine"
+    assert "mlp_testkit" not in _registry.specs
+    assert detect(DummyModel()) == "mine"
+
+
 def test_loading_when_the_framework_is_missing_names_the_pip_line(tmp_path: Path, dummy: DummyModel) -> None:
     mlpersist.register_adapter("dummy", "mlp_testkit:DummyAdapter", claims=("mlp_testkit", "ghost_fw"),
                                package="ghost-fw", extra="ghost", replace=True)
