@@ -28,12 +28,39 @@ def environment(names: list[str]) -> dict[str, Any]:
                     break
             _ENV_CACHE[name] = found
         packages.update(_ENV_CACHE[name])
-    if "" not in _ENV_CACHE:  # platform.platform() reads files: once per process
+    if "" not in _ENV_CACHE:  # once per process
         import platform
 
         _ENV_CACHE[""] = {"python": platform.python_version(), "implementation": sys.implementation.name,
-                          "platform": platform.platform(), "machine": platform.machine()}
+                          "platform": _platform(), "machine": platform.machine()}
     return {**_ENV_CACHE[""], "packages": packages}
+
+
+def _platform() -> str:
+    """`platform.platform()` (`Linux-6.18.44-x86_64-with-glibc2.36`), on Linux without running `uname -p`.
+
+    On Linux `platform.platform()` runs `uname -p` for the processor (a process: ~2 ms, and 7-8 ms for the
+    call in a fresh process here), then drops what it says when it is `unknown` or the machine, as it is
+    on Linux. Elsewhere, or without glibc, it is called as it is.
+    """
+    import os
+
+    try:
+        uname, libc = os.uname(), os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (AttributeError, ValueError, OSError):
+        uname, libc = None, ""
+    name, _, number = libc.partition(" ")
+    if uname is None or uname.sysname != "Linux" or not name or not number:
+        import platform
+
+        return platform.platform()
+    text = "-".join(p.strip() for p in (uname.sysname, uname.release, uname.machine, "with", name + number) if p)
+    for c in ' /\\:;"()':  # platform.platform()'s own clean-up
+        text = text.replace(c, "_" if c == " " else "-")
+    text = text.replace("unknown", "")
+    while "--" in text:
+        text = text.replace("--", "-")
+    return text.rstrip("-")
 
 
 def unreadable_here(exc: PersistError, recorded: Mapping[str, Any]) -> VersionMismatchError | None:
@@ -77,16 +104,24 @@ def mlpersist_version() -> str:
 def version(dist: str) -> str | None:
     """The installed version of distribution `dist`, or None.
 
-    Looked up once per process, like `environment`: importlib.metadata scans sys.path and parses
-    METADATA, a millisecond or more per call, on every save and load otherwise.
+    Looked up once per process, like `environment`. importlib.metadata's `version` parses the whole
+    METADATA file as an e-mail (its long description too): 2.4 ms for scikit-learn, 2.6 ms for scipy in
+    a fresh process here. Its headers are read instead, up to the `Version` one; importlib.metadata's
+    parse is the fallback, for a file without one among its headers.
     """
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as _v
+    from importlib.metadata import PackageNotFoundError, distribution
 
     try:
-        return _v(dist)
+        found = distribution(dist)
     except PackageNotFoundError:
         return None
+    for line in (found.read_text("METADATA") or found.read_text("PKG-INFO") or "").splitlines():
+        if not line:
+            break  # the end of the headers
+        key, colon, value = line.partition(":")
+        if colon and key.strip().lower() == "version" and value.strip():
+            return value.strip()
+    return found.version or None
 
 
 def created_at() -> str:
