@@ -10,24 +10,27 @@ from typing import Any
 from . import _registry
 from .errors import PersistError, VersionMismatchError
 
-_ENV_CACHE: dict[str, dict[str, Any]] = {}
+# adapter (its name, target and distributions: `register_adapter(..., replace=True)` may change them) -> the
+# versions it records; "" -> Python and the platform
+_ENV_CACHE: dict[object, dict[str, Any]] = {}
 
 
 def environment(names: list[str]) -> dict[str, Any]:
     """Python, platform and the versions of the frameworks (and their dependencies) of these adapters."""
     packages: dict[str, str] = {}
     for name in dict.fromkeys(names):
-        if name not in _ENV_CACHE:
-            spec = _registry.get_spec(name)
-            assert spec is not None
+        spec = _registry.get_spec(name)
+        assert spec is not None
+        key = (name, spec.target, spec.package, spec.alt_packages)
+        if key not in _ENV_CACHE:
             deps = getattr(_registry.get_adapter(name), "dependencies", ())
             found = {d: v for d in deps if (v := version(d)) is not None}
             for dist in (spec.package, *spec.alt_packages):  # under the name pip installed it (xgboost-cpu)
                 if (v := version(dist)) is not None:
                     found[dist] = v
                     break
-            _ENV_CACHE[name] = found
-        packages.update(_ENV_CACHE[name])
+            _ENV_CACHE[key] = found
+        packages.update(_ENV_CACHE[key])
     if "" not in _ENV_CACHE:  # once per process
         import platform
 
@@ -41,7 +44,8 @@ def _platform() -> str:
 
     On Linux `platform.platform()` runs `uname -p` for the processor (a process: ~2 ms, and 7-8 ms for the
     call in a fresh process here), then drops what it says when it is `unknown` or the machine, as it is
-    on Linux. Elsewhere, or without glibc, it is called as it is.
+    on most Linux systems (Gentoo's names the CPU model, which this string leaves out). Elsewhere, or
+    without glibc, it is called as it is.
     """
     import os
 

@@ -19,6 +19,7 @@ from mlpersist import (
     UnsupportedModelError,
     inspect,
     load_any,
+    register_adapter,
     save_any,
     verify,
 )
@@ -204,7 +205,7 @@ def test_versions_are_read_from_the_metadata_headers_only(tmp_path: Path, monkey
     from mlpersist import _environment
 
     for dist, headers, body in (("mlp-headed", "Version: 1.2.3", "Version: 6.6.6\n"),
-                                ("mlp-folded", "Summary: x\nversion:  4.5 ", ""),
+                                ("mlp-spaced", "Summary: x\nversion:  4.5 ", ""),
                                 ("mlp-bare", "Summary: no version", "Version: 6.6.6\n")):
         info = tmp_path / f"{dist.replace('-', '_')}-0.dist-info"
         info.mkdir()
@@ -212,8 +213,21 @@ def test_versions_are_read_from_the_metadata_headers_only(tmp_path: Path, monkey
     monkeypatch.syspath_prepend(str(tmp_path))
     _environment.version.cache_clear()
     assert _environment.version("mlp-headed") == "1.2.3"
-    assert _environment.version("mlp-folded") == "4.5"
+    assert _environment.version("mlp-spaced") == "4.5"
     assert _environment.version("mlp-bare") is None
     assert _environment.version("mlp-not-installed") is None
     for dist in ("pytest", "mlpersist", "blake3"):
         assert _environment.version(dist) == metadata.version(dist)
+
+
+def test_an_adapter_registered_again_records_its_new_distribution(tmp_path: Path) -> None:
+    """The versions an adapter records are looked up once per process, per adapter as it is registered: one
+    registered again under its name (`replace=True`) for another distribution records that one's version."""
+    from importlib.metadata import version
+
+    register_adapter("dummy", "mlp_testkit:DummyAdapter", claims=("mlp_testkit",), package="ghost-fw")
+    save_any(DummyModel(), tmp_path / "a")
+    assert "ghost-fw" not in inspect(tmp_path / "a").environment["packages"]  # not installed
+    register_adapter("dummy", "mlp_testkit:DummyAdapter", claims=("mlp_testkit",), package="pytest", replace=True)
+    save_any(DummyModel(), tmp_path / "b")
+    assert inspect(tmp_path / "b").environment["packages"]["pytest"] == version("pytest")
