@@ -125,7 +125,11 @@ def version(dist: str) -> str | None:
         key, colon, value = line.partition(":")
         if colon and key.strip().lower() == "version" and value.strip():
             return value.strip()
-    return found.version or None
+    try:  # `get_all`: a missing key through `[...]` (what `.version` does) warns on Python 3.12+, and will raise
+        fallback = found.metadata.get_all("Version") or []
+    except (AttributeError, TypeError, ValueError):  # no metadata file at all
+        return None
+    return str(fallback[0]) if fallback and fallback[0] else None
 
 
 def created_at() -> str:
