@@ -105,7 +105,7 @@ def validate(model: Any) -> list[Tree]:
     stack: list[tuple[Any, int | None, str, int | None]] = [(model, None, type(model).__name__, None)]
     while stack:
         obj, n_features, where, index = stack.pop()
-        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, np.ndarray, np.generic, type)):
+        if id(obj) in seen or isinstance(obj, _OPAQUE):
             continue
         seen.add(id(obj))
         if index is not None:
@@ -162,10 +162,12 @@ def validate(model: Any) -> list[Tree]:
 
 
 _FRACTIONS = tuple(int(p) for p in sklearn.__version__.split(".")[:2]) >= (1, 4)  # tree_.value of a classifier
+# what both walks of the model pass over: values and arrays hold no object to check, a class is a global
+_OPAQUE = (str, bytes, int, float, np.ndarray, np.generic, type)
 # the exact types `validate` has nothing to check in (it skips str, bytes, int and float; None and bool hold nothing)
 _LEAVES = frozenset({str, bytes, int, float, bool, type(None)})
-# the exact types of entries `validate` passes over (as its isinstance check would): never put on its stack
-_PASSED = frozenset({str, bytes, int, float, bool, np.ndarray, np.int64, np.float64})
+# the exact types of entries `validate` never puts on its stack: the leaves, arrays and numpy's common scalars
+_PASSED = _LEAVES | {np.ndarray, np.int64, np.float64}
 
 
 def _plain(obj: Any, children: Any) -> bool:
@@ -215,7 +217,7 @@ def _classifier_trees(model: Any) -> Iterator[Tree]:
     stack: list[Any] = [model]
     while stack:
         obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, np.ndarray, np.generic, type, Tree)):
+        if id(obj) in seen or isinstance(obj, (_OPAQUE, Tree)):
             continue
         seen.add(id(obj))
         if isinstance(obj, classifier) and isinstance(tree := getattr(obj, "tree_", None), Tree):

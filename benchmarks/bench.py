@@ -7,7 +7,9 @@ for each operation in a fresh process. Writes benchmarks/RESULTS.md and benchmar
 from __future__ import annotations
 
 import argparse
+import compileall
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -321,9 +323,6 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args()
     names = [n for n in args.cases.split(",") if n]
-    import compileall
-    import importlib.util
-
     for package in ("mlpersist", "mlpersist.adapters"):  # the fresh processes find .pyc files, as once installed
         for folder in getattr(importlib.util.find_spec(package), "submodule_search_locations", None) or ():
             compileall.compile_dir(folder, quiet=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -47,8 +48,6 @@ def _platform() -> str:
     on most Linux systems (Gentoo's names the CPU model, which this string leaves out). Elsewhere, or
     without glibc, it is called as it is.
     """
-    import os
-
     try:
         uname, libc = os.uname(), os.confstr("CS_GNU_LIBC_VERSION") or ""
     except (AttributeError, ValueError, OSError):

@@ -131,7 +131,7 @@ def register_adapter(name: str, target: str, *, claims: tuple[str, ...] | list[s
     if not replace:
         if name in _specs:
             raise PersistError(f"adapter name {name!r} is taken by {_specs[name].target}; pass replace=True")
-        taken = {c: n for n, s in _specs.items() for c in s.claims}
+        taken = _claim_table()
         for c in claims:
             if c in taken:
                 raise PersistError(f"module {c!r} is claimed by adapter {taken[c]!r}; pass replace=True")
@@ -153,6 +153,11 @@ def replace_claims(spec: AdapterSpec, new: tuple[str, ...]) -> AdapterSpec:
 def claims() -> dict[str, str]:
     """Map each claimed top-level module to its adapter's name."""
     _read_entry_points()
+    return _claim_table()
+
+
+def _claim_table() -> dict[str, str]:
+    """Each claimed top-level module -> its adapter's name, among the specs registered so far."""
     return {c: name for name, spec in _specs.items() for c in spec.claims}
 
 
@@ -163,10 +168,8 @@ def claimed(module: str) -> str | None:
     any `register_adapter`, so a claim found before reading them is the one found after.
     """
     top = module.partition(".")[0]
-    for name, spec in _specs.items():
-        if top in spec.claims:
-            return name
-    return None if _entry_points_read else claims().get(top)
+    name = _claim_table().get(top)
+    return name if name is not None or _entry_points_read else claims().get(top)
 
 
 def claimant(module: str, table: Mapping[str, str] | None = None) -> Adapter | None:
@@ -243,7 +246,7 @@ def _read_entry_points() -> None:
     _entry_points_read = True
     from importlib.metadata import entry_points
 
-    taken = {c for spec in _specs.values() for c in spec.claims}
+    taken = _claim_table()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in _specs and ep.name not in taken:  # stored as a string: never loaded until used
             _specs[ep.name] = AdapterSpec(ep.value, (ep.name,), "", ep.name)
