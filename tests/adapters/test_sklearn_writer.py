@@ -1,0 +1,134 @@
+"""The sklearn adapter's joblib writer: the file `joblib.dump` writes, read back the same by joblib and by load_any."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlp_testkit import require
+from test_sklearn import _array_zoo, data
+
+from mlpersist import _safepickle, load_any, save_any
+
+np = require("numpy")
+joblib = require("joblib")
+_joblib_write = require("mlpersist.adapters._joblib_write")
+
+
+def _same_arrays(got: Any, want: Any, where: str = "") -> None:
+    """Arrays equal in dtype, shape, layout and every byte a field holds (a record's padding is not a field)."""
+    assert type(got) is type(want), where
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for key in want:
+            _same_arrays(got[key], want[key], f"{where}[{key!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _same_arrays(g, w, f"{where}[{i}]")
+    elif isinstance(want, np.ndarray):
+        assert (got.dtype, got.shape, got.flags.f_contiguous, got.flags.c_contiguous) == (
+            want.dtype, want.shape, want.flags.f_contiguous, want.flags.c_contiguous), where
+        if want.dtype.hasobject:  # their bytes are pointers: their objects compared
+            _same_arrays(list(got.ravel()), list(want.ravel()), where)
+        elif want.dtype.names:
+            for name in want.dtype.names:
+                assert got[name].tobytes() == want[name].tobytes(), f"{where}.{name}"
+        else:
+            assert got.tobytes() == want.tobytes(), where
+    else:
+        assert got == want, where
+
+
+def _zoo() -> dict[str, Any]:
+    """The reader's array zoo, and what joblib writes its own way: an array met twice, arrays inside objects."""
+    zoo = _array_zoo()
+    shared = np.arange(5.0)
+    zoo.update({"shared": shared, "shared_again": [shared, {"inner": shared}], "dates": np.arange(3).astype("M8[D]"),
+                "nested_objects": np.array([np.arange(3), None], dtype=object), "text": "not an array",
+                "tiny_ints": np.arange(3, dtype=np.uint8)})
+    return zoo
+
+
+@pytest.mark.parametrize("protocol", [None, 4, 5])
+def test_the_file_reads_back_as_the_one_joblib_dump_writes(protocol: int | None, tmp_path: Path) -> None:
+    """Every layout, dtype and byte order, through joblib.load, the checked reader and the trusted one."""
+    zoo = _zoo()
+    joblib.dump(zoo, tmp_path / "joblib.joblib", protocol=protocol)
+    _joblib_write.dump(zoo, tmp_path / "ours.joblib", protocol)
+    expected = joblib.load(tmp_path / "joblib.joblib")
+    _same_arrays(joblib.load(tmp_path / "ours.joblib"), expected)
+    _same_arrays(load_any(tmp_path / "ours.joblib", trusted=True), expected)
+    _same_arrays(load_any(tmp_path / "ours.joblib"), expected)
+
+
+def test_an_array_met_twice_is_written_twice_as_joblib_writes_it(tmp_path: Path) -> None:
+    """joblib does not memoize arrays: each place that held the same array gets its own copy back."""
+    shared = np.arange(4.0)
+    model = {"a": shared, "b": [shared, shared], "c": {"d": shared}}
+    joblib.dump(model, tmp_path / "joblib.joblib")
+    _joblib_write.dump(model, tmp_path / "ours.joblib", None)
+    for path in ("joblib.joblib", "ours.joblib"):
+        loaded = joblib.load(tmp_path / path)
+        copies = [loaded["a"], *loaded["b"], loaded["c"]["d"]]
+        assert len({id(c) for c in copies}) == 4, path
+        assert all(c.tolist() == shared.tolist() for c in copies), path
+
+
+def test_a_fitted_pipeline_saved_by_save_any_predicts_the_same_through_plain_joblib(tmp_path: Path) -> None:
+    """The payload is joblib's format: a colleague without mlpersist reads it with joblib.load."""
+    ensemble, pipeline, preprocessing = (require("sklearn.ensemble"), require("sklearn.pipeline"),
+                                         require("sklearn.preprocessing"))
+    x, y = data(300, 8)
+    model = pipeline.make_pipeline(preprocessing.StandardScaler(),
+                                   ensemble.RandomForestClassifier(n_estimators=12, random_state=0)).fit(x, y)
+    save_any(model, tmp_path / "art")
+    plain = joblib.load(tmp_path / "art" / "model.joblib")
+    np.testing.assert_array_equal(plain.predict_proba(x), model.predict_proba(x))
+    np.testing.assert_array_equal(load_any(tmp_path / "art").predict_proba(x), model.predict_proba(x))
+    with open(tmp_path / "art" / "model.joblib", "rb") as f:
+        names = {name for name, _ in _safepickle.audit(f, what="model.joblib")}
+    joblib.dump(model, tmp_path / "joblib.joblib")
+    with open(tmp_path / "joblib.joblib", "rb") as f:
+        assert names == {name for name, _ in _safepickle.audit(f, what="joblib.joblib")}  # the same globals, no more
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@pytest.mark.parametrize("case", ["matrix", "memmap", "protocol-2", "protocol-3"])
+def test_what_joblib_writes_its_own_way_is_written_by_joblib(case: str, tmp_path: Path) -> None:
+    """A matrix or memmap (joblib wraps their subclass), or protocols 2 and 3: joblib.dump's very bytes."""
+    grid = np.arange(6.0).reshape(2, 3)
+    protocol = int(case[-1]) if case.startswith("protocol") else None
+    if case == "memmap":
+        mapped = np.memmap(tmp_path / "grid.bin", dtype=grid.dtype, mode="w+", shape=grid.shape)
+        mapped[:] = grid
+        model: Any = {"grid": mapped, "plain": grid}
+    else:
+        model = {"grid": np.asmatrix(grid) if case == "matrix" else grid, "plain": grid}
+    joblib.dump(model, tmp_path / "joblib.joblib", protocol=protocol)
+    _joblib_write.dump(model, tmp_path / "ours.joblib", protocol)
+    assert (tmp_path / "ours.joblib").read_bytes() == (tmp_path / "joblib.joblib").read_bytes()
+
+
+def test_a_model_whose_bytes_hold_a_marker_is_written_by_joblib(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 8 bytes that mark where an array goes, found in the model's own data, send the save to joblib.dump.
+
+    With the random bytes of the marker fixed, the model holds exactly what the writer would cut at for its
+    first array: cut there, the file would not load.
+    """
+    monkeypatch.setattr(os, "urandom", lambda n: b"\x11" * n)
+    magic = (int.from_bytes(b"\x11" * 5, "little") | 1 << 38) & ((1 << 39) - 1)
+    fake = b"\x8a\x08\x00\x00\x00" + magic.to_bytes(5, "little") + b"QNub"
+    model = {"blob": b"x" + fake + b"y", "weights": np.arange(8.0)}
+    joblib.dump(model, tmp_path / "joblib.joblib")
+    _joblib_write.dump(model, tmp_path / "ours.joblib", None)
+    assert (tmp_path / "ours.joblib").read_bytes() == (tmp_path / "joblib.joblib").read_bytes()
+    _same_arrays(joblib.load(tmp_path / "ours.joblib"), model)
+    del model["blob"]  # without it the writer's own file is written, not joblib's
+    _joblib_write.dump(model, tmp_path / "own.joblib", None)
+    joblib.dump(model, tmp_path / "joblib2.joblib")
+    assert (tmp_path / "own.joblib").read_bytes() != (tmp_path / "joblib2.joblib").read_bytes()
+    _same_arrays(joblib.load(tmp_path / "own.joblib"), model)
