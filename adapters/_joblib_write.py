@@ -94,6 +94,7 @@ def _pickled(model: Any, proto: int) -> tuple[memoryview, list[tuple[np.ndarray,
 
 
 _NEWOBJ_EX = copyreg.__newobj_ex__  # type: ignore[attr-defined]
+_NO_KWARGS: dict[str, Any] = {}  # one object, memoized once: each later wrapper names it in 2 bytes (BINGET)
 
 
 class _Pickler(pickle.Pickler):
@@ -120,7 +121,7 @@ class _Pickler(pickle.Pickler):
             self.met.add(id(obj))
             self.arrays.append((obj, False))
             state: dict[Any, Any] = {**_wrapper_state(obj), _Marker(len(self.arrays) - 1): None}
-            return _NEWOBJ_EX, (NumpyArrayWrapper, (), {}), state
+            return _NEWOBJ_EX, (NumpyArrayWrapper, (), _NO_KWARGS), state
         if kind is np.matrix or kind is np.memmap:  # joblib wraps these as their subclass
             raise _Fallback
         return NotImplemented

@@ -227,4 +227,5 @@ def _read_wrapped(up: Any, wrapper: Any) -> Any:
     if need and f.readinto(flat.view(np.uint8)) != need:  # a BufferedReader: fills it, or the file ended
         raise CorruptArtifactError(f"{s.what}: the file ends inside an array's data")
     array = flat.reshape(shape[::-1]).transpose() if wrapper.order == "F" else flat.reshape(shape)
-    return _ensure_native_byte_order(array)
+    # joblib's conversion, asked only of an array not wholly in native order (its own check costs 1 us an array)
+    return array if dtype.isnative else _ensure_native_byte_order(array)
