@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mlp_testkit import require
 from test_sklearn import _array_zoo, data
 
@@ -132,3 +134,61 @@ def test_a_model_whose_bytes_hold_a_marker_is_written_by_joblib(tmp_path: Path,
     joblib.dump(model, tmp_path / "joblib2.joblib")
     assert (tmp_path / "own.joblib").read_bytes() != (tmp_path / "joblib2.joblib").read_bytes()
     _same_arrays(joblib.load(tmp_path / "own.joblib"), model)
+
+
+def _arrays() -> Any:
+    """Arrays of numpy's kinds and byte orders, in C order, Fortran order, or a strided view of either."""
+    hnp = require("hypothesis.extra.numpy")
+    dtypes = st.one_of(hnp.integer_dtypes(), hnp.unsigned_integer_dtypes(), hnp.floating_dtypes(),
+                       hnp.complex_number_dtypes(), hnp.boolean_dtypes(), hnp.byte_string_dtypes(max_len=4),
+                       hnp.unicode_string_dtypes(max_len=3), hnp.datetime64_dtypes())
+    base = hnp.arrays(dtypes, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
+
+    def laid_out(array: Any, layout: str) -> Any:
+        if layout == "fortran":
+            return np.asfortranarray(array)
+        if layout == "strided" and array.ndim:
+            return array[::2]
+        return array
+
+    return st.builds(laid_out, base, st.sampled_from(["c", "fortran", "strided"]))
+
+
+def _models() -> Any:
+    """Nested dicts, lists and tuples of arrays and plain values; an array may sit in several places."""
+    leaves = st.one_of(_arrays(), st.integers(), st.floats(allow_nan=False), st.text(max_size=5), st.binary(max_size=8),
+                       st.none())
+    tree = st.recursive(leaves, lambda inner: st.one_of(st.lists(inner, max_size=4), st.tuples(inner, inner),
+                                                        st.dictionaries(st.text(max_size=3), inner, max_size=4)),
+                        max_leaves=12)
+    return st.tuples(tree, st.lists(st.integers(0, 11), max_size=3))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(drawn=_models())
+def test_any_nesting_of_arrays_reads_back_as_joblib_dumps_file_does(drawn: Any, tmp_path: Path) -> None:
+    """Whatever arrays and containers a model holds, joblib.load gives from this file what it gives from joblib's."""
+    model, again = drawn
+    arrays: list[Any] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, np.ndarray):
+            arrays.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                collect(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                collect(v)
+
+    collect(model)
+    model = [model, *(arrays[i % len(arrays)] for i in again if arrays)]  # the same arrays, met again
+    joblib.dump(model, tmp_path / "joblib.joblib")
+    _joblib_write.dump(model, tmp_path / "ours.joblib", None)
+    try:
+        expected = joblib.load(tmp_path / "joblib.joblib")
+        _same_arrays(joblib.load(tmp_path / "ours.joblib"), expected)
+        _same_arrays(load_any(tmp_path / "ours.joblib", trusted=True), expected)
+    finally:
+        for name in ("joblib.joblib", "ours.joblib"):
+            (tmp_path / name).unlink()
