@@ -15,7 +15,9 @@ the wrapper made by NEWOBJ_EX (empty keyword arguments) rather than NEWOBJ.
 
 As joblib does, an array met twice is written twice (joblib does not memoize arrays): the second time
 as a wrapper spelled without the pickle memo, so that no memo index moves. What joblib writes in ways
-this does not (a `numpy.matrix` or `numpy.memmap`, protocols below 4, compression) goes to `joblib.dump`.
+this does not (a `numpy.matrix` or `numpy.memmap`, protocols below 4, compression) goes to `joblib.dump`,
+as does a model holding a bytes, bytearray or str of 64 KiB or more (`_unframed`), such as the booster of
+an XGBoost step in a pipeline.
 """
 
 from __future__ import annotations
@@ -135,16 +137,22 @@ def _wrapper_state(array: np.ndarray) -> dict[str, Any]:
 
 
 def _unframed(data: memoryview) -> bytes:
-    """The pickle in `data` without its FRAME headers (protocol 4+ frames are read-ahead hints, optional)."""
+    """The pickle in `data` without its FRAME headers (protocol 4+ frames are read-ahead hints, optional).
+
+    CPython's pickler frames everything after PROTO, in frames of 64 KiB and more, except a last piece
+    under 4 bytes (too small to be framed) and a bytes, bytearray or str of 64 KiB or more, which it
+    writes unframed between two frames. Where that was done (the unframed piece would be cut there as
+    frames, or kept with the frame headers after it inside), the save goes to `joblib.dump`.
+    """
     parts = [data[:2]]  # PROTO n
     at, end = 2, len(data)
-    while at < end:
-        if data[at] != pickle.FRAME[0]:  # the last piece of a pickle may be too small to be framed
-            parts.append(data[at:])
-            break
+    while at < end and data[at] == pickle.FRAME[0]:
         (size,) = struct.unpack_from("<Q", data, at + 1)
         parts.append(data[at + 9:at + 9 + size])
         at += 9 + size
+    if end - at >= 4 or at > end:  # not the last small piece: an unframed payload
+        raise _Fallback
+    parts.append(data[at:])
     return b"".join(parts)
 
 

@@ -114,6 +114,26 @@ def test_what_joblib_writes_its_own_way_is_written_by_joblib(case: str, tmp_path
     assert (tmp_path / "ours.joblib").read_bytes() == (tmp_path / "joblib.joblib").read_bytes()
 
 
+@pytest.mark.parametrize("kind", [bytes, bytearray, str])
+def test_a_model_holding_64_kib_of_bytes_or_text_in_one_object_is_written_by_joblib(kind: type,
+                                                                                  tmp_path: Path) -> None:
+    """The pickler writes such an object outside its frames, where the writer cannot take them apart: joblib.dump.
+
+    (An XGBoost step in a pipeline holds its booster so.) Cut as frames, the arrays after it did not load.
+    """
+    blob = kind("x" * (1 << 16)) if kind is str else kind(b"x" * (1 << 16))
+    model = {"before": np.arange(5.0), "blob": blob, "after": np.arange(3)}
+    joblib.dump(model, tmp_path / "joblib.joblib")
+    _joblib_write.dump(model, tmp_path / "ours.joblib", None)
+    assert (tmp_path / "ours.joblib").read_bytes() == (tmp_path / "joblib.joblib").read_bytes()
+    _same_arrays(joblib.load(tmp_path / "ours.joblib"), model)
+    model["blob"] = blob[:(1 << 16) - 1]  # one byte less: framed, and the writer's own file
+    _joblib_write.dump(model, tmp_path / "small.joblib", None)
+    joblib.dump(model, tmp_path / "joblib-small.joblib")
+    assert (tmp_path / "small.joblib").read_bytes() != (tmp_path / "joblib-small.joblib").read_bytes()
+    _same_arrays(joblib.load(tmp_path / "small.joblib"), model)
+
+
 def test_a_model_whose_bytes_hold_a_marker_is_written_by_joblib(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The 8 bytes that mark where an array goes, found in the model's own data, send the save to joblib.dump.
