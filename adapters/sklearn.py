@@ -96,7 +96,7 @@ def validate(model: Any) -> list[Tree]:
 
     """
     seen: set[int] = set()
-    claims = _registry.claims()  # once per load, not once per object of the graph
+    claims: dict[str, str | None] = {}  # top-level module -> the adapter claiming it: asked once per load
     # Base classes looked up, not imported (an instance's base class is imported already): no import cost.
     metric_base, svm_base = (_loaded("sklearn.metrics._dist_metrics", "DistanceMetric"),
                              _loaded("sklearn.svm._base", "BaseLibSVM"))
@@ -164,6 +164,7 @@ def validate(model: Any) -> list[Tree]:
     return fitted
 
 
+_OWN_STACK = frozenset({"sklearn", "numpy", "scipy"})  # whose objects the walk checks itself
 _FRACTIONS = tuple(int(p) for p in sklearn.__version__.split(".")[:2]) >= (1, 4)  # tree_.value of a classifier
 # what both walks of the model pass over: values and arrays hold no object to check, a class is a global
 _OPAQUE = (str, bytes, int, float, np.ndarray, np.generic, type)
@@ -246,9 +247,19 @@ def _loaded(module: str, name: str) -> tuple[type, ...]:
     return (cls,) if isinstance(cls, type) else ()
 
 
-def _other_adapter(module: str, claims: Mapping[str, str]) -> Any:
-    """The adapter (reached through the registry, never imported directly) that checks objects of `module`, if any."""
-    if claims.get(module.partition(".")[0]) in (None, "sklearn"):
+def _other_adapter(module: str, claims: dict[str, str | None]) -> Any:
+    """The adapter (reached through the registry, never imported directly) that checks objects of `module`, if any.
+
+    `claims` caches the registry's answer per top-level module for one load. Entry points are read only for
+    a module outside scikit-learn's own stack (scikit-learn, numpy, scipy, the standard library): a model of
+    those alone is checked without reading every installed distribution's entry points (2.5 ms here, once
+    per process). An adapter claiming numpy, scipy or a standard-library module through an entry point is
+    therefore not asked to check those objects inside a scikit-learn model.
+    """
+    top = module.partition(".")[0]
+    if top not in claims:
+        claims[top] = _registry.claimed(top, entry_points=top not in _OWN_STACK and top not in sys.stdlib_module_names)
+    if claims[top] in (None, "sklearn"):
         return None  # most of the graph: no registry lookup
     try:
         adapter = _registry.claimant(module, claims)
