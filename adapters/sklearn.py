@@ -250,15 +250,14 @@ def _loaded(module: str, name: str) -> tuple[type, ...]:
 def _other_adapter(module: str, claims: dict[str, str | None]) -> Any:
     """The adapter (reached through the registry, never imported directly) that checks objects of `module`, if any.
 
-    `claims` caches the registry's answer per top-level module for one load. Entry points are read only for
-    a module outside scikit-learn's own stack (scikit-learn, numpy, scipy, the standard library): a model of
-    those alone is checked without reading every installed distribution's entry points (2.5 ms here, once
-    per process). An adapter claiming numpy, scipy or a standard-library module through an entry point is
-    therefore not asked to check those objects inside a scikit-learn model.
+    `claims` caches the registry's answer per top-level module for one load. Objects of scikit-learn,
+    numpy, scipy and the standard library are the walk's own to check, never another adapter's: a model
+    of those alone is checked without reading every installed distribution's entry points (2.5 ms here,
+    once per process), which another package's object may need (its adapter may come from one).
     """
     top = module.partition(".")[0]
     if top not in claims:
-        claims[top] = _registry.claimed(top, entry_points=top not in _OWN_STACK and top not in sys.stdlib_module_names)
+        claims[top] = None if top in _OWN_STACK or top in sys.stdlib_module_names else _registry.claimed(top)
     if claims[top] in (None, "sklearn"):
         return None  # most of the graph: no registry lookup
     try:

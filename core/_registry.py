@@ -161,22 +161,22 @@ def _claim_table() -> dict[str, str]:
     return {c: name for name, spec in _specs.items() for c in spec.claims}
 
 
-def claimed(module: str, *, entry_points: bool = True) -> str | None:
+def claimed(module: str) -> str | None:
     """The name of the adapter claiming `module`'s top-level package, or None; reads entry points only if needed.
 
     Entry points never take a name or a claim already taken (`_read_entry_points`), and are read before
     any `register_adapter`, so a claim found before reading them is the one found after.
-    `entry_points=False`: among the adapters known so far only (built in, registered, or read already).
     """
     top = module.partition(".")[0]
     name = _claim_table().get(top)
-    return name if name is not None or _entry_points_read or not entry_points else claims().get(top)
+    return name if name is not None or _entry_points_read else claims().get(top)
 
 
 def claimant(module: str, table: Mapping[str, str | None] | None = None) -> Adapter | None:
     """The adapter registered for `module`'s top-level package (imported on first use), or None.
 
-    `table`: `claims()`, when the caller asks for many objects in one go.
+    `table`: top-level module -> adapter name (None: none), as `claims()` gives it, when the caller asks
+    for many objects in one go.
     """
     name = claimed(module) if table is None else table.get(module.partition(".")[0])
     if name is None or get_spec(name) is None:
