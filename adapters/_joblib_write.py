@@ -51,15 +51,15 @@ class _Marker:
         self.index = index
 
 
-def dump(model: Any, path: Path, protocol: int | None) -> None:
-    """Write `model` to `path` (a new file) as `joblib.dump(model, path, protocol=protocol)` would, uncompressed."""
+def dump(model: Any, path: Path, *, compress: Any = 0, protocol: int | None = None) -> None:
+    """Write `model` to `path` (a new file) as `joblib.dump(model, path, compress=..., protocol=...)` would."""
     proto = pickle.DEFAULT_PROTOCOL if protocol is None else protocol
     try:
-        if proto < 4:  # NEWOBJ_EX, with which the wrapper is written, is protocol 4's
+        if compress or proto < 4:  # joblib's compressed streams; NEWOBJ_EX, which writes the wrapper, is protocol 4's
             raise _Fallback
         pickled = _pickled(model, proto)
     except _Fallback:
-        joblib.dump(model, path, protocol=protocol)
+        joblib.dump(model, path, compress=compress, protocol=protocol)
         return
     with open(path, "x+b") as f, Writeback(f) as following:  # hashed and sent to the disk as it is written
         _write(f, following, pickled, proto)
@@ -129,11 +129,16 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
+def _fortran(array: np.ndarray) -> bool:
+    """Whether joblib writes `array` in Fortran order (only when it is not in C order too)."""
+    return bool(array.flags.f_contiguous and not array.flags.c_contiguous)
+
+
 def _wrapper_state(array: np.ndarray) -> dict[str, Any]:
     """What joblib's `NumpyPickler._create_array_wrapper` records for an uncompressed file, in its order."""
-    order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
-    return {"subclass": np.ndarray, "shape": array.shape, "order": order, "dtype": array.dtype,
-            "allow_mmap": not array.dtype.hasobject, "numpy_array_alignment_bytes": NUMPY_ARRAY_ALIGNMENT_BYTES}
+    return {"subclass": np.ndarray, "shape": array.shape, "order": "F" if _fortran(array) else "C",
+            "dtype": array.dtype, "allow_mmap": not array.dtype.hasobject,
+            "numpy_array_alignment_bytes": NUMPY_ARRAY_ALIGNMENT_BYTES}
 
 
 def _unframed(data: memoryview) -> bytes:
@@ -191,7 +196,7 @@ def _write_array(f: Any, following: Writeback, array: np.ndarray) -> None:
         return
     pad = NUMPY_ARRAY_ALIGNMENT_BYTES - (f.tell() + 1) % NUMPY_ARRAY_ALIGNMENT_BYTES
     f.write(bytes([pad]) + b"\xff" * pad)
-    if array.flags.f_contiguous and not array.flags.c_contiguous:
+    if _fortran(array):
         array = array.T  # its C order is the F order joblib writes
     if not array.size or not array.dtype.itemsize:
         return

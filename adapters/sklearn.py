@@ -9,7 +9,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-import joblib
 import numpy as np
 import sklearn
 from scipy import sparse
@@ -18,7 +17,6 @@ from sklearn.tree._tree import Tree
 from mlpersist import Payload, _registry
 from mlpersist._policy import NATIVE_STATE, unchecked_native
 from mlpersist._trees import first_bad_tree
-from mlpersist.adapters import _joblib_write
 from mlpersist.errors import PersistError, UntrustedContentError, VersionMismatchWarning
 
 _FILES = {"joblib": "model.joblib", "pickle": "model.pkl"}
@@ -41,14 +39,14 @@ class SklearnAdapter:
         """Write model.joblib (`compress=` as joblib takes it) or model.pkl; return what describes the model."""
         if options:
             raise PersistError(f"the sklearn adapter takes compress= and protocol=, not {', '.join(sorted(options))}")
-        if format == "joblib" and not compress:
-            _joblib_write.dump(model, dest / _FILES["joblib"], protocol)  # joblib.dump's format, by the C pickler
-        elif format == "joblib":
-            joblib.dump(model, dest / _FILES["joblib"], compress=compress, protocol=protocol)
-            # a file load_any would refuse as a decompression bomb is not saved
-            from mlpersist._safejoblib import check_inflation  # noqa: PLC0415 - the unpickler: compressed saves only
+        if format == "joblib":
+            from mlpersist.adapters import _joblib_write  # noqa: PLC0415 - saves only, not on the load path
 
-            check_inflation(dest / _FILES["joblib"], _FILES["joblib"])
+            _joblib_write.dump(model, dest / _FILES["joblib"], compress=compress, protocol=protocol)
+            if compress:  # a file load_any would refuse as a decompression bomb is not saved
+                from mlpersist._safejoblib import check_inflation  # noqa: PLC0415 - the unpickler: compressed saves only
+
+                check_inflation(dest / _FILES["joblib"], _FILES["joblib"])
         else:
             with open(dest / _FILES["pickle"], "wb") as f:
                 pickle.dump(model, f, protocol=pickle.HIGHEST_PROTOCOL if protocol is None else protocol)

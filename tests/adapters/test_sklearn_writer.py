@@ -59,7 +59,7 @@ def test_the_file_reads_back_as_the_one_joblib_dump_writes(protocol: int | None,
     """Every layout, dtype and byte order, through joblib.load, the checked reader and the trusted one."""
     zoo = _zoo()
     joblib.dump(zoo, tmp_path / "joblib.joblib", protocol=protocol)
-    _joblib_write.dump(zoo, tmp_path / "ours.joblib", protocol)
+    _joblib_write.dump(zoo, tmp_path / "ours.joblib", protocol=protocol)
     expected = joblib.load(tmp_path / "joblib.joblib")
     _same_arrays(joblib.load(tmp_path / "ours.joblib"), expected)
     _same_arrays(load_any(tmp_path / "ours.joblib", trusted=True), expected)
@@ -71,7 +71,7 @@ def test_an_array_met_twice_is_written_twice_as_joblib_writes_it(tmp_path: Path)
     shared = np.arange(4.0)
     model = {"a": shared, "b": [shared, shared], "c": {"d": shared}}
     joblib.dump(model, tmp_path / "joblib.joblib")
-    _joblib_write.dump(model, tmp_path / "ours.joblib", None)
+    _joblib_write.dump(model, tmp_path / "ours.joblib")
     for path in ("joblib.joblib", "ours.joblib"):
         loaded = joblib.load(tmp_path / path)
         copies = [loaded["a"], *loaded["b"], loaded["c"]["d"]]
@@ -110,7 +110,7 @@ def test_what_joblib_writes_its_own_way_is_written_by_joblib(case: str, tmp_path
     else:
         model = {"grid": np.asmatrix(grid) if case == "matrix" else grid, "plain": grid}
     joblib.dump(model, tmp_path / "joblib.joblib", protocol=protocol)
-    _joblib_write.dump(model, tmp_path / "ours.joblib", protocol)
+    _joblib_write.dump(model, tmp_path / "ours.joblib", protocol=protocol)
     assert (tmp_path / "ours.joblib").read_bytes() == (tmp_path / "joblib.joblib").read_bytes()
 
 
@@ -124,11 +124,11 @@ def test_a_model_holding_64_kib_of_bytes_or_text_in_one_object_is_written_by_job
     blob = kind("x" * (1 << 16)) if kind is str else kind(b"x" * (1 << 16))
     model = {"before": np.arange(5.0), "blob": blob, "after": np.arange(3)}
     joblib.dump(model, tmp_path / "joblib.joblib")
-    _joblib_write.dump(model, tmp_path / "ours.joblib", None)
+    _joblib_write.dump(model, tmp_path / "ours.joblib")
     assert (tmp_path / "ours.joblib").read_bytes() == (tmp_path / "joblib.joblib").read_bytes()
     _same_arrays(joblib.load(tmp_path / "ours.joblib"), model)
     model["blob"] = blob[:(1 << 16) - 1]  # one byte less: framed, and the writer's own file
-    _joblib_write.dump(model, tmp_path / "small.joblib", None)
+    _joblib_write.dump(model, tmp_path / "small.joblib")
     joblib.dump(model, tmp_path / "joblib-small.joblib")
     assert (tmp_path / "small.joblib").read_bytes() != (tmp_path / "joblib-small.joblib").read_bytes()
     _same_arrays(joblib.load(tmp_path / "small.joblib"), model)
@@ -146,11 +146,11 @@ def test_a_model_whose_bytes_hold_a_marker_is_written_by_joblib(tmp_path: Path,
     fake = b"\x8a\x08\x00\x00\x00" + magic.to_bytes(5, "little") + b"QNub"
     model = {"blob": b"x" + fake + b"y", "weights": np.arange(8.0)}
     joblib.dump(model, tmp_path / "joblib.joblib")
-    _joblib_write.dump(model, tmp_path / "ours.joblib", None)
+    _joblib_write.dump(model, tmp_path / "ours.joblib")
     assert (tmp_path / "ours.joblib").read_bytes() == (tmp_path / "joblib.joblib").read_bytes()
     _same_arrays(joblib.load(tmp_path / "ours.joblib"), model)
     del model["blob"]  # without it the writer's own file is written, not joblib's
-    _joblib_write.dump(model, tmp_path / "own.joblib", None)
+    _joblib_write.dump(model, tmp_path / "own.joblib")
     joblib.dump(model, tmp_path / "joblib2.joblib")
     assert (tmp_path / "own.joblib").read_bytes() != (tmp_path / "joblib2.joblib").read_bytes()
     _same_arrays(joblib.load(tmp_path / "own.joblib"), model)
@@ -204,7 +204,7 @@ def test_any_nesting_of_arrays_reads_back_as_joblib_dumps_file_does(drawn: Any, 
     collect(model)
     model = [model, *(arrays[i % len(arrays)] for i in again if arrays)]  # the same arrays, met again
     joblib.dump(model, tmp_path / "joblib.joblib")
-    _joblib_write.dump(model, tmp_path / "ours.joblib", None)
+    _joblib_write.dump(model, tmp_path / "ours.joblib")
     try:
         expected = joblib.load(tmp_path / "joblib.joblib")
         _same_arrays(joblib.load(tmp_path / "ours.joblib"), expected)
