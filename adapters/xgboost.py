@@ -13,7 +13,7 @@ import numpy as np
 import xgboost
 
 from mlpersist import Payload, PersistError, _gc
-from mlpersist._trees import first_bad_tree
+from mlpersist._trees import first_bad_tree, local_index
 from mlpersist._ubjson import joined
 from mlpersist._ubjson import loads as ubjson_loads
 from mlpersist.errors import (
@@ -517,22 +517,32 @@ def _first_bad_parents(sizes: Any, left: Any, right: Any, parents: Any, vector: 
     Every node but the root is the child of exactly one node, which is its parent; the root's parent
     is 2**31 - 1 as XGBoost writes it (-1 in the `vector` trees, the vector-leaf ones). XGBoost follows
     each node's parent as it loads (to mark left children), unchecked: a parent index past the tree
-    made the load segfault. Called once children are known to lie inside their trees.
+    made the load segfault. Called once children are known to lie inside their trees, after their
+    parent (`first_bad_tree`).
+
+    Checked without an array of expected parents: each inner node's two children must name it as their
+    parent, and be two nodes. Then no node is the child of two (it would name both), so the children
+    are 2 x (inner nodes) distinct non-root nodes: every non-root node is one exactly when a tree has
+    that many plus one nodes. The root is no node's child (children come after their parent), and its
+    own entry is checked apart.
     """
     counts = np.asarray(sizes, dtype=np.int64)
-    starts = np.cumsum(counts) - counts
-    base = np.repeat(starts, counts)
-    local = np.arange(len(left), dtype=np.int64) - base  # each node's index in its tree
-    inner = np.flatnonzero(np.asarray(left) != -1)
-    children = np.concatenate([left[inner] + base[inner], right[inner] + base[inner]]).astype(np.int64)
-    expected = np.full(len(left), _ROOT_PARENT, dtype=np.int64)
-    expected[starts[vector]] = -1
-    expected[children] = np.concatenate([local[inner], local[inner]])
-    times_a_child = np.bincount(children, minlength=len(left))
-    bad = (np.asarray(parents, dtype=np.int64) != expected) | (times_a_child != (local != 0))
-    if not bad.any():
-        return None
-    return _tree_of(sizes, int(np.argmax(bad)))
+    starts, local = local_index(counts)
+    left = np.asarray(left)
+    inner = np.flatnonzero(left != -1)
+    own = local[inner]
+    base = inner - own  # the global index of each inner node's tree's root
+    of = np.asarray(parents)
+    bad_nodes = ((of[base + left[inner]] != own) | (of[base + right[inner]] != own)
+                 | (left[inner] == np.asarray(right)[inner]))
+    inner_counts = np.add.reduceat((left != -1).astype(np.int64), starts)
+    roots = np.full(len(counts), _ROOT_PARENT, dtype=np.int64)
+    roots[vector] = -1
+    bad_trees = (2 * inner_counts != counts - 1) | (of[starts] != roots)
+    first = [int(np.argmax(bad_trees))] if bad_trees.any() else []
+    if bad_nodes.any():
+        first.append(_tree_of(counts, int(inner[np.argmax(bad_nodes)])))
+    return min(first) if first else None
 
 
 def _categories_ok(tree: Any, split_type: Any, left: Any) -> bool:

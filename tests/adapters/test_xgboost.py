@@ -966,3 +966,70 @@ def test_joined_lazy_arrays_equal_their_concatenation(values: list[Any], pad: st
     doc = {f"{pad}{i}": v for i, v in enumerate(values)}
     got, want = joined(list(loads(encode(doc, "U"), "doc", lazy=True).values())), np.concatenate(values)
     assert got.dtype.newbyteorder("=") == want.dtype and np.array_equal(got, want, equal_nan=want.dtype.kind == "f")
+
+
+# --- the parents check against its plain statement ------------------------------------------------------------
+
+def _expected_parents_bad(sizes: list[int], left: Any, right: Any, parents: Any, vector: list[int]) -> int | None:
+    """The rule `_first_bad_parents` checks, stated plainly: an array of each node's expected parent."""
+    np = require("numpy")
+    starts = np.cumsum(sizes) - np.asarray(sizes)
+    for t, (start, n) in enumerate(zip(starts.tolist(), sizes, strict=True)):
+        expected = [2**31 - 1 if t not in vector else -1] + [None] * (n - 1)
+        times = [0] * n
+        for i in range(n):
+            if left[start + i] != -1:
+                for child in (int(left[start + i]), int(right[start + i])):
+                    expected[child], times[child] = i, times[child] + 1
+        if any(times[i] != (i != 0) for i in range(n)) or any(
+                int(parents[start + i]) != expected[i] for i in range(n)):
+            return t
+    return None
+
+
+@st.composite
+def _trees_with_parents(draw: Any) -> tuple[list[int], Any, Any, Any, list[int]]:
+    """Random XGBoost-shaped trees (children after their node, right = left + 1), parents then damaged."""
+    np = require("numpy")
+    sizes, left, right, parents = [], [], [], []
+    for _ in range(draw(st.integers(1, 4))):
+        lt, rt, pt, leaves = [-1], [-1], [2**31 - 1], [0]
+        for _ in range(draw(st.integers(0, 6))):
+            node = leaves.pop(draw(st.integers(0, len(leaves) - 1)))
+            lt[node], rt[node] = len(lt), len(lt) + 1
+            for _ in range(2):
+                leaves.append(len(lt))
+                lt.append(-1)
+                rt.append(-1)
+                pt.append(node)
+        sizes.append(len(lt))
+        left += lt
+        right += rt
+        parents += pt
+    vector = sorted(draw(st.sets(st.integers(0, len(sizes) - 1), max_size=2)))
+    starts = np.cumsum(sizes) - np.asarray(sizes)
+    for t in vector:
+        parents[int(starts[t])] = -1
+    total = len(left)
+    for _ in range(draw(st.integers(0, 3))):  # damage: a parent anywhere, or a node taking another's children
+        at = draw(st.integers(0, total - 1))
+        if draw(st.booleans()):
+            another = parents[draw(st.integers(0, total - 1))]
+            parents[at] = draw(st.sampled_from([-1, 0, 1, 2, 3, 2**31 - 1, 2**24, another]))
+        else:
+            other = draw(st.integers(0, total - 1))
+            left[at], right[at] = left[other], right[other]
+    arrays = (np.asarray(a, dtype=">i4") for a in (left, right, parents))  # as the file holds them
+    return (sizes, *arrays, vector)
+
+
+@settings(max_examples=500, deadline=None)
+@given(drawn=_trees_with_parents())
+def test_the_parents_check_refuses_exactly_the_trees_its_plain_statement_does(drawn: Any) -> None:
+    """Checked on trees whose children `first_bad_tree` takes (in their tree, after their node), as XGBoost's are."""
+    xgb_adapter = require("mlpersist.adapters.xgboost")
+    sizes, left, right, parents, vector = drawn
+    features = require("numpy").zeros(len(left), dtype=">i4")
+    if require("mlpersist._trees").first_bad_tree(sizes, left, right, features, 1, adjacent=True) is None:
+        assert xgb_adapter._first_bad_parents(sizes, left, right, parents, vector) == _expected_parents_bad(
+            sizes, left, right, parents, vector)
