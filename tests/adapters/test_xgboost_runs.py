@@ -189,3 +189,35 @@ def test_like_objects_make_one_run_and_unlike_ones_a_bounded_number_of_tries(
     rows = loads(encode({"t": short}, "L"), "doc", lazy=True)["t"]
     assert same(read_arrays(rows), short)
     assert len(tried) == _runs.MAX_TEMPLATES
+
+
+_WIDTHS = {"i": ">b", "U": ">B", "I": ">h", "l": ">i", "L": ">q"}
+
+
+@settings(max_examples=400, deadline=None)
+@given(runs=st.lists(st.tuples(st.sampled_from("iUIlL"), st.lists(st.integers(-128, 127), min_size=1, max_size=40),
+                               st.integers(-1, 40)), max_size=6),
+       counted=st.booleans(), cut=st.integers(0, 12), tail=st.sampled_from([b"", b"]", b"Z", b"i", b"i\x05"]))
+def test_untyped_integer_lists_read_as_the_long_way_reads_them(runs: list[tuple[str, list[int], int]], counted: bool,
+                                                                cut: int, tail: bytes) -> None:
+    """Runs of like integers (`tree_info`, `iteration_indptr`) read a run at a time: runs of each width, a
+    no-op inside some, the list counted or closed, then cut short or followed by stray bytes."""
+    import struct
+
+    items = [(marker, value % 256 if marker == "U" else value, i == noop) for marker, values, noop in runs
+             for i, value in enumerate(values)]
+    body = b"".join((b"N" if noop else b"") + marker.encode() + struct.pack(_WIDTHS[marker], value)
+                    for marker, value, noop in items)
+    raw = b"[" + (b"#L" + struct.pack(">q", len(items)) + body if counted else body + b"]")
+    raw = (raw[:len(raw) - cut] if cut else raw) + tail
+    outcomes = []
+    for fast in (True, False):
+        from mlpersist._ubjson import loads
+
+        try:
+            outcomes.append(("read", loads(raw, "doc", lazy=True, runs=fast)))
+        except CorruptArtifactError as exc:
+            outcomes.append(("refused", str(exc)))
+    assert outcomes[0] == outcomes[1]
+    if not cut and not tail:
+        assert outcomes[0] == ("read", [value for _, value, _ in items])
