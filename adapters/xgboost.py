@@ -70,7 +70,8 @@ class XGBoostAdapter:
         name = _FILES.get(format)
         if name is None:
             raise CorruptArtifactError(f"unknown xgboost format {format!r}")
-        raw = payload.read_bytes(name)
+        kept = payload.checked_bytes(name)  # under 16 MiB: the bytes hashed, handed to XGBoost without a copy
+        raw = kept if isinstance(kept, bytearray) else bytearray(payload.read_bytes(name))  # what load_model takes
         label = payload.label(name)
         if not payload.policy.trusted:
             score = vet(raw, format, label)
@@ -83,7 +84,7 @@ class XGBoostAdapter:
             raise CorruptArtifactError(f"unknown XGBoost wrapper {info.get('wrapper')!r}")
         model = cls()
         try:
-            model.load_model(bytearray(raw))
+            model.load_model(raw)
         except Exception as exc:  # XGBoostError; UnicodeDecodeError when XGBoost's message quotes the file's bytes
             why = str(exc).splitlines()[0][:200] if str(exc) else ""
             raise CorruptArtifactError(f"XGBoost could not read {label}: {type(exc).__name__}: {why}") from exc
@@ -130,7 +131,7 @@ class XGBoostAdapter:
         return state
 
 
-def vet(raw: bytes, format: str, what: str) -> str | None:
+def vet(raw: bytes | bytearray, format: str, what: str) -> str | None:
     """Parse and check the model document, with the garbage collector paused until it is dropped.
 
     Returns what `_for_this_version` returns: the base score an older XGBoost must be given, or None.
@@ -203,7 +204,7 @@ def _scalar_base_score(score: str | None, what: str) -> str | None:
         "off; install xgboost>=3.1 to load it")
 
 
-def parse(raw: bytes, format: str, what: str) -> Any:
+def parse(raw: bytes | bytearray, format: str, what: str) -> Any:
     """Read the model document ourselves: bounded, no native code."""
     if format == "ubj":
         return ubjson_loads(raw, what, lazy=True)  # typed arrays read when checked (most are not)
@@ -430,7 +431,7 @@ def _before_3_2_error(what: str, subject: str) -> VersionMismatchError:
         "xgboost<3.2 is installed, or train it again with this version")
 
 
-def _vector_leaves_before_3_2(raw: bytes) -> bool:
+def _vector_leaves_before_3_2(raw: bytes | bytearray) -> bool:
     """Whether the file holds vector-leaf trees without `leaf_weights`, found without parsing it (trusted loads).
 
     Every tree of a model has the same leaf width (`size_leaf_vector`, a string in JSON and UBJSON alike), so
