@@ -53,7 +53,7 @@ def local_index(sizes: Any) -> tuple[Any, Any]:
 
     `sizes`: the trees' node counts (int64, each at least 1). The indices are int32 when they fit (every
     model does): the arrays a check makes of them are then half as large, and freshly allocated memory
-    is what such a check mostly pays for (a 125,000-node model: 0.5 MB per array, each page faulted in).
+    is much of what such a check pays for (each page of a new array faulted in).
     """
     import numpy as np
 
