@@ -529,14 +529,14 @@ def _first_bad_parents(sizes: Any, left: Any, right: Any, parents: Any, vector: 
     """
     counts = np.asarray(sizes, dtype=np.int64)
     starts, local = local_index(counts)
-    left = np.asarray(left)
-    inner = np.flatnonzero(left != -1)
-    own = local[inner]
+    is_inner = np.asarray(left) != -1
+    inner = np.flatnonzero(is_inner)
+    own, first_child, second_child = local[inner], np.asarray(left)[inner], np.asarray(right)[inner]
     base = inner - own  # the global index of each inner node's tree's root
     of = np.asarray(parents)
-    bad_nodes = ((of[base + left[inner]] != own) | (of[base + right[inner]] != own)
-                 | (left[inner] == np.asarray(right)[inner]))
-    inner_counts = np.add.reduceat((left != -1).astype(np.int64), starts)
+    bad_nodes = ((of[base + first_child] != own) | (of[base + second_child] != own)
+                 | (first_child == second_child))
+    inner_counts = np.add.reduceat(is_inner.astype(np.int64), starts)
     roots = np.full(len(counts), _ROOT_PARENT, dtype=np.int64)
     roots[vector] = -1
     bad_trees = (2 * inner_counts != counts - 1) | (of[starts] != roots)

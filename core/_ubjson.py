@@ -253,7 +253,7 @@ class _Reader:
         entry = np.dtype([("m", "u1"), ("v", dtype)])
         most = min((len(buf) - start) // entry.itemsize, _INTEGERS if left is None else min(left, _INTEGERS))
         if most < 1:
-            return [self.value(m, 0)]
+            return [self.value(m, 0)]  # cut short: the long way raises what is wrong (a number has no depth)
         k, window = 0, _SLOW  # compared a window at a time, each 4 times the last: the cost follows what is read
         while k < most:
             count = min(most - k, window)
