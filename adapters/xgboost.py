@@ -374,9 +374,10 @@ def _check_trees(trees: Any, n_features: int, outputs: int, what: str) -> tuple[
                                                               "parents"))
     if any(vector.values()):
         right = _leaf_indices_checked(sizes, vector, left, right)
-    bad = first_bad_tree(sizes, left, right, split, n_features, adjacent=True)  # predict assumes adjacent children
+    index = local_index(sizes)  # each node's index in its tree: for both checks
+    bad = first_bad_tree(sizes, left, right, split, n_features, adjacent=True, index=index)  # predict: right = left + 1
     if bad is None:
-        bad = _first_bad_parents(sizes, left, right, parents, list(vector))
+        bad = _first_bad_parents(sizes, left, right, parents, list(vector), index=index)
     if bad is not None:
         _refuse(bad)
     typed = table.lengths("split_type", -1)  # absent before XGBoost 1.6 (-1 here): every split numerical
@@ -512,7 +513,8 @@ def _tree_of(sizes: Any, node: int) -> int:
     return int(np.searchsorted(np.cumsum(sizes), node, side="right"))
 
 
-def _first_bad_parents(sizes: Any, left: Any, right: Any, parents: Any, vector: list[int]) -> int | None:
+def _first_bad_parents(sizes: Any, left: Any, right: Any, parents: Any, vector: list[int],
+                       *, index: tuple[Any, Any]) -> int | None:
     """Return the first tree whose `parents` disagree with its children, or None.
 
     Every node but the root is the child of exactly one node, which is its parent; the root's parent
@@ -528,7 +530,7 @@ def _first_bad_parents(sizes: Any, left: Any, right: Any, parents: Any, vector: 
     own entry is checked apart.
     """
     counts = np.asarray(sizes, dtype=np.int64)
-    starts, local = local_index(counts)
+    starts, local = index  # `local_index(sizes)`
     is_inner = np.asarray(left) != -1
     inner = np.flatnonzero(is_inner)
     own, first_child, second_child = local[inner], np.asarray(left)[inner], np.asarray(right)[inner]

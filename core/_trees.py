@@ -13,13 +13,14 @@ from typing import Any
 
 
 def first_bad_tree(counts: Sequence[int], left: Any, right: Any, feature: Any, n_features: Any, *,
-                   adjacent: bool) -> int | None:
+                   adjacent: bool, index: tuple[Any, Any] | None = None) -> int | None:
     """Return the index of the first tree whose child or feature indices point outside its arrays, or None.
 
     `left`, `right` and `feature` hold every tree's node arrays joined, tree after tree, `counts[i]`
     nodes for tree i; a leaf has -1 for both children. An inner node's children come after it and
     inside its tree, its feature is in `[0, n_features)` (one bound for all trees, or one per tree).
     `adjacent`: the predictor also assumes the right child is the left one's neighbour (XGBoost).
+    `index`: `local_index(counts)`, when the caller has made it for a check of its own.
 
     Raises:
         ValueError: the arrays are not integers, or do not hold `counts[i]` nodes per tree.
@@ -35,7 +36,7 @@ def first_bad_tree(counts: Sequence[int], left: Any, right: Any, feature: Any, n
         raise ValueError("every tree needs at least one node and one entry per node in each array")
     if sizes.size == 0:
         return None
-    starts, idx = local_index(sizes)  # each node's index in its tree
+    starts, idx = local_index(sizes) if index is None else index  # each node's index in its tree
     nodes = np.repeat(sizes.astype(idx.dtype), sizes)  # the size of each node's tree
     bound = np.repeat(np.asarray(n_features, dtype=np.int64), sizes) if np.ndim(n_features) else n_features
     leaf = left == -1

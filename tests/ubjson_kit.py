@@ -9,7 +9,7 @@ from typing import Any
 
 from mlp_testkit import require
 
-_INT_MARKERS = [(b"U", ">B", 0, 255), (b"i", ">b", -128, 127), (b"I", ">h", -(2**15), 2**15 - 1),
+INT_MARKERS = [(b"U", ">B", 0, 255), (b"i", ">b", -128, 127), (b"I", ">h", -(2**15), 2**15 - 1),
                 (b"l", ">i", -(2**31), 2**31 - 1), (b"L", ">q", -(2**63), 2**63 - 1)]
 ARRAY_MARKERS = {"uint8": b"U", "int8": b"i", "int16": b"I", "int32": b"l", "int64": b"L", "float32": b"d",
                   "float64": b"D"}
@@ -30,7 +30,7 @@ def encode(v: Any, wide: str, counted: bool = False, noop: bool = False) -> byte
     if v is None or isinstance(v, bool):
         return n + {None: b"Z", True: b"T", False: b"F"}[v]
     if isinstance(v, int):
-        marker, fmt = next((m, f) for m, f, lo, hi in _INT_MARKERS if lo <= v <= hi)
+        marker, fmt = next((m, f) for m, f, lo, hi in INT_MARKERS if lo <= v <= hi)
         return n + marker + struct.pack(fmt, v)
     if isinstance(v, float):
         return n + b"D" + struct.pack(">d", v)

@@ -1029,7 +1029,8 @@ def test_the_parents_check_refuses_exactly_the_trees_its_plain_statement_does(dr
     """Checked on trees whose children `first_bad_tree` takes (in their tree, after their node), as XGBoost's are."""
     xgb_adapter = require("mlpersist.adapters.xgboost")
     sizes, left, right, parents, vector = drawn
-    features = require("numpy").zeros(len(left), dtype=">i4")
-    if require("mlpersist._trees").first_bad_tree(sizes, left, right, features, 1, adjacent=True) is None:
-        assert xgb_adapter._first_bad_parents(sizes, left, right, parents, vector) == _expected_parents_bad(
-            sizes, left, right, parents, vector)
+    np, trees = require("numpy"), require("mlpersist._trees")
+    index = trees.local_index(np.asarray(sizes, dtype=np.int64))
+    if trees.first_bad_tree(sizes, left, right, np.zeros(len(left), dtype=">i4"), 1, adjacent=True) is None:
+        found = xgb_adapter._first_bad_parents(sizes, left, right, parents, vector, index=index)
+        assert found == _expected_parents_bad(sizes, left, right, parents, vector)

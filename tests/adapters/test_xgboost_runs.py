@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlp_testkit import require
-from ubjson_kit import ARRAY_MARKERS, encode, read_arrays, same
+from ubjson_kit import ARRAY_MARKERS, INT_MARKERS, encode, read_arrays, same
 
 from mlpersist import CorruptArtifactError, save_any
 
@@ -191,7 +191,7 @@ def test_like_objects_make_one_run_and_unlike_ones_a_bounded_number_of_tries(
     assert len(tried) == _runs.MAX_TEMPLATES
 
 
-_WIDTHS = {"i": ">b", "U": ">B", "I": ">h", "l": ">i", "L": ">q"}
+_WIDTHS = {marker.decode(): fmt for marker, fmt, _, _ in INT_MARKERS}
 
 
 @settings(max_examples=400, deadline=None)
