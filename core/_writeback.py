@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import os
+import zlib
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import _digest
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 STEP = 8 << 20  # handed to the disk at a time: the fsync after the last write waits for less than this
 PIECE = 4 << 20  # hashed at a time: the hash of the last piece is all that is left after the last write
+_REPLY = "crc"
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait
 
 
@@ -60,7 +62,9 @@ class Writeback:
         self._followed = FOLLOWED.get() if f.readable() else None
         self._algo = _digest.algorithm() if self._followed is not None else ""
         self._queued = 0  # bytes handed to the thread
-        self._jobs: SimpleQueue[tuple[int, int] | None] = SimpleQueue()
+        # a range to follow; bytes to add to the CRC; _REPLY: put the CRC in _crcs and start a new one
+        self._jobs: SimpleQueue[tuple[int, int] | memoryview | str | None] = SimpleQueue()
+        self._crcs: SimpleQueue[int] = SimpleQueue()
         self._thread: threading.Thread | None = None
         self._failed: BaseException | None = None
         self._hasher: _digest.Hasher | None = None
@@ -90,6 +94,36 @@ class Writeback:
                 self.written()
             return len(flat)
 
+    def write_crc(self, data: Any) -> int:
+        """`write` `data`, and return its CRC-32, half of it taken on the thread (for `ZipOut`).
+
+        zipfile makes a pass over a member's bytes for its CRC before it writes them: 29 ms for Keras's
+        200 MB of weights, on the writing thread, before 40-47 ms of writes. Here the thread takes the CRC
+        of the first half, piece by piece beside the writes and before each piece's hash (from the page
+        cache, ~45 ms in all); the writer takes the second half's after writing each piece; `crc32_combine`
+        joins the two. Measured on that save: write_crc 65-70 ms, against 74 with the whole CRC on the
+        thread and ~75 for zipfile's way; the thread taking 60 or 50% of the CRC made no difference
+        beyond the noise, 40 or 70-80% was slower. Data under a piece is written and CRC'd here.
+        """
+        with memoryview(data) as view, view.cast("B") as flat:
+            if len(flat) < PIECE:
+                self._f.write(flat)
+                self.written()
+                return zlib.crc32(flat)
+            half = len(flat) // 2 // PIECE * PIECE or PIECE
+            crc = 0
+            for start in range(0, len(flat), PIECE):
+                piece = flat[start:start + PIECE]
+                self._f.write(piece)
+                self._start()
+                if start < half:
+                    self._jobs.put(piece)
+                else:
+                    crc = zlib.crc32(piece, crc)
+                self.written()
+            self._jobs.put(_REPLY)
+            return crc32_combine(self._crcs.get(), crc, len(flat) - half)
+
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._thread is None:
             return  # under a piece (or nothing to do here): the core hashes it as any file
@@ -104,19 +138,30 @@ class Writeback:
                 self._followed[(st.st_dev, st.st_ino)] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, self._algo,
                                                           f"{self._algo}:{self._hasher.hexdigest()}")
 
-    def _hand(self, end: int) -> None:
+    def _start(self) -> None:
         if self._thread is None:
             import threading
 
             self._thread = threading.Thread(target=self._run, name="mlpersist-writeback", daemon=True)
             self._thread.start()
+
+    def _hand(self, end: int) -> None:
+        self._start()
         if end > self._queued:
             self._jobs.put((self._queued, end))
             self._queued = end
 
     def _run(self) -> None:
         fd = self._f.fileno()
+        crc = 0
         while (job := self._jobs.get()) is not None:
+            if isinstance(job, memoryview):  # done even after a failure: the writer waits for the CRC
+                crc = zlib.crc32(job, crc)
+                continue
+            if isinstance(job, str):  # _REPLY
+                self._crcs.put(crc)
+                crc = 0
+                continue
             if self._failed is not None:
                 continue  # drain: the writer waits for the None
             try:
@@ -169,3 +214,31 @@ class Stream(io.RawIOBase):
 def supported() -> bool:
     """Whether this system starts writeback early (else `Writeback` only hashes)."""
     return _sync_file_range() is not None
+
+
+_CRC_POLY = 0xEDB88320  # CRC-32's polynomial, bits reversed: zlib's arithmetic, modulo it
+
+
+def _multiply(a: int, b: int) -> int:
+    """Multiply a and b modulo the CRC-32 polynomial (zlib's multmodp)."""
+    m, p = 1 << 31, 0
+    while m:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                break
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+    return p
+
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The CRC-32 of A + B from A's CRC, B's CRC and B's length (zlib's crc32_combine, not in Python's zlib)."""
+    power, x = 1 << 31, 1 << 30  # x^0, then x^(2^k) for k = 0, 1, ... as length2 * 8's bits are read
+    n = length2 * 8
+    while n:
+        if n & 1:
+            power = _multiply(x, power)
+        n >>= 1
+        x = _multiply(x, x)
+    return _multiply(power, crc1) ^ crc2

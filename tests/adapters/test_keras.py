@@ -16,6 +16,7 @@ from mlp_testkit import require, run_python, write_refused, write_when_let_in
 from mlpersist import (
     CorruptArtifactError,
     IntegrityError,
+    UnsupportedModelError,
     UntrustedContentError,
     load_any,
     save_any,
@@ -62,17 +63,16 @@ def same(a: Any, b: Any) -> None:
 
 def test_a_large_model_is_hashed_as_keras_writes_it_and_its_digest_is_that_of_its_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keras's zip goes through a forward-only stream (`_writeback.Stream`): each member is followed by a data
-    descriptor, its weights are hashed as they are written (the core does not read the file again), and the
-    manifest's digest is still that of the file; the model loads and predicts bit for bit, and the archive
-    also loads with Keras alone."""
+    """Keras's zip is written forward only (`_zips.ZipOut`): each member is followed by a data descriptor,
+    its weights are hashed as they are written (the core does not read the file again), and the manifest's
+    digest is still that of the file; the model loads and predicts bit for bit, and the archive also loads
+    with Keras alone."""
     from blake3 import blake3
 
     from mlpersist import _storage, _writeback
 
     k = keras()
-    k.utils.set_random_seed(0)
-    model = k.Sequential([k.Input((4,)), k.layers.Dense(2400), k.layers.Dense(2400), k.layers.Dense(2)])  # 23 MB
+    model = _large(k)
     assert model.count_params() * 4 > _writeback.PIECE
     hashed: list[int] = []
     real_hash = _storage.hash_fd
@@ -94,6 +94,96 @@ def test_a_large_model_is_hashed_as_keras_writes_it_and_its_digest_is_that_of_it
             "metadata.json": True, "config.json": True, "model.weights.h5": True}
     same(model, load_any(tmp_path / "m"))
     same(model, k.models.load_model(str(path)))
+
+
+def _large(k: Any) -> Any:
+    k.utils.set_random_seed(0)
+    return k.Sequential([k.Input((4,)), k.layers.Dense(2400), k.layers.Dense(2400), k.layers.Dense(2)])  # 23 MB
+
+
+def _spy_archive(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    from mlpersist.adapters import keras as adapter
+
+    taken: list[bool] = []
+    real = adapter._write_archive
+
+    def spying(*args: Any) -> bool:
+        taken.append(real(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(adapter, "_write_archive", spying)
+    return taken
+
+
+def _members(path: Path) -> dict[str, Any]:
+    """Each member of a .keras file: JSON parsed (the save date dropped), and the HDF5 weights as arrays."""
+    h5py = require("h5py")
+    out: dict[str, Any] = {}
+    with zipfile.ZipFile(path) as zf:
+        assert zf.testzip() is None  # every CRC is right
+        for name in zf.namelist():
+            if name.endswith(".json"):
+                out[name] = {k: v for k, v in json.loads(zf.read(name)).items() if k != "date_saved"}
+            else:
+                with h5py.File(io.BytesIO(zf.read(name)), "r") as h5:
+                    out[name] = _datasets(h5py, h5)
+    return out
+
+
+def _datasets(h5py: Any, h5: Any) -> dict[str, bytes]:
+    arrays: dict[str, bytes] = {}
+
+    def keep(key: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            arrays[key] = obj[()].tobytes()
+
+    h5.visititems(keep)
+    return arrays
+
+
+def test_the_archive_written_is_the_one_keras_writes_with_the_weights_crc_taken_beside_the_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the Keras releases `_write_archive` repeats, save_any writes the archive with `ZipOut`: the same
+    members in the same order as `model.save`, the same config and metadata, the same weights; a
+    release it was not checked against gets Keras's own writer, and loads the same."""
+    from mlpersist.adapters import keras as adapter
+
+    k = keras()
+    model = _large(k)
+    model.save(str(tmp_path / "native.keras"))
+    taken = _spy_archive(monkeypatch)
+    save_any(model, tmp_path / "m")
+    assert taken == [True]
+    native = _members(tmp_path / "native.keras")
+    assert list(native) == ["metadata.json", "config.json", "model.weights.h5"]
+    assert _members(tmp_path / "m" / "model.keras") == native
+    same(model, load_any(tmp_path / "m"))
+
+    monkeypatch.setattr(adapter, "_ARCHIVE_RELEASES", ((3, 0), (3, 5)))  # as if Keras were newer than checked
+    save_any(model, tmp_path / "fallback")
+    assert taken == [True, False]
+    assert _members(tmp_path / "fallback" / "model.keras") == native
+    same(model, load_any(tmp_path / "fallback"))
+    assert [adapter._release(v) for v in ("3.15.1", "3.16.0.dev2026", "3.10rc1", "4")] == [
+        (3, 15), (3, 16), (3, 10), (4, 0)]
+
+
+def test_a_save_that_fails_while_keras_writes_its_weights_leaves_nothing(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    k = keras()
+
+    class Failing(k.layers.Dense):  # type: ignore[name-defined,misc]
+        def save_own_variables(self, store: Any) -> None:
+            raise RuntimeError("disk quota of the layer")
+
+    k.utils.set_random_seed(0)
+    model = k.Sequential([k.Input((4,)), k.layers.Dense(2400), Failing(2)])
+    taken = _spy_archive(monkeypatch)
+    with pytest.raises(UnsupportedModelError, match="could not save Sequential as keras: RuntimeError: disk quota"):
+        save_any(model, tmp_path / "m")
+    assert taken == []  # it raised from inside _write_archive
+    assert not (tmp_path / "m").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_a_model_class_with_its_own_save_is_saved_by_it(tmp_path: Path) -> None:
