@@ -81,3 +81,23 @@ class HalfSaved(keras.layers.Layer):
 
     def load_own_variables(self, store: Any) -> None:
         self.kernel.assign(store["0"])
+
+
+@keras.saving.register_keras_serializable(package="mlptest")
+class Noted(keras.layers.Layer):
+    """A registered layer that keeps a note as an asset file (Keras's `save_assets`), as adapted lookups do."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.note = ""
+
+    def call(self, x: Any) -> Any:
+        return x + float(len(self.note))
+
+    def save_assets(self, dir_path: str) -> None:
+        with open(f"{dir_path}/note.txt", "w", encoding="utf-8") as f:
+            f.write(self.note)
+
+    def load_assets(self, dir_path: str) -> None:
+        with open(f"{dir_path}/note.txt", encoding="utf-8") as f:
+            self.note = f.read()

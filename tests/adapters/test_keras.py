@@ -124,9 +124,11 @@ def _members(path: Path) -> dict[str, Any]:
         for name in zf.namelist():
             if name.endswith(".json"):
                 out[name] = {k: v for k, v in json.loads(zf.read(name)).items() if k != "date_saved"}
-            else:
+            elif name.endswith(".h5"):
                 with h5py.File(io.BytesIO(zf.read(name)), "r") as h5:
                     out[name] = _datasets(h5py, h5)
+            else:
+                out[name] = zf.read(name)
     return out
 
 
@@ -166,6 +168,25 @@ def test_the_archive_written_is_the_one_keras_writes_with_the_weights_crc_taken_
     same(model, load_any(tmp_path / "fallback"))
     assert [adapter._release(v) for v in ("3.15.1", "3.16.0.dev2026", "3.10rc1", "4")] == [
         (3, 15), (3, 16), (3, 10), (4, 0)]
+
+
+def test_a_layers_asset_files_are_written_as_keras_writes_them_and_load_back(tmp_path: Path) -> None:
+    """Keras's asset store hands each file a layer wrote (an adapted lookup's vocabulary) to the archive's
+    `write`: the member is the one `model.save` writes, and the layer reads it back."""
+    k = keras()
+    from keras_models import Noted
+
+    noted = Noted()
+    noted.note = "vocabulary: a b c é"
+    model = k.Sequential([k.Input((2,)), noted])
+    model.save(str(tmp_path / "native.keras"))
+    save_any(model, tmp_path / "m")
+    native = _members(tmp_path / "native.keras")
+    assert native["assets/layers/noted/note.txt"] == "vocabulary: a b c é".encode()
+    assert _members(tmp_path / "m" / "model.keras") == native
+    loaded = load_any(tmp_path / "m")
+    assert loaded.layers[0].note == "vocabulary: a b c é"
+    same(model, loaded)
 
 
 def test_a_save_that_fails_while_keras_writes_its_weights_leaves_nothing(tmp_path: Path,
