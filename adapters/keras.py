@@ -6,7 +6,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -111,16 +111,17 @@ def _write_archive(model: Any, lib: Any, archive: ZipOut) -> bool:
     config_json, metadata_json = lib._serialize_model_as_json(model)
     archive.writestr(lib._METADATA_FILENAME, metadata_json.encode())
     archive.writestr(lib._CONFIG_FILENAME, config_json.encode())
-    weights = lib.H5IOStore(lib._VARS_FNAME_H5, archive=archive, mode="w")
-    assets = lib.DiskIOStore(lib._ASSETS_DIRNAME, archive=archive, mode="w")
-    try:
-        lib._save_state(model, weights_store=weights, assets_store=assets, inner_path="", visited_saveables=set())
-    except BaseException:
-        weights.archive = assets.archive = None  # as Keras: close without writing (the save is discarded)
-        raise
-    finally:
-        weights.close()
-        assets.close()
+    with ExitStack() as stores:  # closed in reverse, each even if another fails: weights, then assets, as Keras
+        assets = lib.DiskIOStore(lib._ASSETS_DIRNAME, archive=archive, mode="w")  # a temporary directory
+        stores.callback(assets.close)
+        weights = lib.H5IOStore(lib._VARS_FNAME_H5, archive=archive, mode="w")
+        stores.callback(weights.close)
+        try:
+            lib._save_state(model, weights_store=weights, assets_store=assets, inner_path="",
+                            visited_saveables=set())
+        except BaseException:
+            weights.archive = assets.archive = None  # as Keras: close without writing (the save is discarded)
+            raise
     archive.close()
     return True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, ClassVar
@@ -191,6 +192,8 @@ def test_a_layers_asset_files_are_written_as_keras_writes_them_and_load_back(tmp
 
 def test_a_save_that_fails_while_keras_writes_its_weights_leaves_nothing(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlpersist._zips import ZipOut
+
     k = keras()
 
     class Failing(k.layers.Dense):  # type: ignore[name-defined,misc]
@@ -200,11 +203,18 @@ def test_a_save_that_fails_while_keras_writes_its_weights_leaves_nothing(tmp_pat
     k.utils.set_random_seed(0)
     model = k.Sequential([k.Input((4,)), k.layers.Dense(2400), Failing(2)])
     taken = _spy_archive(monkeypatch)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where Keras's asset store makes its directory
+    written: list[str] = []
+    real_writestr = ZipOut.writestr
+    monkeypatch.setattr(ZipOut, "writestr", lambda self, name, data: (written.append(name),
+                                                                      real_writestr(self, name, data))[1])
     with pytest.raises(UnsupportedModelError, match="could not save Sequential as keras: RuntimeError: disk quota"):
-        save_any(model, tmp_path / "m")
+        save_any(model, tmp_path / "out" / "m")
     assert taken == []  # it raised from inside _write_archive
-    assert not (tmp_path / "m").exists()
-    assert [p.name for p in tmp_path.iterdir()] == []
+    assert written == ["metadata.json", "config.json"]  # the weights were not written for nothing
+    assert list((tmp_path / "out").iterdir()) == []  # no artifact, no staging directory
+    assert list((tmp_path / "tmp").iterdir()) == []  # the asset store's directory removed
 
 
 def test_a_model_class_with_its_own_save_is_saved_by_it(tmp_path: Path) -> None:
