@@ -85,8 +85,8 @@ class Writeback:
     def write(self, data: Any) -> int:
         """Write `data` to the file in pieces of at most `PIECE`, each handed on (`written`) once written.
 
-        One large buffer (a tensor, the 200 MB of weights Keras writes into its zip at once) is then hashed
-        while it is written, not after it.
+        One large buffer (a tensor; the 200 MB of weights zipfile writes at once where Keras's own writer
+        makes the archive) is then hashed while it is written, not after it. `write_crc` for a zip member.
         """
         with memoryview(data) as view, view.cast("B") as flat:
             for start in range(0, len(flat), PIECE):

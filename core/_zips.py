@@ -27,8 +27,9 @@ class ZipOut:
     Each member is a local header with zero CRC and sizes, its bytes, then a data descriptor with its CRC-32
     and sizes; the central directory comes at `close`. Unlike zipfile, which makes a pass over a member's
     bytes for its CRC before it writes them, the bytes are handed to `copy`, which writes them and returns
-    their CRC: a writer can compute it beside the write (`Writeback.write_crc`). Keras's stores take it as
-    their archive: `writestr` for its weights and JSON files, `write` for its assets.
+    their CRC: a writer can compute it beside the write (`Writeback.write_crc`). The Keras adapter writes its
+    JSON files through `writestr`, and Keras's stores take it as their archive: `writestr` for the
+    weights, `write` for the assets.
     """
 
     def __init__(self, f: BinaryIO, copy: Callable[[Any], int] | None = None) -> None:
