@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -13,6 +12,7 @@ from typing import Any, ClassVar
 import keras
 
 from mlpersist import Payload, PersistError
+from mlpersist._environment import release
 from mlpersist._writeback import Stream, Writeback
 from mlpersist._zips import ZipOut
 from mlpersist.adapters._keras_variables import loading_variables
@@ -104,7 +104,7 @@ def _write_archive(model: Any, lib: Any, archive: ZipOut) -> bool:
     written nothing, where Keras would write its weights to a temporary file first (too little memory), or
     for a Keras release this function was not checked against: `saving_lib.save_model` writes those.
     """
-    if not _ARCHIVE_RELEASES[0] <= _release(keras.__version__) <= _ARCHIVE_RELEASES[1]:
+    if not _ARCHIVE_RELEASES[0] <= release(keras.__version__) <= _ARCHIVE_RELEASES[1]:
         return False
     if not lib.is_memory_sufficient(model):
         return False
@@ -124,13 +124,6 @@ def _write_archive(model: Any, lib: Any, archive: ZipOut) -> bool:
             raise
     archive.close()
     return True
-
-
-def _release(version: str) -> tuple[int, int]:
-    """(major, minor) of a version string such as '3.15.1', '3.16.0.dev2026' or '3.10rc1'."""
-    parts = [*version.split(".")[:2], "0"][:2]
-    major, minor = (int(m[0]) if (m := re.match(r"\d+", part)) else 0 for part in parts)
-    return major, minor
 
 
 def _compiled(config: Any, format: str) -> bool:

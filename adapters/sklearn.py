@@ -15,6 +15,7 @@ from scipy import sparse
 from sklearn.tree._tree import Tree
 
 from mlpersist import Payload, _registry
+from mlpersist._environment import release
 from mlpersist._policy import NATIVE_STATE, unchecked_native
 from mlpersist._trees import first_bad_tree
 from mlpersist.errors import PersistError, UntrustedContentError, VersionMismatchWarning
@@ -163,7 +164,7 @@ def validate(model: Any) -> list[Tree]:
 
 
 _OWN_STACK = frozenset({"sklearn", "numpy", "scipy"})  # whose objects the walk checks itself
-_FRACTIONS = tuple(int(p) for p in sklearn.__version__.split(".")[:2]) >= (1, 4)  # tree_.value of a classifier
+_FRACTIONS = release(sklearn.__version__) >= (1, 4)  # tree_.value of a classifier
 # what both walks of the model pass over: values and arrays hold no object to check, a class is a global
 _OPAQUE = (str, bytes, int, float, np.ndarray, np.generic, type)
 # the exact types `validate` has nothing to check in (it skips str, bytes, int and float; None and bool hold nothing)

@@ -15,6 +15,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 
 from mlpersist import Payload, PersistError
+from mlpersist._environment import release
 from mlpersist._zips import no_overlap
 from mlpersist.adapters._safetensors import read_safetensors, unique_tensors, write_safetensors
 from mlpersist.adapters._torch_build import decode, encode, fill, init_spec, rebuild
@@ -175,7 +176,7 @@ def _load_optimizer(payload: Payload, info: Mapping[str, Any], dev: torch.device
 
 def _load_bare_pt(payload: Payload, model: Any, dev: torch.device, strict: bool) -> Any:
     """A bare torch.save file: read with weights_only=True (never full pickle), as a state dict or into `model`."""
-    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 10) and not payload.policy.trusted:
+    if release(torch.__version__) < (2, 10) and not payload.policy.trusted:
         raise UntrustedContentError("torch < 2.10 has known weights_only bypasses (CVE-2025-32434, CVE-2026-24747); "
                                     "upgrade torch, or pass trusted=True for a file you trust", ["torch.load"])
     f = payload.open("weights.pt")

@@ -13,6 +13,7 @@ import numpy as np
 import xgboost
 
 from mlpersist import Payload, PersistError, _gc
+from mlpersist._environment import release
 from mlpersist._trees import first_bad_tree, local_index
 from mlpersist._ubjson import joined
 from mlpersist._ubjson import loads as ubjson_loads
@@ -266,7 +267,7 @@ _ARRAYS = ("left_children", "right_children", "parents", "split_indices", "split
 # a vector-leaf tree (`multi_strategy="multi_output_tree"`): XGBoost 3.2 keeps each leaf's vector in
 # `leaf_weights`, at the leaf's `right_children` entry, and reads these without checking they are there
 _VECTOR_ARRAYS = ("loss_changes", "sum_hessian")
-_VERSION = tuple(int(p) for p in re.findall(r"\d+", xgboost.__version__)[:2])
+_VERSION = release(xgboost.__version__)
 _LEAF_WEIGHTS_READER = _VERSION >= (3, 2)
 _LIST_BASE_SCORE_READER = _VERSION >= (3, 1)  # reads `base_score` "[0.27]"; older ones take it for 0.5
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -96,6 +97,17 @@ def framework_version(spec: _registry.AdapterSpec) -> str | None:
         if (v := version(dist)) is not None:
             return v
     return None
+
+
+def release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string, as adapters compare a framework's: '3.15.1' -> (3, 15).
+
+    The leading digits of the first two dot-separated parts, 0 where there are none, and nothing after a
+    local label: '2.13.0+cpu' -> (2, 13), '3.16.0.dev2026' -> (3, 16), '3.10rc1' -> (3, 10), '4' -> (4, 0).
+    """
+    parts = [*version.partition("+")[0].split(".")[:2], "0"][:2]
+    major, minor = (int(m[0]) if (m := re.match(r"\d+", part)) else 0 for part in parts)
+    return major, minor
 
 
 def mlpersist_version() -> str:
