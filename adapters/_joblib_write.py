@@ -10,8 +10,9 @@ writes as a persistent id: 8 bytes no other object writes (5 of them random per 
 the stream is taken apart at the markers (their count must be exactly the arrays', or the save goes to
 `joblib.dump`), each marker is dropped and each array's bytes written after its wrapper, after the
 padding byte and the padding joblib writes. `joblib.load` and mlpersist's reader read the file as one
-`joblib.dump` wrote; what differs is only how it is spelled: no pickle frames (they are optional), and
-the wrapper made by NEWOBJ_EX (empty keyword arguments) rather than NEWOBJ.
+`joblib.dump` wrote; what differs is only how it is spelled: a frame from one array to the next, where
+joblib cuts frames at 64 KiB too (both end a frame at each wrapper), and the wrapper made by NEWOBJ_EX
+(empty keyword arguments) rather than NEWOBJ.
 
 As joblib does, an array met twice is written twice (joblib does not memoize arrays): the second time
 as a wrapper spelled without the pickle memo, so that no memo index moves. What joblib writes in ways
@@ -163,19 +164,33 @@ def _unframed(data: memoryview) -> bytes:
 
 def _write(f: Any, following: Writeback, pickled: tuple[memoryview, list[tuple[np.ndarray, bool]], list[int]],
            proto: int) -> None:
-    """The pickle cut at each marker; each array's wrapper, then its bytes, where its marker was."""
+    """The pickle cut at each marker; each array's wrapper, then its bytes, where its marker was.
+
+    Each piece up to a wrapper is one frame, ending at the wrapper, as joblib frames it: a reader that
+    reads a frame whole is then at the array's bytes when it builds the wrapper (mlpersist's trusted load
+    reads so, with the C unpickler).
+    """
     stream, arrays, cuts = pickled
-    at = 0
+    f.write(stream[:2])  # PROTO, before the first frame
+    at = 2
     for (array, again), cut in zip(arrays, cuts, strict=True):
-        f.write(stream[at:cut])
         if again:  # the persistent id (11 bytes) replaced by a whole wrapper, spelled without the memo
-            f.write(_memoless(NumpyArrayWrapper(**_wrapper_state(array)), proto))
+            _frame(f, stream[at:cut], _memoless(NumpyArrayWrapper(**_wrapper_state(array)), proto))
             at = cut + 11
         else:  # the marker key (11 bytes) and its None value dropped: SETITEMS and BUILD of the wrapper's state
-            f.write(b"ub")
+            _frame(f, stream[at:cut], b"ub")
             at = cut + 14
         _write_array(f, following, array)
-    f.write(stream[at:])
+    _frame(f, stream[at:], b"")
+
+
+def _frame(f: Any, *pieces: bytes | memoryview) -> None:
+    """`pieces` as one pickle frame (FRAME and its length first), or as they are if under 4 bytes (as pickle does)."""
+    size = sum(len(p) for p in pieces)
+    if size >= 4:
+        f.write(pickle.FRAME + struct.pack("<Q", size))
+    for piece in pieces:
+        f.write(piece)
 
 
 def _memoless(wrapper: NumpyArrayWrapper, proto: int) -> bytes:

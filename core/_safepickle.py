@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import copyreg
+import functools
 import importlib
 import io
 import math
@@ -87,21 +88,19 @@ def refusal(what: str, names: Iterable[str], floor: Iterable[str] = (), missing:
 def _run(fileobj: BinaryIO, policy: TrustPolicy, *, what: str, joblib_format: bool,
          seen: list[tuple[str, bool]] | None = None) -> tuple[Any, State]:
     state = State(policy, what, seen)
+    stream: BinaryIO = fileobj
+    load: Any
     if joblib_format:
         from . import _safejoblib  # joblib is imported only for joblib files
 
         stream, state.inflation = _safejoblib.decompressed(fileobj, what, bounded=not policy.trusted)
-        # trusted: joblib's reader with the same read loop, unguarded (what the file names is imported and called)
-        kind = _safejoblib.trusted_unpickler_class() if policy.trusted else _safejoblib.unpickler_class()
-        up = kind(stream, state)
-    elif policy.trusted:
-        obj = _guarded_call(lambda: pickle.load(fileobj), state)
-        _at_end(fileobj, state)
-        return obj, state
+        # trusted: the C unpickler, unguarded (what the file names is imported and called)
+        load = (functools.partial(_safejoblib.trusted_load, stream, state) if policy.trusted
+                else _safejoblib.unpickler_class()(stream, state).load)
     else:
-        stream, up = fileobj, PlainUnpickler(fileobj, state)
+        load = functools.partial(pickle.load, fileobj) if policy.trusted else PlainUnpickler(fileobj, state).load
     state.raw_stream = stream is fileobj
-    obj = _guarded_call(up.load, state)
+    obj = _guarded_call(load, state)
     _at_end(stream, state)
     return obj, state
 

@@ -412,7 +412,9 @@ def _joblib_array_file(tmp_path: Path) -> tuple[bytes, int, int]:
 @pytest.mark.parametrize(("where", "message"), [("before the padding", "padding"), ("in the padding", "padding"),
                                                 ("at the data", "more than the file holds"),
                                                 ("in the data", "more than the file holds")])
-def test_a_joblib_file_cut_inside_an_array_is_corrupt(where: str, message: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("trusted", [False, True], ids=["checked", "trusted"])
+def test_a_joblib_file_cut_inside_an_array_is_corrupt(where: str, message: str, trusted: bool, tmp_path: Path) -> None:
+    """Checked, or trusted (the C unpickler, the array read where it builds the wrapper): the same error."""
     raw, pad_at, start = _joblib_array_file(tmp_path)
     cut = {"before the padding": pad_at, "in the padding": pad_at + 1,
            "at the data": start, "in the data": start + 4000}[where]
@@ -420,7 +422,7 @@ def test_a_joblib_file_cut_inside_an_array_is_corrupt(where: str, message: str, 
         pytest.skip("this joblib file needed no padding")
     for path in (bare(tmp_path, raw[:cut]), as_artifact(tmp_path, raw[:cut])):
         with watched(), pytest.raises(CorruptArtifactError, match=message):
-            load_any(path)
+            load_any(path, trusted=trusted)
 
 
 def test_a_compressed_joblib_file_cut_inside_an_array_is_corrupt(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,55 @@ def test_the_file_reads_back_as_the_one_joblib_dump_writes(protocol: int | None,
     _same_arrays(joblib.load(tmp_path / "ours.joblib"), expected)
     _same_arrays(load_any(tmp_path / "ours.joblib", trusted=True), expected)
     _same_arrays(load_any(tmp_path / "ours.joblib"), expected)
+
+
+@pytest.mark.parametrize("compress", [0, 3])
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_a_trusted_load_reads_joblib_dumps_file_of_any_protocol(protocol: int, compress: int, tmp_path: Path) -> None:
+    """The trusted load's C unpickler finds each array where joblib's reader does: an unframed pickle (2, 3) is
+    read an opcode at a time, a framed one (4, 5) a frame at a time, and joblib ends a frame at each wrapper."""
+    zoo = _zoo()
+    joblib.dump(zoo, tmp_path / "m.joblib", protocol=protocol, compress=compress)
+    _same_arrays(load_any(tmp_path / "m.joblib", trusted=True), joblib.load(tmp_path / "m.joblib"))
+
+
+def test_each_array_ends_a_frame_as_joblib_frames_it(tmp_path: Path) -> None:
+    """The writer frames its pickle from one array to the next, each frame ending at the wrapper's BUILD, then the
+    array's padding and bytes: a reader that takes a frame whole (the trusted load) is then at the array."""
+    first, second = np.arange(6.0), np.arange(3, dtype=np.int32)
+    _joblib_write.dump({"a": first, "b": second, "name": "after the arrays"}, tmp_path / "ours.joblib")
+    raw = (tmp_path / "ours.joblib").read_bytes()
+    at = 2  # after PROTO
+    for array in (first, second, None):
+        assert raw[at] == pickle.FRAME[0]
+        (size,) = struct.unpack_from("<Q", raw, at + 1)
+        at += 9 + size
+        if array is None:
+            assert at == len(raw) and raw[-1] == pickle.STOP[0]
+            break
+        assert raw[at - 1] == pickle.BUILD[0]
+        at += 1 + raw[at]  # the padding's length, then the padding
+        assert raw[at:at + array.nbytes] == array.tobytes()
+        at += array.nbytes
+
+
+def test_a_trusted_load_reads_a_pre_0_10_wrapper_from_its_side_file_as_joblib_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """joblib <= 0.9 kept each array in a side file, named by an NDArrayWrapper (the checked load refuses it):
+    trusted, it is read by joblib's own code, from where joblib.load reads it given the file's bare name."""
+    from joblib.numpy_pickle_compat import NDArrayWrapper
+
+    monkeypatch.chdir(tmp_path)
+    array = np.arange(5.0)
+    np.save(tmp_path / "old.joblib_01.npy", array)
+    (tmp_path / "old.joblib").write_bytes(pickle.dumps(
+        {"w": NDArrayWrapper("old.joblib_01.npy", np.ndarray, allow_mmap=False), "after": [1, 2]}, protocol=2))
+    with pytest.warns(DeprecationWarning, match="less than 0.10"):
+        expected = joblib.load("old.joblib")
+    assert expected["w"].tolist() == array.tolist()
+    _same_arrays(load_any("old.joblib", trusted=True), expected)
+    with pytest.raises(_safepickle.UntrustedContentError):
+        load_any("old.joblib")
 
 
 def test_an_array_met_twice_is_written_twice_as_joblib_writes_it(tmp_path: Path) -> None:
@@ -209,6 +260,7 @@ def test_any_nesting_of_arrays_reads_back_as_joblib_dumps_file_does(drawn: Any, 
         expected = joblib.load(tmp_path / "joblib.joblib")
         _same_arrays(joblib.load(tmp_path / "ours.joblib"), expected)
         _same_arrays(load_any(tmp_path / "ours.joblib", trusted=True), expected)
+        _same_arrays(load_any(tmp_path / "joblib.joblib", trusted=True), expected)
     finally:
         for name in ("joblib.joblib", "ours.joblib"):
             (tmp_path / name).unlink()
