@@ -192,7 +192,7 @@ def trusted_load(stream: BinaryIO, state: State) -> Any:
                 reader = NumpyUnpickler("", stream, **_native_order())
                 arrays.append(joblib_wrapper.read(reader, *_native_order().values()) if real is NumpyArrayWrapper
                               else joblib_wrapper.read(reader))
-            source.after = _PUT_ARRAY
+            source.put_array()
 
         if real not in stand_ins:
             stand_ins[real] = type(real.__name__, (), {"__setstate__": __setstate__})
@@ -212,6 +212,7 @@ def trusted_load(stream: BinaryIO, state: State) -> Any:
 
 
 _PUT_ARRAY = pickle.POP + pickle.NONE + pickle.BINPERSID  # the wrapper off the stack; the array read after it on
+_MERGED = 1 << 20  # a frame up to this size is given with those opcodes, in the same read (the unpickler reads any)
 
 
 class _Source:
@@ -221,48 +222,79 @@ class _Source:
 
     def __init__(self, stream: Any) -> None:
         self._read, self.readinto, self.readline = stream.read, stream.readinto, stream.readline
-        self.after = b""  # opcodes read before the stream's next ones (the unpickler reads each alone, read(1))
+        self.after = b""  # bytes the unpickler's next read gives before the stream's
+
+    def put_array(self) -> None:
+        """After an array: give the unpickler's next read `_PUT_ARRAY`, with the frame that follows, if one does.
+
+        The C unpickler keeps what a read gives past what it asked for, and reads on from it: one call
+        instead of six (its opcodes, one at a time, then the frame's opcode, length and body). The frame
+        is given whole, its header included, so the unpickler reads it as it reads a frame it fetched
+        itself; a file cut inside it fails there as it did.
+        """
+        head = self._read(1)
+        if head == pickle.FRAME:
+            size = self._read(8)
+            length = int.from_bytes(size, "little")
+            head += size + (self._read(length) if len(size) == 8 and length <= _MERGED else b"")
+        self.after = _PUT_ARRAY + head
 
     def read(self, n: int) -> bytes:
         after = self.after
         if not after:
             data: bytes = self._read(n)
             return data
-        self.after = after[n:]
-        head = after[:n]
-        return head if len(head) == n else head + self._read(n - len(head))
+        self.after = b""
+        return after if len(after) >= n else after + self._read(n - len(after))
+
+
+# An array of at most this many bytes is read without first asking how much the file holds: a file that
+# ends inside it fails the read itself, having allocated no more than this.
+_SMALL = 1 << 16
+_INT = {int}
 
 
 def _read_wrapped(f: Any, s: State, wrapper: Any) -> Any:
     """Read the array after a NumpyArrayWrapper, refusing shapes the file cannot hold.
 
     joblib's own `read_array`, minus its per-array numpy scalar arithmetic and chunked copies: the
-    bytes go straight into the new array (a forest is hundreds of small arrays).
+    bytes go straight into the new array (a forest is hundreds of small arrays, so each step here is
+    one C call where it can be).
     """
     import numpy as np
-    from joblib.numpy_pickle_utils import _ensure_native_byte_order
 
-    shape, dtype = getattr(wrapper, "shape", None), getattr(wrapper, "dtype", None)
+    fields = wrapper.__dict__  # what the wrapper's state set (its class has no such attributes)
+    shape, dtype, order = fields.get("shape"), fields.get("dtype"), fields.get("order")
     if (not isinstance(dtype, np.dtype) or not isinstance(shape, tuple)
-            or not all(type(n) is int and n >= 0 for n in shape) or getattr(wrapper, "order", None) not in ("C", "F")
-            or getattr(wrapper, "subclass", None) is not np.ndarray):
+            or (shape and (set(map(type, shape)) != _INT or min(shape) < 0)) or order not in ("C", "F")
+            or fields.get("subclass") is not np.ndarray):
         raise CorruptArtifactError(f"{s.what}: malformed joblib array header")
     if dtype.hasobject:  # the inner stream goes through the same guarded unpickler (joblib GHSA-m62q-453p-gv66)
         return pickle.load(f) if s.policy.trusted else PlainUnpickler(f, s).load()
-    if getattr(wrapper, "numpy_array_alignment_bytes", None) is not None:  # joblib >= 1.2: padding, its length first
+    if fields.get("numpy_array_alignment_bytes") is not None:  # joblib >= 1.2: padding, its length first
         pad = f.read(1)
         if len(pad) != 1 or len(f.read(pad[0])) != pad[0]:
             raise CorruptArtifactError(f"{s.what}: the file ends inside an array's padding")
     count = math.prod(shape)
     need = dtype.itemsize * count
-    if need > s.remaining(f):
-        raise CorruptArtifactError(f"{s.what}: an array declares {need} bytes, more than the file holds" + (
-            "" if s.inflation is None else f" once decompressed (at most {s.inflation} bytes, {MAX_INFLATION} times "
-                                           "its size, or 1 MiB: a decompression bomb); if you trust its author, "
-                                           "load it with trusted=True"))
-    flat = np.empty(count, dtype=dtype)
-    if need and f.readinto(flat.view(np.uint8)) != need:  # a BufferedReader: fills it, or the file ended
-        raise CorruptArtifactError(f"{s.what}: the file ends inside an array's data")
-    array = flat.reshape(shape[::-1]).transpose() if wrapper.order == "F" else flat.reshape(shape)
-    # joblib's conversion, asked only of an array not wholly in native order (its own check costs 1 us an array)
-    return array if dtype.isnative else _ensure_native_byte_order(array)
+    if need > _SMALL and need > s.remaining(f):
+        raise _past_the_end(s, need)
+    flat: Any = np.empty(count, dtype=dtype)
+    if need and (got := f.readinto(flat.view(np.uint8))) != need:  # a BufferedReader: fills it, or the file ended
+        # as the check above would have said it for a larger array
+        raise _past_the_end(s, need) if need > s.remaining(f) + got else CorruptArtifactError(
+            f"{s.what}: the file ends inside an array's data")
+    if len(shape) != 1:
+        flat = flat.reshape(shape[::-1]).transpose() if order == "F" else flat.reshape(shape)
+    if dtype.isnative:
+        return flat
+    from joblib.numpy_pickle_utils import _ensure_native_byte_order  # joblib's conversion, for such arrays only
+
+    return _ensure_native_byte_order(flat)
+
+
+def _past_the_end(s: State, need: int) -> CorruptArtifactError:
+    return CorruptArtifactError(f"{s.what}: an array declares {need} bytes, more than the file holds" + (
+        "" if s.inflation is None else f" once decompressed (at most {s.inflation} bytes, {MAX_INFLATION} times "
+                                       "its size, or 1 MiB: a decompression bomb); if you trust its author, "
+                                       "load it with trusted=True"))

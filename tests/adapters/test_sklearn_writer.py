@@ -98,6 +98,21 @@ def test_each_array_ends_a_frame_as_joblib_frames_it(tmp_path: Path) -> None:
         at += array.nbytes
 
 
+@pytest.mark.parametrize("names", [10, 100_000], ids=["a short frame", "a frame over 1 MiB"])
+def test_a_trusted_load_reads_the_frame_after_an_array_whatever_its_length(names: int, tmp_path: Path) -> None:
+    """After an array, the trusted load gives the unpickler the frame that follows with the opcodes that put the
+    array in, in one read; a frame over `_MERGED` it leaves the unpickler to read itself. Both as joblib reads them."""
+    from mlpersist import _safejoblib
+
+    model = {"a": np.arange(6.0), "names": [f"feature {i}" for i in range(names)], "b": np.arange(3, dtype=np.int32)}
+    _joblib_write.dump(model, tmp_path / "ours.joblib")
+    raw = (tmp_path / "ours.joblib").read_bytes()
+    after = raw.index(model["a"].tobytes()) + model["a"].nbytes  # the frame after the first array
+    assert raw[after] == pickle.FRAME[0]
+    assert (struct.unpack_from("<Q", raw, after + 1)[0] > _safejoblib._MERGED) == (names > 10)
+    _same_arrays(load_any(tmp_path / "ours.joblib", trusted=True), joblib.load(tmp_path / "ours.joblib"))
+
+
 def test_a_trusted_load_reads_a_pre_0_10_wrapper_from_its_side_file_as_joblib_does(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """joblib <= 0.9 kept each array in a side file, named by an NDArrayWrapper (the checked load refuses it):
