@@ -22,8 +22,8 @@ FRAMEWORKS: dict[str, tuple[str, list[str]]] = {
     "torch": ("torch,sign", ["numpy"]),
     # xgboost-cpu: the same xgboost module without the 350 MB CUDA NCCL wheel `xgboost` pulls on Linux
     "xgboost": ("sign", ["xgboost-cpu", "scikit-learn", "pandas"]),
-    # TensorFlow backend; torch too, for the tensorflow -> torch cross-backend test
-    "keras": ("keras,torch,sign", ["tensorflow-cpu", "numpy"]),
+    # TensorFlow backend; torch and jax too, for the tests that save on one backend and load on another
+    "keras": ("keras,torch,sign", ["tensorflow-cpu", "jax", "numpy"]),
     # third-party adapters written against the public API only (examples/adapters/): one by entry point,
     # one by register_adapter()
     "lightgbm": ("sign", ["-e", "examples/adapters/lightgbm", "lightgbm", "scikit-learn", "pandas"]),
@@ -85,6 +85,14 @@ def keras_torch(session: nox.Session) -> None:
     session.install(*CONSTRAINTS, "-e", ".[keras,torch]", *TEST, "numpy")
     session.run("pytest", "tests/contract.py", "tests/adapters/test_keras.py", *session.posargs,
                 env={"MLPERSIST_REQUIRE": "keras", "KERAS_BACKEND": "torch"})
+
+
+@nox.session(name="keras-jax", python=PYTHON)
+def keras_jax(session: nox.Session) -> None:
+    """The backend-independent Keras tests again on KERAS_BACKEND=jax (jax's CPU build; no TensorFlow installed)."""
+    session.install(*CONSTRAINTS, "-e", ".[keras]", "jax", *TEST, "numpy")
+    session.run("pytest", "tests/contract.py", "tests/adapters/test_keras.py", *session.posargs,
+                env={"MLPERSIST_REQUIRE": "keras", "KERAS_BACKEND": "jax"})
 
 
 @nox.session(python=PYTHON)

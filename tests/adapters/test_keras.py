@@ -19,6 +19,7 @@ from mlpersist import (
     IntegrityError,
     UnsupportedModelError,
     UntrustedContentError,
+    inspect,
     load_any,
     save_any,
     verify,
@@ -826,23 +827,51 @@ def test_a_bare_savedmodel_directory_loads_when_trusted(tmp_path: Path) -> None:
     assert np.array_equal(np.asarray(out), np.asarray(model(x)))
 
 
-def test_the_backend_is_recorded_and_a_tensorflow_model_loads_on_torch(tmp_path: Path) -> None:
-    require("tensorflow")
-    require("torch")
+def test_the_session_runs_the_backend_it_names_and_the_manifest_records_it(tmp_path: Path) -> None:
+    """The keras session runs these tests on TensorFlow, keras-torch and keras-jax on theirs (KERAS_BACKEND)."""
+    backend = keras().backend.backend()
+    assert backend == os.environ.get("KERAS_BACKEND", "tensorflow")
+    assert save_any(sequential(), tmp_path / "m").info["backend"] == backend
+
+
+_SAVE_ON = """
+    import numpy as np, keras, mlpersist
+    assert keras.backend.backend() == {backend!r}
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    hidden = keras.layers.BatchNormalization()(keras.layers.Dense(8, activation="relu")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(hidden))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    x = np.load({x!r})
+    model.fit(x, np.arange(len(x)) % 3, epochs=2, verbose=0)
+    mlpersist.save_any(model, {path!r})
+    np.save({y!r}, model.predict(x, verbose=0))
+"""
+_LOAD_ON = """
+    import numpy as np, keras, mlpersist
+    from mlpersist._dispatch import detect
+    assert keras.backend.backend() == {backend!r}
+    model = mlpersist.load_any({path!r})
+    assert detect(model) == "keras"  # on torch also a torch.nn.Module: the most specific class wins
+    assert model.optimizer is not None and model.optimizer.iterations.numpy() > 0  # compile state came along
+    np.save({y!r}, model.predict(np.load({x!r}), verbose=0))
+"""
+
+
+@pytest.mark.parametrize(("saved_on", "loaded_on"), [("tensorflow", "torch"), ("tensorflow", "jax"),
+                                                     ("jax", "tensorflow"), ("torch", "jax")])
+def test_a_model_saved_on_one_backend_loads_on_another(saved_on: str, loaded_on: str, tmp_path: Path) -> None:
+    """Keras 3's archive is backend-neutral: a model trained and saved on one backend, loaded by load_any in a
+    process on another, predicts the same (to float32 rounding: each backend has its own kernels)."""
+    for backend in {saved_on, loaded_on}:
+        require(backend)
     np = require("numpy")
-    if keras().backend.backend() != "tensorflow":
-        pytest.skip("saves on the tensorflow backend")
-    model = sequential()
-    m = save_any(model, tmp_path / "m")
-    assert m.info["backend"] == "tensorflow"
-    np.save(tmp_path / "x.npy", x_input(8, seed=3))
-    run_python(f"""
-        import numpy as np, mlpersist, keras
-        from mlpersist._dispatch import detect
-        assert keras.backend.backend() == "torch"
-        model = mlpersist.load_any({str(tmp_path / 'm')!r})
-        assert detect(model) == "keras"  # also a torch.nn.Module: the most specific class wins
-        np.save({str(tmp_path / 'y.npy')!r}, model.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0))
-    """, env={"KERAS_BACKEND": "torch"})
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.predict(x_input(8, seed=3), verbose=0),
+    paths = {"x": str(tmp_path / "x.npy"), "path": str(tmp_path / "m")}
+    np.save(paths["x"], x_input(16, seed=3))
+    run_python(_SAVE_ON.format(backend=saved_on, y=str(tmp_path / "saved.npy"), **paths),
+               env={"KERAS_BACKEND": saved_on})
+    assert verify(tmp_path / "m") is None and inspect(tmp_path / "m").info["backend"] == saved_on
+    run_python(_LOAD_ON.format(backend=loaded_on, y=str(tmp_path / "loaded.npy"), **paths),
+               env={"KERAS_BACKEND": loaded_on})
+    np.testing.assert_allclose(np.load(tmp_path / "loaded.npy"), np.load(tmp_path / "saved.npy"),
                                rtol=1e-5, atol=1e-6)
