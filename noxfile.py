@@ -82,17 +82,19 @@ def compat_keras(session: nox.Session) -> None:
 @nox.session(name="keras-torch", python=PYTHON)
 def keras_torch(session: nox.Session) -> None:
     """The backend-independent Keras tests again on KERAS_BACKEND=torch (no TensorFlow installed)."""
-    session.install(*CONSTRAINTS, "-e", ".[keras,torch]", *TEST, "numpy")
-    session.run("pytest", "tests/contract.py", "tests/adapters/test_keras.py", *session.posargs,
-                env={"MLPERSIST_REQUIRE": "keras", "KERAS_BACKEND": "torch"})
+    _keras_on(session, "torch", "-e", ".[keras,torch]")
 
 
 @nox.session(name="keras-jax", python=PYTHON)
 def keras_jax(session: nox.Session) -> None:
     """The backend-independent Keras tests again on KERAS_BACKEND=jax (jax's CPU build; no TensorFlow installed)."""
-    session.install(*CONSTRAINTS, "-e", ".[keras]", "jax", *TEST, "numpy")
+    _keras_on(session, "jax", "-e", ".[keras]", "jax")
+
+
+def _keras_on(session: nox.Session, backend: str, *install: str) -> None:
+    session.install(*CONSTRAINTS, *install, *TEST, "numpy")
     session.run("pytest", "tests/contract.py", "tests/adapters/test_keras.py", *session.posargs,
-                env={"MLPERSIST_REQUIRE": "keras", "KERAS_BACKEND": "jax"})
+                env={"MLPERSIST_REQUIRE": "keras", "KERAS_BACKEND": backend})
 
 
 @nox.session(python=PYTHON)

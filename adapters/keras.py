@@ -109,8 +109,8 @@ def _write_archive(model: Any, lib: Any, archive: ZipOut) -> bool:
     if not lib.is_memory_sufficient(model):
         return False
     config_json, metadata_json = lib._serialize_model_as_json(model)
-    archive.writestr(lib._METADATA_FILENAME, metadata_json.encode())
-    archive.writestr(lib._CONFIG_FILENAME, config_json.encode())
+    archive.writestr(lib._METADATA_FILENAME, metadata_json)
+    archive.writestr(lib._CONFIG_FILENAME, config_json)
     with ExitStack() as stores:  # closed in reverse, each even if another fails: weights, then assets, as Keras
         assets = lib.DiskIOStore(lib._ASSETS_DIRNAME, archive=archive, mode="w")  # a temporary directory
         stores.callback(assets.close)
