@@ -131,10 +131,17 @@ def h5_config(f: Any) -> tuple[Any, int]:
 
 
 MAX_UNSTORED = 64 << 20
+# The filters compiled into every libhdf5: deflate, shuffle, fletcher32, nbit, scale-offset. For any other (szip
+# included, which a build may leave out) HDF5 opens every library in its plugin path when the data is read, and
+# runs whatever a library runs when it is opened, before it finds whether the filter is there (CVE-2026-2492).
+_HDF5_FILTERS = frozenset({1, 2, 3, 5, 6})
 
 
 def vet_hdf5(f: Any, what: str) -> int:
-    """Refuse external storage, soft/external links, virtual datasets and shape bombs (CVE-2026-1669, -0897).
+    """Refuse external storage, soft/external links, virtual datasets, plugin filters and shape bombs.
+
+    Links and storage that reach other files: CVE-2026-1669; shape bombs: CVE-2026-0897 and -12570; plugin
+    filters: `_HDF5_FILTERS`. Reading a dataset's filter list (its creation property list) loads nothing.
 
     Each object is looked into once, however many hard links reach it: 30 groups of 34 KB, each linking
     8 times to the next, were 8**29 paths to walk (a hang), and a group linked into itself a cycle.
@@ -164,6 +171,12 @@ def vet_hdf5(f: Any, what: str) -> int:
                 if obj.external or obj.is_virtual:
                     raise UntrustedContentError(f"{what}: dataset {prefix}{key} uses external or virtual storage, "
                                                 "which reads other files; refusing it", [f"{prefix}{key}"])
+                plugin = _plugin_filter(obj)
+                if plugin is not None:
+                    raise UntrustedContentError(
+                        f"{what}: dataset {prefix}{key} names HDF5 filter {plugin}, which is none of HDF5's own; "
+                        "reading it would load plugin libraries from HDF5's plugin path (code from outside the "
+                        "file). Keras writes its weights without filters; refusing it", [f"{prefix}{key}"])
                 declared += obj.size
                 unstored += max(0, obj.size * obj.dtype.itemsize - obj.id.get_storage_size())
                 if unstored > MAX_UNSTORED:
@@ -182,6 +195,13 @@ def vet_hdf5(f: Any, what: str) -> int:
     except Exception as exc:  # h5py's OSError, and RuntimeError/KeyError/ValueError for damaged metadata
         raise CorruptArtifactError(f"{what} is not a readable HDF5 file: {type(exc).__name__}: {exc}") from None
     return declared
+
+
+def _plugin_filter(dataset: Any) -> int | None:
+    """The first filter of `dataset`'s pipeline that HDF5 would look for among plugin libraries, or None."""
+    plist = dataset.id.get_create_plist()
+    return next((code for code in (plist.get_filter(i)[0] for i in range(plist.get_nfilters()))
+                 if code not in _HDF5_FILTERS), None)
 
 
 def vet_config(config: Any, custom_objects: Mapping[str, Any], *, legacy: bool = False) -> None:

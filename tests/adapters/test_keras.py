@@ -385,6 +385,14 @@ def _add_to_weights(h5: Any, kind: str, tmp_path: Path) -> str:
         layout[:] = h5py.VirtualSource(str(tmp_path / "other.h5"), "x", shape=(4,))
         h5.create_virtual_dataset("leak", layout)
         return "external or virtual storage"
+    if kind == "plugin-filter":  # stored through a filter HDF5 does not have: reading it searches for plugins
+        name = "layers/dense/vars/0"
+        data = h5[name][()]
+        del h5[name]
+        weight = h5.create_dataset(name, shape=data.shape, dtype=data.dtype, chunks=data.shape, compression=307,
+                                   allow_unknown_filter=True)
+        weight.id.write_direct_chunk((0,) * data.ndim, data.tobytes())
+        return "HDF5 filter 307, which is none of HDF5's own"
     # a weight replaced by one that declares 100 MiB and stores nothing: Keras would read it all (65 s and 15 GB
     # for 3.6 GB declared) before finding its shape wrong
     name = "layers/dense/vars/0"
@@ -454,26 +462,106 @@ def test_a_zip_bomb_of_overlapping_members_is_refused(tmp_path: Path) -> None:
         load_any(path, trusted=True)
 
 
-@pytest.mark.parametrize("kind", ["external-link", "soft-link", "external-storage", "virtual", "unstored"])
-@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"])
-def test_hdf5_weights_reaching_outside_the_file_or_declaring_unstored_data_are_refused(
-        tmp_path: Path, compression: int, kind: str) -> None:
+def _with_weights_edited(tmp_path: Path, edit: Any, compression: int = zipfile.ZIP_STORED,
+                         model: Any = None) -> tuple[Path, Any]:
+    """A .keras file of `model` (a new `sequential()`) whose HDF5 weights (also left in tmp_path/w.h5) `edit(h5)`
+    changed; returns its path and what `edit` returned."""
     h5py = require("h5py")
     path = tmp_path / "model.keras"
-    sequential().save(str(path))
+    (model or sequential()).save(str(path))
     with zipfile.ZipFile(path) as zf:
         members = {n: zf.read(n) for n in zf.namelist()}
     (tmp_path / "w.h5").write_bytes(members["model.weights.h5"])
     with h5py.File(tmp_path / "w.h5", "a") as h5:
-        message = _add_to_weights(h5, kind, tmp_path)
+        result = edit(h5)
     members["model.weights.h5"] = (tmp_path / "w.h5").read_bytes()
     with zipfile.ZipFile(path, "w", compression=compression) as zf:
         for name, data in members.items():
             zf.writestr(name, data)
+    return path, result
+
+
+@pytest.mark.parametrize("kind", ["external-link", "soft-link", "external-storage", "virtual", "plugin-filter",
+                                  "unstored"])
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"])
+def test_hdf5_weights_reaching_outside_the_file_or_declaring_unstored_data_are_refused(
+        tmp_path: Path, compression: int, kind: str) -> None:
+    path, message = _with_weights_edited(tmp_path, lambda h5: _add_to_weights(h5, kind, tmp_path), compression)
     with pytest.raises(UntrustedContentError, match=message):
         load_any(path)
     with pytest.raises(UntrustedContentError, match=message):  # the weights' check is not lifted by trust
         load_any(path, trusted=True)
+
+
+_PLUGIN = """
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void opened(void) {  /* runs when a process opens this library */
+    FILE *f = fopen(getenv("MLP_MARKER"), "w");
+    if (f) fclose(f);
+}
+"""
+
+
+def test_a_weight_needing_a_plugin_filter_is_refused_before_hdf5_opens_a_plugin_library(tmp_path: Path) -> None:
+    """HDF5 looks for a filter it does not have by opening every library in its plugin path, and a library runs
+    its own code as it is opened. A real library that leaves a file when opened, in a real process: reading
+    the weight with h5py opens it; load_any refuses the file first, checked and trusted, and it is never opened."""
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("needs a C compiler to build the plugin library")
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugin.c").write_text(_PLUGIN)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "plugins" / "libopened.so"),
+                    str(tmp_path / "plugin.c")], check=True, capture_output=True)
+    path, _ = _with_weights_edited(tmp_path, lambda h5: _add_to_weights(h5, "plugin-filter", tmp_path))
+    marker = tmp_path / "opened"
+    env = {"HDF5_PLUGIN_PATH": str(tmp_path / "plugins"), "MLP_MARKER": str(marker)}
+    run_python(f"""
+        import h5py
+        with h5py.File({str(tmp_path / "w.h5")!r}, "r") as h5:
+            try:
+                h5["layers/dense/vars/0"][()]
+            except OSError as exc:
+                assert "can't find plugin" in str(exc), exc
+        """, env=env)
+    assert marker.exists()  # the library runs when HDF5 searches its plugin path
+    marker.unlink()
+    proc = run_python(f"""
+        from mlpersist import UntrustedContentError, load_any
+        for trusted in (False, True):
+            try:
+                load_any({str(path)!r}, trusted=trusted)
+            except UntrustedContentError as exc:
+                print(exc)
+            else:
+                raise SystemExit("loaded")
+        """, env=env)
+    assert proc.stdout.count("HDF5 filter 307") == 2
+    assert not marker.exists()
+
+
+def test_weights_stored_through_hdf5s_own_filters_still_load(tmp_path: Path) -> None:
+    """Deflate, shuffle and fletcher32 are compiled into every HDF5: a file written with them is not refused."""
+    def compress(h5: Any) -> None:
+        def each(name: str, obj: Any) -> None:
+            if isinstance(obj, require("h5py").Dataset) and obj.ndim:
+                names.append(name)
+        names: list[str] = []
+        h5.visititems(each)
+        for name in names:
+            data = h5[name][()]
+            del h5[name]
+            h5.create_dataset(name, data=data, compression="gzip", shuffle=True, fletcher32=True)
+
+    model = sequential()
+    path, _ = _with_weights_edited(tmp_path, compress, model=model)
+    with require("h5py").File(tmp_path / "w.h5", "r") as h5:
+        assert h5["layers/dense/vars/0"].compression == "gzip"
+    same(load_any(path), model)
 
 
 def test_a_deflated_keras_file_loads_and_a_damaged_member_header_is_refused(tmp_path: Path) -> None:
