@@ -81,11 +81,18 @@ def test_linear_trees_round_trip(tmp_path: Path) -> None:
 
 
 CRAFT = """
-import sys, lightgbm as lgb, re
+import sys, lightgbm as lgb, numpy as np, re
 from sklearn.datasets import make_classification
 kind, out = sys.argv[1], sys.argv[2]
 x, y = make_classification(200, 5, random_state=0)
-if kind.startswith("linear"):  # leaf models: `linear_tree=True`
+if kind.startswith("cat-"):  # tree 1 splits first on a category (num_cat=1, cat_boundaries=0 1)
+    x[:, 0] = np.arange(200) % 10
+    y = np.isin(x[:, 0], [1, 3, 5, 7]).astype(int) ^ (x[:, 1] > 1)
+    text = lgb.LGBMClassifier(n_estimators=3, verbose=-1, min_data_per_group=5, cat_smooth=1).fit(
+        x, y, categorical_feature=[0]).booster_.model_to_string()
+    tree = text.partition("\\nTree=1\\n")[2].partition("\\n\\n")[0]
+    assert "\\nnum_cat=1\\n" in tree and "\\ndecision_type=1 " in tree and "\\ncat_boundaries=0 1\\n" in tree, tree
+elif kind.startswith("linear"):  # leaf models: `linear_tree=True`
     text = lgb.LGBMRegressor(n_estimators=3, verbose=-1, linear_tree=True).fit(x, x[:, 0] * 2 + x[:, 1]).booster_
     text = text.model_to_string()
     assert "num_features=0 0" not in text.partition("\\nTree=1\\n")[2].partition("\\nTree=2")[0]
@@ -100,6 +107,14 @@ for i, line in enumerate(lines):
         v[0] = str(-2**31)
     elif kind == "inner-out-of-range" and key == "right_child":
         v[0] = "1000"
+    elif kind == "inner-backward" and key == "left_child":  # node 1 back to node 0: a predict that never ends
+        v[1] = "0"
+    elif kind == "cat-threshold-past" and key == "threshold":  # indexes cat_boundaries past its num_cat + 1
+        v[0] = "1"
+    elif kind == "cat-boundaries-past" and key == "cat_boundaries":  # a bitset read past cat_threshold's words
+        v[-1] = "5"
+    elif kind == "cat-boundaries-backward" and key == "cat_boundaries":  # a bitset of negative length
+        v[:] = ["1", "0"]
     elif kind == "feature" and key == "split_feature":
         v[0] = "99"
     elif kind == "underscore-digits" and key == "split_feature":  # Python reads 1, LightGBM 0
@@ -184,7 +199,9 @@ def _load_crafted(kind: str, tmp_path: Path, trusted: bool = False) -> str:
     return lines[-1] if lines else f"nothing printed; stderr: {proc.stderr[-2000:]}"
 
 
-@pytest.mark.parametrize("kind", ["leaf-int-min", "inner-out-of-range", "feature", "underscore-digits",
+@pytest.mark.parametrize("kind", ["leaf-int-min", "inner-out-of-range", "inner-backward", "feature",
+                                  "cat-threshold-past", "cat-boundaries-past", "cat-boundaries-backward",
+                                  "underscore-digits",
                                   "tree-line-inside", "key-twice", "carriage-return", "nul", "no-class",
                                   "no-end", "categorical-without-categories", "huge-index",
                                   "wrapping-feature-count", "end-of-parameters", "parameter-without-colon",
