@@ -131,9 +131,9 @@ def h5_config(f: Any) -> tuple[Any, int]:
 
 
 MAX_UNSTORED = 64 << 20
-# The filters compiled into every libhdf5: deflate, shuffle, fletcher32, nbit, scale-offset. For any other (szip
-# included, which a build may leave out) HDF5 opens every library in its plugin path when the data is read, and
-# runs whatever a library runs when it is opened, before it finds whether the filter is there (CVE-2026-2492).
+# The filters libhdf5 has built in: shuffle, fletcher32, nbit, scale-offset, and deflate (built with zlib, as in
+# every h5py wheel). For any other (szip included, which a build may leave out) HDF5 opens every library in its
+# plugin path when the data is read, and a library runs its own code as it is opened (CVE-2026-2492).
 _HDF5_FILTERS = frozenset({1, 2, 3, 5, 6})
 
 

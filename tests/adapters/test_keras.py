@@ -545,7 +545,7 @@ def test_a_weight_needing_a_plugin_filter_is_refused_before_hdf5_opens_a_plugin_
 
 
 def test_weights_stored_through_hdf5s_own_filters_still_load(tmp_path: Path) -> None:
-    """Deflate, shuffle and fletcher32 are compiled into every HDF5: a file written with them is not refused."""
+    """Deflate, shuffle and fletcher32 are filters HDF5 has built in: a file written with them is not refused."""
     def compress(h5: Any) -> None:
         def each(name: str, obj: Any) -> None:
             if isinstance(obj, require("h5py").Dataset) and obj.ndim:
