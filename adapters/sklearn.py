@@ -17,7 +17,7 @@ from sklearn.tree._tree import Tree
 from mlpersist import Payload, _registry
 from mlpersist._environment import release
 from mlpersist._policy import NATIVE_STATE, unchecked_native
-from mlpersist._trees import first_bad_tree
+from mlpersist._trees import first_bad_tree, first_too_deep, local_index
 from mlpersist.errors import PersistError, UntrustedContentError, VersionMismatchWarning
 
 _FILES = {"joblib": "model.joblib", "pickle": "model.pkl"}
@@ -278,13 +278,23 @@ def _check_trees(trees: list[tuple[Tree, int | None, str]]) -> None:
         return
     left, right, feature = (np.concatenate([getattr(t, k) for t, _, _ in trees])
                             for k in ("children_left", "children_right", "feature"))
+    sizes = [t.node_count for t, _, _ in trees]
+    index = local_index(np.asarray(sizes, dtype=np.int64))
     try:
-        bad = first_bad_tree([t.node_count for t, _, _ in trees], left, right, feature,
-                             [t.n_features for t, _, _ in trees], adjacent=False)
+        bad = first_bad_tree(sizes, left, right, feature, [t.n_features for t, _, _ in trees], adjacent=False,
+                             index=index)
     except ValueError:
         bad = 0
     if bad is not None:
         _refuse_tree(*trees[bad])
+    deep = first_too_deep(sizes, left, right, [t.max_depth for t, _, _ in trees], index)
+    if deep is not None:
+        tree, _, where = trees[deep[0]]
+        why = ("a node is the child of two nodes" if deep[1] == "parents"
+               else f"its nodes lie deeper than its max_depth of {tree.max_depth}, which decision_path sizes its "
+                    "buffer by")
+        raise UntrustedContentError(f"{where}: a decision tree's shape is not what scikit-learn builds ({why}); the "
+                                    "file is crafted or damaged, refusing it", ["sklearn.tree._tree.Tree"])
 
 
 def _refuse_tree(tree: Tree, n_features: int | None, where: str) -> None:
@@ -460,21 +470,25 @@ def _require(ok: Any, obj: Any, where: str, what: str) -> None:
 def _check_predictor_nodes(predictor: Any, nodes: np.ndarray, n_features: int | None, where: str) -> None:
     if not _passes(_predictor_nodes_ok, predictor, nodes, n_features):  # a renamed field fails it too
         raise UntrustedContentError(
-            f"{where}: a gradient-boosting predictor's node indices point outside its arrays or back up its tree; "
-            "the file is crafted or damaged, refusing it", ["sklearn.ensemble._hist_gradient_boosting"])
+            f"{where}: a gradient-boosting predictor's node indices point outside its arrays, back up its tree or to "
+            "a node another one names; the file is crafted or damaged, refusing it",
+            ["sklearn.ensemble._hist_gradient_boosting"])
 
 
 def _predictor_nodes_ok(predictor: Any, nodes: np.ndarray, n_features: int | None) -> bool:
     """Whether children lie inside the array and after their node, and split features inside X.
 
     scikit-learn numbers a predictor's nodes depth first, so each path down rises: a child at or before its
-    node made predict loop forever (a changed copy, on scikit-learn 1.3).
+    node made predict loop forever (a changed copy, on scikit-learn 1.3). A node is the child of one node at
+    most: partial dependence walks every path down, and nodes shared make them as many as 2**depth.
     """
     count = len(nodes)
     inner = nodes["is_leaf"] == 0
     at = np.arange(count)
     ok = bool(np.all(~inner | ((nodes["left"] < count) & (nodes["right"] < count)
                                & (nodes["left"] > at) & (nodes["right"] > at))))
+    if ok and inner.any():
+        ok = int(np.bincount(np.concatenate((nodes["left"][inner], nodes["right"][inner])), minlength=count).max()) <= 1
     if ok:  # a negative feature index passed before (one byte changed in a file): it read before each row
         ok = bool(np.all(~inner | ((nodes["feature_idx"] >= 0)
                                    & (nodes["feature_idx"] < (n_features if n_features is not None else 2**31)))))

@@ -65,3 +65,35 @@ def local_index(sizes: Any) -> tuple[Any, Any]:
         local[starts[1:]] = 1 - sizes[:-1]  # back to 0 at each tree's first node
         local[0] = 0
     return starts, np.cumsum(local, out=local)
+
+
+def first_too_deep(sizes: Any, left: Any, right: Any, limits: Any, index: tuple[Any, Any]) -> tuple[int, str] | None:
+    """The first tree with a node two nodes name as their child; else the first with a node deeper than its limit.
+
+    Returns None, or the tree's index and the rule it breaks ("parents" or "depth"). Call it once `first_bad_tree`
+    found every child after its node and inside its tree. `limits`: each tree's recorded depth (the root's
+    depth is 0). scikit-learn's `Tree.decision_path` allocates `1 + max_depth` entries per row and writes one
+    per node on the row's path, unchecked: a `max_depth` below the depth of the tree's nodes writes past that
+    buffer (a heap overflow). A node with two parents makes the paths down as many as 2**depth, which the
+    walks of partial dependence and export follow one by one.
+    """
+    import numpy as np
+
+    left, right = np.asarray(left), np.asarray(right)
+    starts = index[0]
+    offset = np.repeat(starts, np.asarray(sizes, dtype=np.int64))  # each node's tree's first node, in the joined arrays
+    inner = left != -1
+    to_left, to_right = left + offset, right + offset  # children as indices into the joined arrays
+    parents = np.bincount(np.concatenate((to_left[inner], to_right[inner])), minlength=len(left))
+    if (parents > 1).any():
+        return int(np.searchsorted(starts, int(np.argmax(parents > 1)), side="right")) - 1, "parents"
+    deepest = np.zeros(len(starts), dtype=np.int64)  # the depth of each tree's deepest node
+    frontier, trees, level = starts, np.arange(len(starts)), 0  # breadth first: each node is met once
+    while frontier.size:
+        deepest[trees] = level
+        keep = inner[frontier]
+        frontier, trees = frontier[keep], trees[keep]
+        frontier, trees = np.concatenate((to_left[frontier], to_right[frontier])), np.concatenate((trees, trees))
+        level += 1
+    bad = deepest > np.asarray(limits, dtype=np.int64)
+    return (int(np.argmax(bad)), "depth") if bad.any() else None

@@ -810,6 +810,10 @@ if kind.startswith("forest"):
         nodes["left_child"][0] = 10**6
     elif kind == "forest-loop":
         nodes["right_child"][0] = 0
+    elif kind == "forest-shallow":  # decision_path sizes its buffer by max_depth: it wrote past it (glibc aborted)
+        state["max_depth"] = 1
+    elif kind == "forest-two-parents":  # the root's left child is its right one too
+        nodes["right_child"][0] = nodes["left_child"][0]
     else:
         nodes["feature"][0] = 99
     state["nodes"] = nodes
@@ -824,6 +828,8 @@ else:
     elif kind == "hist-gbm-loop":  # a node its own child: predict looped forever (a changed copy, scikit-learn 1.3)
         inner = [i for i in range(1, len(nodes)) if not nodes["is_leaf"][i]]
         nodes["left"][inner[0]] = inner[0]
+    elif kind == "hist-gbm-two-parents":  # partial dependence would walk the shared subtree twice
+        nodes["right"][0] = nodes["left"][0]
     else:  # a negative feature index (one byte changed in a file segfaulted predict)
         nodes["feature_idx"][0] = -2**56
 mlpersist.save_any(model, path)
@@ -834,16 +840,76 @@ except mlpersist.UntrustedContentError as exc:
 """
 
 
-@pytest.mark.parametrize("kind", ["forest-child", "forest-loop", "forest-feature", "hist-gbm", "hist-gbm-loop",
-                                  "hist-gbm-feature"])
-def test_crafted_tree_indices_are_refused_before_predict(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "says"), [
+    *((k, "outside its arrays") for k in ("forest-child", "forest-loop", "forest-feature", "hist-gbm", "hist-gbm-loop",
+                                          "hist-gbm-feature", "hist-gbm-two-parents")),
+    ("forest-shallow", "deeper than its max_depth of 1"), ("forest-two-parents", "the child of two nodes")])
+def test_crafted_tree_indices_are_refused_before_predict(kind: str, says: str, tmp_path: Path) -> None:
     require("sklearn")
     (tmp_path / "craft.py").write_text(CRAFT)
     proc = run_python(f"import runpy, sys; sys.argv = ['x', {kind!r}, {str(tmp_path / 'm')!r}]; "
                       f"runpy.run_path({str(tmp_path / 'craft.py')!r})")
-    assert proc.stdout.startswith("REFUSED") and "outside its arrays" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("REFUSED") and says in proc.stdout, proc.stdout + proc.stderr
     if kind.startswith("forest"):  # all trees are checked at once; the crafted one (estimators_[1]) is named
         assert "][1][" in proc.stdout.split(":")[0], proc.stdout
+
+
+@st.composite
+def _shaped_trees(draw: Any) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Random trees whose children come after their node and inside their tree (what `first_bad_tree` passes),
+    some with a child shared by two nodes, each with a recorded depth near its true one."""
+    sizes: list[int] = []
+    left: list[int] = []
+    right: list[int] = []
+    limits: list[int] = []
+    for _ in range(draw(st.integers(1, 4))):
+        lt, rt, depth, leaves = [-1], [-1], [0], [0]
+        for _ in range(draw(st.integers(0, 7))):
+            node = leaves.pop(draw(st.integers(0, len(leaves) - 1)))
+            lt[node], rt[node] = len(lt), len(lt) + 1
+            for _ in range(2):
+                leaves.append(len(lt))
+                lt.append(-1)
+                rt.append(-1)
+                depth.append(depth[node] + 1)
+        inner = [i for i in range(len(lt)) if lt[i] != -1]
+        if inner and draw(st.integers(0, 3)) == 0:  # a child replaced by a later node: shared, or the old one lost
+            at = draw(st.sampled_from(inner))
+            (lt if draw(st.booleans()) else rt)[at] = draw(st.integers(at + 1, len(lt) - 1))
+        sizes.append(len(lt))
+        left += lt
+        right += rt
+        limits.append(max(0, max(depth) + draw(st.integers(-2, 1))))
+    return sizes, left, right, limits
+
+
+def _too_deep_by_hand(sizes: list[int], left: list[int], right: list[int], limits: list[int]) -> Any:
+    """`first_too_deep`'s statement, node by node: the first tree with a node two nodes name, else the first whose
+    nodes reached from its root lie deeper than its limit."""
+    starts = [sum(sizes[:t]) for t in range(len(sizes))]
+    for t, (start, n) in enumerate(zip(starts, sizes, strict=True)):
+        named = [c for i in range(n) if left[start + i] != -1 for c in (left[start + i], right[start + i])]
+        if len(named) != len(set(named)):
+            return t, "parents"
+    for t, start in enumerate(starts):
+        level, deepest = [0], 0
+        while level:
+            level = [c for i in level if left[start + i] != -1 for c in (left[start + i], right[start + i])]
+            deepest += bool(level)
+        if deepest > limits[t]:
+            return t, "depth"
+    return None
+
+
+@settings(max_examples=500, deadline=None)
+@given(drawn=_shaped_trees())
+def test_the_depth_check_refuses_exactly_the_trees_its_plain_statement_does(drawn: Any) -> None:
+    np, trees = require("numpy"), require("mlpersist._trees")
+    sizes, left, right, limits = drawn
+    arrays = [np.asarray(a, dtype=np.intp) for a in (left, right)]  # as scikit-learn's Tree gives them
+    index = trees.local_index(np.asarray(sizes, dtype=np.int64))
+    assert trees.first_bad_tree(sizes, *arrays, np.zeros(len(left), dtype=np.intp), 1, adjacent=False) is None
+    assert trees.first_too_deep(sizes, *arrays, limits, index) == _too_deep_by_hand(sizes, left, right, limits)
 
 
 def _crafted_neighbours(kind: str) -> Any:
