@@ -109,6 +109,11 @@ for i, line in enumerate(lines):
         v[0] = "1000"
     elif kind == "inner-backward" and key == "left_child":  # node 1 back to node 0: a predict that never ends
         v[1] = "0"
+    elif kind == "shared-child" and key == "left_child":
+        root_left = v[0]
+        continue
+    elif kind == "shared-child" and key == "right_child":  # the root's two children one node
+        v[0] = root_left
     elif kind == "cat-threshold-past" and key == "threshold":  # indexes cat_boundaries past its num_cat + 1
         v[0] = "1"
     elif kind == "cat-boundaries-past" and key == "cat_boundaries":  # a bitset read past cat_threshold's words
@@ -199,7 +204,7 @@ def _load_crafted(kind: str, tmp_path: Path, trusted: bool = False) -> str:
     return lines[-1] if lines else f"nothing printed; stderr: {proc.stderr[-2000:]}"
 
 
-@pytest.mark.parametrize("kind", ["leaf-int-min", "inner-out-of-range", "inner-backward", "feature",
+@pytest.mark.parametrize("kind", ["leaf-int-min", "inner-out-of-range", "inner-backward", "shared-child", "feature",
                                   "cat-threshold-past", "cat-boundaries-past", "cat-boundaries-backward",
                                   "underscore-digits",
                                   "tree-line-inside", "key-twice", "carriage-return", "nul", "no-class",
