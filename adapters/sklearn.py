@@ -100,7 +100,9 @@ def validate(model: Any) -> list[Tree]:
     metric_base, svm_base = (_loaded("sklearn.metrics._dist_metrics", "DistanceMetric"),
                              _loaded("sklearn.svm._base", "BaseLibSVM"))
     classifier = _loaded("sklearn.tree._classes", "DecisionTreeClassifier")
+    boosting = _loaded("sklearn.ensemble._gb", "BaseGradientBoosting")
     trees: list[tuple[Tree, int | None, str]] = []  # checked together at the end (a forest is many small trees)
+    boosted: list[tuple[Any, str]] = []  # checked last: the check predicts, once every tree has passed
     fitted: list[Tree] = []
     # (object, n_features, where its container is, its index there or None): an object is named only once
     # it is checked (a forest's 2,000 entries are mostly plain values and arrays, passed over unnamed)
@@ -143,6 +145,8 @@ def validate(model: Any) -> list[Tree]:
             _require(_spline_ok, obj, where, f"a {type(obj).__name__}")
         if isinstance(obj, svm_base) and hasattr(obj, "_n_support"):
             _require(_libsvm_ok, obj, where, f"a fitted {type(obj).__name__}")
+        if boosting and isinstance(obj, boosting) and hasattr(obj, "estimators_"):
+            boosted.append((obj, where))
         if hasattr(obj, "_bin_mapper") and hasattr(obj, "_predictors"):
             _require(_categories_ok, obj, where, f"a fitted {type(obj).__name__}")
         if module.startswith("sklearn.") and any(hasattr(obj, k) for k in _AS_WIDE_AS_X):
@@ -160,7 +164,34 @@ def validate(model: Any) -> list[Tree]:
             if type(child) not in _PASSED:
                 stack.append((child, n, where, i))
     _check_trees(trees)
+    for obj, where in boosted:
+        _require(_boosting_ok, obj, where, f"a fitted {type(obj).__name__}")
     return fitted
+
+
+def _boosting_ok(model: Any) -> bool:
+    """Whether a gradient-boosting model's trees read X as wide as it checks X, and write inside its output.
+
+    Its predict checks X against the first tree, starts from the init estimator's raw predictions (one column
+    per output), then adds tree [i, k] into column k of them, for every k of `estimators_`, in compiled code
+    without bounds checks: a binary classifier saved with 64 columns of trees made glibc abort, and a tree
+    wider than the first reads past each row of X. So every tree is as wide as the model, and the init
+    estimator's raw prediction for one row (the model's own code, run on zeros after every tree has been
+    checked) has one column per column of trees.
+    """
+    estimators, width = model.estimators_, model.n_features_in_
+    if not (isinstance(estimators, np.ndarray) and estimators.ndim == 2 and estimators.size):
+        return False
+    if any(not isinstance(getattr(e, "tree_", None), Tree) or e.tree_.n_features != width or e.n_features_in_ != width
+           for e in estimators.flat):
+        return False
+    try:
+        with warnings.catch_warnings():  # a model fit on a frame warns that zeros have no feature names
+            warnings.simplefilter("ignore")
+            raw = model._raw_predict_init(np.zeros((1, width)))
+    except Exception:  # whatever the init estimator raises on this model, it is not one to load
+        return False
+    return isinstance(raw, np.ndarray) and raw.shape == (1, estimators.shape[1])
 
 
 _OWN_STACK = frozenset({"sklearn", "numpy", "scipy"})  # whose objects the walk checks itself

@@ -820,6 +820,19 @@ if kind.startswith("forest"):
     crafted = cls(*args)
     crafted.__setstate__(state)
     model.estimators_[1].tree_ = crafted
+elif kind.startswith("gb-"):  # each made predict write past its output, or read past each row of X
+    from sklearn.ensemble import GradientBoostingClassifier
+    if kind == "gb-columns":  # a binary classifier's one column of trees, 64 times: glibc aborted
+        model = GradientBoostingClassifier(n_estimators=5, random_state=0).fit(x, y)
+        model.estimators_ = np.concatenate([model.estimators_] * 64, axis=1)
+    elif kind == "gb-narrow-first-tree":  # predict checks X against the first tree; the others read 4 columns
+        model = GradientBoostingClassifier(n_estimators=5, random_state=0).fit(x, y)
+        narrow = GradientBoostingClassifier(n_estimators=5, random_state=0).fit(x[:, :1], y)
+        model.estimators_[0, 0], model.n_features_in_ = narrow.estimators_[0, 0], 1
+    else:  # gb-init-classes: three columns of trees over an init estimator that predicts two
+        three = np.arange(100) % 3
+        model = GradientBoostingClassifier(n_estimators=5, random_state=0).fit(x, three)
+        model.init_ = GradientBoostingClassifier(n_estimators=1).fit(x, y).init_
 else:
     model = HistGradientBoostingClassifier(max_iter=3).fit(x, y)
     nodes = model._predictors[0][0].nodes
@@ -843,7 +856,8 @@ except mlpersist.UntrustedContentError as exc:
 @pytest.mark.parametrize(("kind", "says"), [
     *((k, "outside its arrays") for k in ("forest-child", "forest-loop", "forest-feature", "hist-gbm", "hist-gbm-loop",
                                           "hist-gbm-feature", "hist-gbm-two-parents")),
-    ("forest-shallow", "deeper than its max_depth of 1"), ("forest-two-parents", "the child of two nodes")])
+    ("forest-shallow", "deeper than its max_depth of 1"), ("forest-two-parents", "the child of two nodes"),
+    *((k, "disagree with its shape") for k in ("gb-columns", "gb-narrow-first-tree", "gb-init-classes"))])
 def test_crafted_tree_indices_are_refused_before_predict(kind: str, says: str, tmp_path: Path) -> None:
     require("sklearn")
     (tmp_path / "craft.py").write_text(CRAFT)
@@ -852,6 +866,29 @@ def test_crafted_tree_indices_are_refused_before_predict(kind: str, says: str, t
     assert proc.stdout.startswith("REFUSED") and says in proc.stdout, proc.stdout + proc.stderr
     if kind.startswith("forest"):  # all trees are checked at once; the crafted one (estimators_[1]) is named
         assert "][1][" in proc.stdout.split(":")[0], proc.stdout
+
+
+@pytest.mark.parametrize("init", ["prior", "zero", "logistic"])
+@pytest.mark.parametrize("classes", [2, 3, 0], ids=["binary", "three-classes", "regressor"])
+def test_gradient_boosting_loads_with_any_init_and_predicts_the_same(init: str, classes: int, tmp_path: Path) -> None:
+    """The check of a gradient-boosting model's columns runs its init estimator on a row of zeros: every init
+    scikit-learn takes passes it, silently (a model fit on a frame does not warn about feature names)."""
+    import warnings
+
+    np, pd = require("numpy"), require("pandas")
+    ensemble, linear = require("sklearn.ensemble"), require("sklearn.linear_model")
+    x = pd.DataFrame(np.random.default_rng(0).normal(size=(120, 4)), columns=list("abcd"))
+    y = (x["a"] > 0).astype(int) + (x["b"] > 0.5) if classes == 3 else x["a"] + x["b"] if classes == 0 else x["a"] > 0
+    start = {"prior": None, "zero": "zero", "logistic": linear.LinearRegression() if classes == 0
+             else linear.LogisticRegression()}[init]
+    model = (ensemble.GradientBoostingRegressor if classes == 0 else ensemble.GradientBoostingClassifier)(
+        n_estimators=5, init=start, random_state=0).fit(x, y)
+    save_any(model, tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_any(tmp_path / "m")
+    method = "predict" if classes == 0 else "predict_proba"
+    np.testing.assert_array_equal(getattr(loaded, method)(x), getattr(model, method)(x))
 
 
 @st.composite
