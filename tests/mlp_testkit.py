@@ -26,6 +26,24 @@ def require(module: str) -> ModuleType:
     return pytest.importorskip(module)
 
 
+def grown_tree(draw: Callable[[Any], Any], splits: int) -> tuple[list[int], list[int], list[int]]:
+    """A random binary tree laid out as tree ensembles keep theirs: the root first, each split's two children
+    appended after it. `draw`: a hypothesis `draw` (leaves to split are drawn). Returns the left and right
+    children (-1 at a leaf) and each node's parent (-1 at the root)."""
+    from hypothesis import strategies as st
+
+    left, right, parent, leaves = [-1], [-1], [-1], [0]
+    for _ in range(splits):
+        node = leaves.pop(draw(st.integers(0, len(leaves) - 1)))
+        left[node], right[node] = len(left), len(left) + 1
+        for _ in range(2):
+            leaves.append(len(left))
+            left.append(-1)
+            right.append(-1)
+            parent.append(node)
+    return left, right, parent
+
+
 def run_python(code: str, *, cwd: Path | None = None, timeout: float = 120, check: bool = True,
                env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `code` in a fresh interpreter (same venv) with tests/ importable."""

@@ -24,7 +24,7 @@ import pytest
 from blake3 import blake3
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from mlp_testkit import require, run_cli, run_python
+from mlp_testkit import grown_tree, require, run_cli, run_python
 
 from mlpersist import (
     CorruptArtifactError,
@@ -900,15 +900,10 @@ def _shaped_trees(draw: Any) -> tuple[list[int], list[int], list[int], list[int]
     right: list[int] = []
     limits: list[int] = []
     for _ in range(draw(st.integers(1, 4))):
-        lt, rt, depth, leaves = [-1], [-1], [0], [0]
-        for _ in range(draw(st.integers(0, 7))):
-            node = leaves.pop(draw(st.integers(0, len(leaves) - 1)))
-            lt[node], rt[node] = len(lt), len(lt) + 1
-            for _ in range(2):
-                leaves.append(len(lt))
-                lt.append(-1)
-                rt.append(-1)
-                depth.append(depth[node] + 1)
+        lt, rt, parent = grown_tree(draw, draw(st.integers(0, 7)))
+        depth = [0]
+        for up in parent[1:]:  # a parent comes before its children
+            depth.append(depth[up] + 1)
         inner = [i for i in range(len(lt)) if lt[i] != -1]
         if inner and draw(st.integers(0, 3)) == 0:  # a child replaced by a later node: shared, or the old one lost
             at = draw(st.sampled_from(inner))

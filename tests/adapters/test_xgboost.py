@@ -15,7 +15,7 @@ import pytest
 from contract import AdapterContract
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mlp_testkit import collections_started, require, run_python
+from mlp_testkit import collections_started, grown_tree, require, run_python
 from ubjson_kit import ARRAY_MARKERS, encode, read_arrays, same
 
 from mlpersist import (
@@ -993,15 +993,8 @@ def _trees_with_parents(draw: Any) -> tuple[list[int], Any, Any, Any, list[int]]
     np = require("numpy")
     sizes, left, right, parents = [], [], [], []
     for _ in range(draw(st.integers(1, 4))):
-        lt, rt, pt, leaves = [-1], [-1], [2**31 - 1], [0]
-        for _ in range(draw(st.integers(0, 6))):
-            node = leaves.pop(draw(st.integers(0, len(leaves) - 1)))
-            lt[node], rt[node] = len(lt), len(lt) + 1
-            for _ in range(2):
-                leaves.append(len(lt))
-                lt.append(-1)
-                rt.append(-1)
-                pt.append(node)
+        lt, rt, pt = grown_tree(draw, draw(st.integers(0, 6)))
+        pt[0] = 2**31 - 1  # XGBoost's parent of a root
         sizes.append(len(lt))
         left += lt
         right += rt
