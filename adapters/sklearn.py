@@ -151,6 +151,8 @@ def validate(model: Any) -> list[Tree]:
             _require(_categories_ok, obj, where, f"a fitted {type(obj).__name__}")
         if module.startswith("sklearn.") and any(hasattr(obj, k) for k in _AS_WIDE_AS_X):
             _require(_as_wide_as_x, obj, where, f"a fitted {type(obj).__name__}")
+        if module.startswith("sklearn.neighbors.") and hasattr(obj, "_y") and hasattr(obj, "classes_"):
+            _require(_neighbour_labels_ok, obj, where, f"a fitted {type(obj).__name__}")
         nodes = getattr(obj, "nodes", None)
         if isinstance(nodes, np.ndarray) and nodes.dtype.names and "left" in nodes.dtype.names:
             _check_predictor_nodes(obj, nodes, n_features, where)
@@ -357,6 +359,23 @@ def _sparse_ok(m: Any) -> bool:
     if fmt == "dia":
         return bool(m.data.ndim == 2 and m.offsets.ndim == 1 and m.data.shape[0] == len(m.offsets))
     return False
+
+
+def _neighbour_labels_ok(model: Any) -> bool:
+    """Whether a neighbours classifier has one label per row it searches, each an index into its classes.
+
+    With a metric other than the Euclidean one, a brute-force search counts each neighbour's vote in
+    compiled code at `class_scores[row, _y[neighbour]]`, unchecked: a label of 10**5 segfaulted
+    predict_proba, and a label is an offset the file chooses to write at.
+    """
+    labels, rows = np.asarray(model._y), model._fit_X.shape[0]
+    if labels.dtype.kind not in "iu" or labels.shape[:1] != (rows,):
+        return False
+    if labels.ndim == 1:
+        return labels.size == 0 or (int(labels.min()) >= 0 and int(labels.max()) < len(model.classes_))
+    return labels.ndim == 2 and labels.shape[1] == len(model.classes_) and all(
+        labels[:, j].size == 0 or (int(labels[:, j].min()) >= 0 and int(labels[:, j].max()) < len(c))
+        for j, c in enumerate(model.classes_))
 
 
 def _binary_tree_ok(tree: Any) -> bool:

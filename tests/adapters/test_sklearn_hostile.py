@@ -964,6 +964,14 @@ def _crafted_neighbours(kind: str) -> Any:
         else:
             nodes["idx_end"][-1] = 10**6
         model._tree = tree
+    elif kind.startswith("label"):  # counted at class_scores[row, label] in compiled code (10**5 segfaulted)
+        from sklearn.neighbors import RadiusNeighborsClassifier
+        model = (RadiusNeighborsClassifier(radius=20.0, metric="manhattan") if kind == "labels-radius"
+                 else KNeighborsClassifier(algorithm="brute", metric="manhattan")).fit(x, y)
+        if kind == "labels-short":  # read at each neighbour's row
+            model._y = model._y[:-10]
+        else:
+            model._y[0] = -1 if kind == "label-negative" else 10**5
     elif kind == "csr-index":
         model = KNeighborsClassifier(algorithm="brute").fit(xs, y)
         model._fit_X.indices[0] = 10**8
@@ -979,7 +987,8 @@ def _crafted_neighbours(kind: str) -> Any:
     return model
 
 
-@pytest.mark.parametrize("kind", ["kd-index", "ball-children", "kd-range", "csr-index", "csr-indptr", "coo-row",
+@pytest.mark.parametrize("kind", ["kd-index", "ball-children", "kd-range", "label-past-classes", "label-negative",
+                                  "labels-short", "labels-radius", "csr-index", "csr-indptr", "coo-row",
                                   "coo-in-long-list"])
 def test_crafted_neighbour_trees_and_sparse_matrices_are_refused_before_predict(kind: str, tmp_path: Path) -> None:
     """KDTree/BallTree queries and scipy's sparse routines index with these arrays unchecked."""
@@ -988,6 +997,26 @@ def test_crafted_neighbour_trees_and_sparse_matrices_are_refused_before_predict(
         load_any(tmp_path / "m")
     assert load_any(tmp_path / "m", trusted=True) is not None  # the caller who vouches gets it as it is
 
+
+
+@pytest.mark.parametrize("kind", ["brute-manhattan", "radius", "two-outputs", "string-classes"])
+def test_neighbour_classifiers_load_and_predict_the_same(kind: str, tmp_path: Path) -> None:
+    """The label check admits what scikit-learn fits: one output or two, classes of any type."""
+    np, neighbors = require("numpy"), require("sklearn.neighbors")
+    x, y = require("sklearn.datasets").make_classification(200, 6, random_state=0)
+    if kind == "two-outputs":
+        y = np.column_stack([y, (x[:, 0] > 0).astype(int) * 2])
+    elif kind == "string-classes":
+        y = np.array(["stay", "churn"])[y]
+    model = (neighbors.RadiusNeighborsClassifier(radius=20.0, metric="manhattan") if kind == "radius" else
+             neighbors.KNeighborsClassifier() if kind == "string-classes"  # 1.3's Manhattan search fails on them
+             else neighbors.KNeighborsClassifier(algorithm="brute", metric="manhattan")).fit(x, y)
+    save_any(model, tmp_path / "m")
+    loaded = load_any(tmp_path / "m")
+    for method in ("predict", "predict_proba"):
+        got, expected = getattr(loaded, method)(x), getattr(model, method)(x)
+        for a, b in zip(*(v if isinstance(v, list) else [v] for v in (got, expected)), strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def _with_state(obj: Any, edit: Callable[[list[Any]], None]) -> Any:
