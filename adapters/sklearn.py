@@ -85,8 +85,8 @@ def validate(model: Any) -> list[Tree]:
     kernels, HistGradientBoosting's categorical splits, scipy's splines and sparse routines (compiled)
     index one array with another without bounds checks: a crafted file would read, or write, out of
     bounds. Walks the whole object graph (pipelines, ensembles, meta-estimators), every container
-    entry included; a container of plain values (a vocabulary) is passed over in one C-level look at
-    its entries' types.
+    entry included, and every entry of an array of objects (gradient boosting keeps its trees in one);
+    a container of plain values (a vocabulary) is passed over in one C-level look at its entries' types.
 
     Returns the trees of the classification trees it met, in the order `as_fractions` reads them.
 
@@ -163,8 +163,11 @@ def validate(model: Any) -> list[Tree]:
         if _plain(obj, children):
             continue  # every entry a plain value (140,000 words: 150 ms one by one, 4 ms this way)
         for i, child in enumerate(children):
-            if type(child) not in _PASSED:
+            kind = type(child)
+            if kind not in _PASSED:
                 stack.append((child, n, where, i))
+            elif kind is np.ndarray and child.dtype.hasobject:  # objects held in an array (gradient boosting's trees)
+                stack.append((child.ravel().tolist(), n, where, i))
     _check_trees(trees)
     for obj, where in boosted:
         _require(_boosting_ok, obj, where, f"a fitted {type(obj).__name__}")

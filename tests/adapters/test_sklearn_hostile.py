@@ -822,7 +822,16 @@ if kind.startswith("forest"):
     model.estimators_[1].tree_ = crafted
 elif kind.startswith("gb-"):  # each made predict write past its output, or read past each row of X
     from sklearn.ensemble import GradientBoostingClassifier
-    if kind == "gb-columns":  # a binary classifier's one column of trees, 64 times: glibc aborted
+    if kind == "gb-child":  # the trees sit in an object array, which the walk once passed over unopened
+        model = GradientBoostingClassifier(n_estimators=5, random_state=0).fit(x, y)
+        tree = model.estimators_[2, 0].tree_
+        cls, args, state = tree.__reduce__()
+        state["nodes"] = state["nodes"].copy()
+        state["nodes"]["left_child"][0] = 10**6
+        crafted = cls(*args)
+        crafted.__setstate__(state)
+        model.estimators_[2, 0].tree_ = crafted
+    elif kind == "gb-columns":  # a binary classifier's one column of trees, 64 times: glibc aborted
         model = GradientBoostingClassifier(n_estimators=5, random_state=0).fit(x, y)
         model.estimators_ = np.concatenate([model.estimators_] * 64, axis=1)
     elif kind == "gb-narrow-first-tree":  # predict checks X against the first tree; the others read 4 columns
@@ -855,7 +864,7 @@ except mlpersist.UntrustedContentError as exc:
 
 @pytest.mark.parametrize(("kind", "says"), [
     *((k, "outside its arrays") for k in ("forest-child", "forest-loop", "forest-feature", "hist-gbm", "hist-gbm-loop",
-                                          "hist-gbm-feature", "hist-gbm-two-parents")),
+                                          "hist-gbm-feature", "hist-gbm-two-parents", "gb-child")),
     ("forest-shallow", "deeper than its max_depth of 1"), ("forest-two-parents", "the child of two nodes"),
     *((k, "disagree with its shape") for k in ("gb-columns", "gb-narrow-first-tree", "gb-init-classes"))])
 def test_crafted_tree_indices_are_refused_before_predict(kind: str, says: str, tmp_path: Path) -> None:
@@ -982,14 +991,15 @@ def _crafted_neighbours(kind: str) -> Any:
         coo = sparse.coo_matrix(xs)
         coo.row[0] = 10**6
         # coo-in-long-list: last in a long list of plain values, which the walk passes over only when all are
-        hidden = [*range(10_000), "a", 1.5, b"b", None, True, coo] if kind == "coo-in-long-list" else coo
+        hidden = ([*range(10_000), "a", 1.5, b"b", None, True, coo] if kind == "coo-in-long-list"
+                  else np.array([None, coo], dtype=object) if kind == "coo-in-object-array" else coo)
         model = FunctionTransformer(kw_args={"m": hidden})
     return model
 
 
 @pytest.mark.parametrize("kind", ["kd-index", "ball-children", "kd-range", "label-past-classes", "label-negative",
                                   "labels-short", "labels-radius", "csr-index", "csr-indptr", "coo-row",
-                                  "coo-in-long-list"])
+                                  "coo-in-long-list", "coo-in-object-array"])
 def test_crafted_neighbour_trees_and_sparse_matrices_are_refused_before_predict(kind: str, tmp_path: Path) -> None:
     """KDTree/BallTree queries and scipy's sparse routines index with these arrays unchecked."""
     save_any(_crafted_neighbours(kind), tmp_path / "m")
