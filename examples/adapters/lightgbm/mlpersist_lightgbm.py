@@ -241,8 +241,8 @@ def _check_tree(tree: Mapping[str, str], max_feature: int, n: int, where: str) -
             ok = ok and bool(np.all(np.where(child >= 0, inner_ok, leaf_ok)))
         # each node and leaf the child of one node at most: LightGBM's walks for SHAP values (leaf depths, then
         # the paths) follow every path down, and nodes shared make them as many as 2**depth
-        for kids in ((np.concatenate((left[left >= 0], right[right >= 0]))),
-                     (np.concatenate((left[left < 0], right[right < 0])))):
+        for kids in (np.concatenate((left[left >= 0], right[right >= 0])),
+                     np.concatenate((left[left < 0], right[right < 0]))):
             ok = ok and len(np.unique(kids)) == len(kids)
         ok = ok and bool(np.all((feature >= 0) & (feature <= max_feature)))
         cat = (decision & 1).astype(bool)  # a categorical split: its threshold indexes cat_boundaries
