@@ -26,6 +26,13 @@ _MAX_CLASSES_RECORDED = 1000
 # KNeighbors*' brute-force search (_fit_X), the KMeans family's assignment (cluster_centers_).
 _AS_WIDE_AS_X = ("_fit_X", "cluster_centers_")
 _LIBSVM_CLASSIFIERS = ("c_svc", "nu_svc")  # the svm types whose per-class counts libsvm follows
+# Maps whose values a transform makes the column indices of a sparse matrix with one column per entry, which
+# scipy builds without checking them: CountVectorizer's (TfidfVectorizer's) and DictVectorizer's vocabulary_,
+# MultiLabelBinarizer's _cached_dict.
+_INDEX_MAPS = ("vocabulary_", "_cached_dict")
+_ENCODING = ("sklearn.feature_extraction.", "sklearn.preprocessing.")  # the modules of those and of OneHotEncoder
+_MOST_COLUMNS = 2**31 - 1  # scikit-learn's bound for a hashing transform's n_features (its column indices are int32)
+_MOST_THREADS = 1 << 16  # far more than any machine scikit-learn counted its threads on (the KMeans family's)
 
 
 class SklearnAdapter:
@@ -101,6 +108,8 @@ def validate(model: Any) -> list[Tree]:
                              _loaded("sklearn.svm._base", "BaseLibSVM"))
     classifier = _loaded("sklearn.tree._classes", "DecisionTreeClassifier")
     boosting = _loaded("sklearn.ensemble._gb", "BaseGradientBoosting")
+    hashers = _loaded("sklearn.feature_extraction._hash", "FeatureHasher") + _loaded(
+        "sklearn.feature_extraction.text", "HashingVectorizer")
     trees: list[tuple[Tree, int | None, str]] = []  # checked together at the end (a forest is many small trees)
     boosted: list[tuple[Any, str]] = []  # checked last: the check predicts, once every tree has passed
     fitted: list[Tree] = []
@@ -153,6 +162,18 @@ def validate(model: Any) -> list[Tree]:
             _require(_as_wide_as_x, obj, where, f"a fitted {type(obj).__name__}")
         if module.startswith("sklearn.neighbors.") and hasattr(obj, "_y") and hasattr(obj, "classes_"):
             _require(_neighbour_labels_ok, obj, where, f"a fitted {type(obj).__name__}")
+        if module.startswith(_ENCODING) and any(type(getattr(obj, k, None)) is dict for k in _INDEX_MAPS):
+            _require(_index_maps_ok, obj, where, f"a fitted {type(obj).__name__}")
+        if module.startswith(_ENCODING) and hasattr(obj, "_n_features_outs"):
+            _require(_one_hot_ok, obj, where, f"a fitted {type(obj).__name__}")
+        if hashers and isinstance(obj, hashers):
+            _require(_hash_width_ok, obj, where, f"a {type(obj).__name__}", why=(
+                f"whose n_features is not a number of columns scikit-learn takes (1 to {_MOST_COLUMNS}): its "
+                "transform hashes each term modulo n_features, in compiled code, and 0 killed the process (SIGFPE)"))
+        if module.startswith("sklearn.cluster.") and hasattr(obj, "_n_threads"):
+            _require(_threads_ok, obj, where, f"a fitted {type(obj).__name__}", why=(
+                f"whose thread count (_n_threads) is not 1 to {_MOST_THREADS}: predict hands it to OpenMP, which "
+                "exits the process on -1"))
         nodes = getattr(obj, "nodes", None)
         if isinstance(nodes, np.ndarray) and nodes.dtype.names and "left" in nodes.dtype.names:
             _check_predictor_nodes(obj, nodes, n_features, where)
@@ -496,6 +517,85 @@ def _categories_ok(model: Any) -> bool:
     return True
 
 
+def _index_maps_ok(model: Any) -> bool:
+    """Whether each index map (`_INDEX_MAPS`) maps its n entries to 0 .. n-1, one each, as scikit-learn fits them.
+
+    A transform turns the map's values into the column indices of a sparse matrix of n columns, which
+    scipy builds without checking them; the first compiled routine to read it (a dot product with the
+    next step's coefficients, `toarray`) then reads or writes at them: a CountVectorizer whose
+    `vocabulary_` gave one word the index 10**8 segfaulted its pipeline's predict, as did DictVectorizer's
+    and MultiLabelBinarizer's maps.
+    """
+    for key in _INDEX_MAPS:
+        mapping = getattr(model, key, None)
+        if type(mapping) is not dict:
+            continue
+        kinds = set(map(type, mapping.values()))  # one C-level pass: a vocabulary can hold 100,000 words
+        if not all(k is int or issubclass(k, np.integer) for k in kinds):
+            return False
+        n = len(mapping)
+        index = np.fromiter(mapping.values(), dtype=np.int64, count=n)
+        if n and not (int(index.min()) >= 0 and int(index.max()) < n and int(np.bincount(index).max()) == 1):
+            return False
+    return True
+
+
+def _one_hot_ok(model: Any) -> bool:
+    """Whether every code a OneHotEncoder's transform can make lands inside its feature's columns.
+
+    Its transform encodes each value as its index among the feature's categories, maps infrequent ones
+    to the grouped column (`_infrequent_indices`, `_default_to_infrequent_mappings`), removes the dropped
+    one (`_drop_idx_after_grouping`), and offsets each feature by the columns of those before it
+    (`_n_features_outs`); scipy takes the result as column indices unchecked, and `toarray` writes at
+    them: a mapping edited to 10**8 segfaulted the encoder's pipeline. Here each feature's highest code,
+    so computed, must be below its columns.
+    """
+    categories, outs = model.categories_, model._n_features_outs
+    if not (type(outs) is list and len(outs) == len(categories)
+            and all(type(n) is int or isinstance(n, np.integer) for n in outs)):
+        return False
+    grouped = bool(getattr(model, "_infrequent_enabled", False))
+    mappings = model._default_to_infrequent_mappings if grouped else [None] * len(categories)
+    infrequent = model._infrequent_indices if grouped else [None] * len(categories)
+    dropped = model._drop_idx_after_grouping
+    if len(mappings) != len(categories) or len(infrequent) != len(categories) or (
+            dropped is not None and len(dropped) != len(categories)):
+        return False
+    for i, cats in enumerate(categories):
+        count = len(cats)  # codes before grouping: 0 .. count-1, an infrequent index among them
+        rare = infrequent[i]
+        if rare is not None and (np.size(rare) == 0 or not _codes_within(rare, count)):
+            return False
+        mapping = mappings[i]
+        if mapping is not None:  # np.take(mapping, code): a code past it raises; its values are the new codes
+            if np.ndim(mapping) != 1 or len(mapping) == 0 or not _codes_within(mapping, 1 << 62):
+                return False
+            count = int(np.max(mapping)) + 1
+        drop = None if dropped is None else dropped[i]
+        if drop is not None:  # codes above it move down one; one below 0 would move code 0 to -1
+            if not (isinstance(drop, (int, np.integer)) and 0 <= drop < count):
+                return False
+            count -= 1
+        if not 0 <= count <= outs[i]:
+            return False
+    return True
+
+
+def _codes_within(values: Any, count: int) -> bool:
+    codes = np.asarray(values)
+    return codes.dtype.kind in "iu" and (codes.size == 0 or (int(codes.min()) >= 0 and int(codes.max()) < count))
+
+
+def _hash_width_ok(hasher: Any) -> bool:
+    n = hasher.n_features
+    return (type(n) is int or isinstance(n, np.integer)) and 1 <= n <= _MOST_COLUMNS
+
+
+def _threads_ok(model: Any) -> bool:
+    n = model._n_threads
+    return (type(n) is int or isinstance(n, np.integer)) and 1 <= n <= _MOST_THREADS
+
+
 def _as_wide_as_x(model: Any) -> bool:
     """Whether the arrays compiled predict routines read beside X (`_AS_WIDE_AS_X`) are as wide as X."""
     width = getattr(model, "n_features_in_", None)
@@ -507,16 +607,16 @@ def _passes(ok: Any, *args: Any) -> bool:
     """Whether `ok(*args)` holds; arrays too malformed to even be compared (a field renamed, a shape off) fail it."""
     try:
         return bool(ok(*args))
-    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError):  # Overflow: past int64
         return False
 
 
-def _require(ok: Any, obj: Any, where: str, what: str) -> None:
+def _require(ok: Any, obj: Any, where: str, what: str,
+             why: str = "whose index arrays point outside its data or disagree with its shape") -> None:
     """Refuse `obj` unless `ok(obj)` passes."""
     if not _passes(ok, obj):
         raise UntrustedContentError(
-            f"{where}: {what} whose index arrays point outside its data or disagree with its shape; the file is "
-            "crafted or damaged, refusing it (trusted=True loads it as it is)",
+            f"{where}: {what} {why}; the file is crafted or damaged, refusing it (trusted=True loads it as it is)",
             [f"{type(obj).__module__}.{type(obj).__qualname__}"])
 
 

@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import pickle
+import re
 import struct
 import sys
 from collections.abc import Callable, Iterator
@@ -1027,6 +1028,150 @@ def test_neighbour_classifiers_load_and_predict_the_same(kind: str, tmp_path: Pa
         got, expected = getattr(loaded, method)(x), getattr(model, method)(x)
         for a, b in zip(*(v if isinstance(v, list) else [v] for v in (got, expected)), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+_DOCS = ["alpha beta", "gamma delta alpha", "beta gamma", "delta epsilon alpha", "epsilon beta"]
+
+
+def _one_hot_rows() -> Any:
+    """One column of categories, frequent and rare, and one binary column."""
+    np = require("numpy")
+    first = ["a"] * 12 + ["b"] * 9 + ["c"] * 6 + ["d"] * 2 + ["e"]
+    return np.array([[v, "yes" if i % 3 else "no"] for i, v in enumerate(first)], dtype=object)
+
+
+def _crafted_encoder(kind: str) -> Any:
+    """A fitted transformer whose index map, column counts or thread count was edited to what scikit-learn never makes.
+
+    After a plain (trusted) load, these killed the process: a CountVectorizer's or DictVectorizer's
+    vocabulary entry, a MultiLabelBinarizer's label map entry or a OneHotEncoder's infrequent mapping set
+    to 10**8 (or -10**8) segfaulted transform or the pipeline's predict (scipy builds the sparse matrix
+    without checking its column indices; the next compiled routine reads or writes at them);
+    `_n_features_outs` as an array made glibc abort; n_features 0 raised SIGFPE in a hashing transform;
+    _n_threads -1 made OpenMP exit the process from KMeans.predict. A OneHotEncoder's last feature given
+    one column less, or a dropped code of -1, makes column indices of the width or -1: toarray writes just
+    outside the matrix (glibc found its heap corrupted in one run, in others nothing showed); the others (a repeated or
+    fractional index, TfidfVectorizer's map and the infrequent index, stopped by numpy by luck of the
+    path) are refused as well: each is a map scikit-learn never makes.
+    """
+    np = require("numpy")
+    from sklearn.cluster import KMeans
+    from sklearn.feature_extraction import DictVectorizer, FeatureHasher
+    from sklearn.feature_extraction.text import CountVectorizer, HashingVectorizer, TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import MultiLabelBinarizer, OneHotEncoder
+
+    labels = [0, 1, 0, 1, 1]
+    if kind.startswith(("count", "tfidf")):
+        model = make_pipeline(TfidfVectorizer() if kind.startswith("tfidf") else CountVectorizer(),
+                              LogisticRegression()).fit(_DOCS, labels)
+        vocabulary = model[0].vocabulary_
+        if kind.endswith("repeated"):  # two words, one column: not a map scikit-learn makes
+            vocabulary["alpha"] = vocabulary["beta"]
+        elif kind.endswith("float"):
+            vocabulary["alpha"] = 1.5
+        else:
+            vocabulary["alpha"] = -10**8 if kind.endswith("negative") else 10**8
+    elif kind == "dict-vocabulary":
+        rows = [{"a": 1, "b": 2}, {"a": 3, "c": 1}, {"b": 1, "c": 2}, {"a": 2}, {"c": 5}]
+        model = make_pipeline(DictVectorizer(), LogisticRegression()).fit(rows, labels)
+        model[0].vocabulary_["a"] = 10**8
+    elif kind == "label-map":
+        model = MultiLabelBinarizer().fit([["x", "y"], ["z"]])
+        model.transform([["x"]])  # the map is made, and kept, at the first transform
+        model._cached_dict["x"] = 10**8
+    elif kind.startswith("one-hot"):
+        model = OneHotEncoder(min_frequency=5, drop="first", handle_unknown="infrequent_if_exist").fit(
+            _one_hot_rows())
+        if kind == "one-hot-mapping":
+            model._default_to_infrequent_mappings[0][:] = 10**8
+        elif kind == "one-hot-infrequent":  # an unknown value takes this code, before the mapping
+            model._infrequent_indices[0][0] = 10**8
+        elif kind == "one-hot-drop":  # codes above it move down one: code 0 would become -1
+            model._drop_idx_after_grouping[0] = -1
+        elif kind == "one-hot-columns":  # the last feature's codes fill one column more than the matrix has
+            model._n_features_outs[-1] -= 1
+        else:  # the same counts, as an array: transform would add them to [0] instead of appending them
+            model._n_features_outs = np.asarray(model._n_features_outs)
+    elif kind in ("hashing-zero", "hasher-zero"):
+        model = (HashingVectorizer(n_features=16) if kind == "hashing-zero" else
+                 FeatureHasher(n_features=16, input_type="string")).fit(_DOCS)
+        model.n_features = 0
+    else:
+        model = KMeans(n_clusters=2, n_init=1, random_state=0).fit(np.arange(20.0).reshape(10, 2))
+        model._n_threads = -1
+    return model
+
+
+@pytest.mark.parametrize(("kind", "says"), [
+    *((k, "index arrays point outside") for k in (
+        "count-vocabulary", "count-vocabulary-negative", "count-vocabulary-repeated", "count-vocabulary-float",
+        "tfidf-vocabulary", "dict-vocabulary", "label-map", "one-hot-mapping", "one-hot-infrequent",
+        "one-hot-drop", "one-hot-columns", "one-hot-columns-array")),
+    ("hashing-zero", "whose n_features is not"), ("hasher-zero", "whose n_features is not"),
+    ("kmeans-threads", "thread count (_n_threads)")])
+def test_crafted_index_maps_column_counts_and_thread_counts_are_refused(kind: str, says: str,
+                                                                          tmp_path: Path) -> None:
+    """Each of these crashed a real process at transform or predict time, after a plain load_any (the edits
+    are those of `_crafted_encoder`); the checked load refuses them, naming the object."""
+    save_any(_crafted_encoder(kind), tmp_path / "m")
+    with pytest.raises(UntrustedContentError, match=re.escape(says)) as refused:
+        load_any(tmp_path / "m")
+    name = {"count": "Vectorizer", "tfidf": "TfidfVectorizer", "dict": "DictVectorizer", "label": "MultiLabelBinarizer",
+            "one": "OneHotEncoder", "hashing": "HashingVectorizer", "hasher": "FeatureHasher", "kmeans": "KMeans"}
+    assert name[kind.split("-", maxsplit=1)[0]] in str(refused.value)
+    assert load_any(tmp_path / "m", trusted=True) is not None  # the caller who vouches gets it as it is
+
+
+@pytest.mark.filterwarnings("ignore:Found unknown categories")  # with drop=: a row of unseen values
+@pytest.mark.parametrize("kind", ["one-hot", "one-hot-dense", "one-hot-if-binary", "one-hot-infrequent",
+                                  "one-hot-max-categories", "one-hot-ignore", "count", "tfidf-max-features",
+                                  "count-given-vocabulary", "dict", "dict-unsorted", "label-map", "hashing",
+                                  "hasher", "kmeans", "minibatch-kmeans", "bisecting-kmeans"])
+def test_encoders_vectorizers_and_clusterers_load_and_answer_the_same(kind: str, tmp_path: Path) -> None:
+    """The checks of index maps, column counts and thread counts admit every such model scikit-learn fits."""
+    np = require("numpy")
+    from sklearn import cluster
+    from sklearn.feature_extraction import DictVectorizer, FeatureHasher
+    from sklearn.feature_extraction.text import CountVectorizer, HashingVectorizer, TfidfVectorizer
+    from sklearn.preprocessing import MultiLabelBinarizer, OneHotEncoder
+
+    rows: Any = _one_hot_rows()
+    unseen = np.array([["zz", "maybe"]], dtype=object)
+    if kind.startswith("one-hot"):
+        model = OneHotEncoder(**{
+            "one-hot": {"drop": "first"}, "one-hot-dense": {"sparse_output": False},
+            "one-hot-if-binary": {"drop": "if_binary", "handle_unknown": "ignore"},
+            "one-hot-infrequent": {"min_frequency": 5, "drop": "first", "handle_unknown": "infrequent_if_exist"},
+            "one-hot-max-categories": {"max_categories": 3, "handle_unknown": "infrequent_if_exist"},
+            "one-hot-ignore": {"handle_unknown": "ignore"}}[kind]).fit(rows)
+        if model.handle_unknown != "error":  # an unseen value too: the infrequent column, or none
+            rows = np.vstack([rows, unseen])
+    elif kind in ("count", "tfidf-max-features", "count-given-vocabulary", "hashing"):
+        model = (CountVectorizer() if kind == "count" else TfidfVectorizer(max_features=3) if kind.startswith("tfidf")
+                 else CountVectorizer(vocabulary=["gamma", "alpha", "zeta"]) if kind.endswith("vocabulary")
+                 else HashingVectorizer(n_features=32)).fit(_DOCS)
+        rows = [*_DOCS, "unseen words only", "alpha alpha zeta"]
+    elif kind.startswith("dict"):
+        rows = [{"b": 1, "a": 2}, {"c": 3}, {"a": 1, "d": 4}]
+        model = DictVectorizer(sort=kind == "dict").fit(rows)
+    elif kind == "label-map":
+        model = MultiLabelBinarizer().fit([["x", "y"], ["z"]])
+        rows = [["x", "z"], ["y"], []]
+        model.transform(rows)  # its map is made at the first transform, and kept
+    elif kind == "hasher":
+        model, rows = FeatureHasher(n_features=8, input_type="string").fit(_DOCS), [d.split() for d in _DOCS]
+    else:
+        rows = require("sklearn.datasets").make_blobs(60, 3, centers=3, random_state=0)[0]
+        model = {"kmeans": cluster.KMeans, "minibatch-kmeans": cluster.MiniBatchKMeans,
+                 "bisecting-kmeans": cluster.BisectingKMeans}[kind](n_clusters=3, n_init=1, random_state=0).fit(rows)
+    save_any(model, tmp_path / "m")
+    loaded = load_any(tmp_path / "m")
+    method = "predict" if kind.endswith("kmeans") else "transform"
+    got, expected = getattr(loaded, method)(rows), getattr(model, method)(rows)
+    dense = [a.toarray() if hasattr(a, "toarray") else a for a in (got, expected)]
+    np.testing.assert_array_equal(*dense)
 
 
 def _with_state(obj: Any, edit: Callable[[list[Any]], None]) -> Any:
