@@ -160,6 +160,8 @@ def validate(model: Any) -> list[Tree]:
             _require(_categories_ok, obj, where, f"a fitted {type(obj).__name__}")
         if module.startswith("sklearn.") and any(hasattr(obj, k) for k in _AS_WIDE_AS_X):
             _require(_as_wide_as_x, obj, where, f"a fitted {type(obj).__name__}")
+        if module.startswith("sklearn.neighbors.") and hasattr(obj, "_fit_X") and hasattr(obj, "n_samples_fit_"):
+            _require(_fit_rows_ok, obj, where, f"a fitted {type(obj).__name__}")
         if module.startswith("sklearn.neighbors.") and hasattr(obj, "_y") and hasattr(obj, "classes_"):
             _require(_neighbour_labels_ok, obj, where, f"a fitted {type(obj).__name__}")
         if module.startswith(_ENCODING) and any(type(getattr(obj, k, None)) is dict for k in _INDEX_MAPS):
@@ -383,6 +385,17 @@ def _sparse_ok(m: Any) -> bool:
     if fmt == "dia":
         return bool(m.data.ndim == 2 and m.offsets.ndim == 1 and m.data.shape[0] == len(m.offsets))
     return False
+
+
+def _fit_rows_ok(model: Any) -> bool:
+    """Whether a neighbours model's data has as many rows as it counts (`n_samples_fit_`), and at least one.
+
+    Its search refuses more neighbours than `n_samples_fit_`, then splits the data's rows into chunks
+    in compiled code: data cut to no rows raised SIGFPE in a brute-force `kneighbors` (every metric
+    tried), and data cut to 3 rows still answered for 5 neighbours.
+    """
+    count = model.n_samples_fit_
+    return isinstance(count, (int, np.integer)) and np.shape(model._fit_X)[0] == count >= 1
 
 
 def _neighbour_labels_ok(model: Any) -> bool:

@@ -982,6 +982,10 @@ def _crafted_neighbours(kind: str) -> Any:
             model._y = model._y[:-10]
         else:
             model._y[0] = -1 if kind == "label-negative" else 10**5
+    elif kind.startswith("fit-rows"):  # the search splits the rows it has into chunks, and answers up to its count
+        from sklearn.neighbors import KNeighborsRegressor
+        model = KNeighborsRegressor(algorithm="brute", metric="manhattan").fit(x, x[:, 0])
+        model._fit_X = model._fit_X[:0 if kind == "fit-rows-none" else 3]  # none: SIGFPE in kneighbors
     elif kind == "csr-index":
         model = KNeighborsClassifier(algorithm="brute").fit(xs, y)
         model._fit_X.indices[0] = 10**8
@@ -999,8 +1003,8 @@ def _crafted_neighbours(kind: str) -> Any:
 
 
 @pytest.mark.parametrize("kind", ["kd-index", "ball-children", "kd-range", "label-past-classes", "label-negative",
-                                  "labels-short", "labels-radius", "csr-index", "csr-indptr", "coo-row",
-                                  "coo-in-long-list", "coo-in-object-array"])
+                                  "labels-short", "labels-radius", "fit-rows-none", "fit-rows-short", "csr-index",
+                                  "csr-indptr", "coo-row", "coo-in-long-list", "coo-in-object-array"])
 def test_crafted_neighbour_trees_and_sparse_matrices_are_refused_before_predict(kind: str, tmp_path: Path) -> None:
     """KDTree/BallTree queries and scipy's sparse routines index with these arrays unchecked."""
     save_any(_crafted_neighbours(kind), tmp_path / "m")
