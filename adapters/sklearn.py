@@ -172,6 +172,8 @@ def validate(model: Any) -> list[Tree]:
             _require(_hash_width_ok, obj, where, f"a {type(obj).__name__}", why=(
                 f"whose n_features is not a number of columns scikit-learn takes (1 to {_MOST_COLUMNS}): its "
                 "transform hashes each term modulo n_features, in compiled code, and 0 killed the process (SIGFPE)"))
+        if module.startswith("sklearn.cluster.") and hasattr(obj, "_single_linkage_tree_"):
+            _require(_linkage_ok, obj, where, f"a fitted {type(obj).__name__}")
         if module.startswith("sklearn.cluster.") and hasattr(obj, "_n_threads"):
             _require(_threads_ok, obj, where, f"a fitted {type(obj).__name__}", why=(
                 f"whose thread count (_n_threads) is not 1 to {_MOST_THREADS}: predict hands it to OpenMP, which "
@@ -597,6 +599,21 @@ def _one_hot_ok(model: Any) -> bool:
 def _codes_within(values: Any, count: int) -> bool:
     codes = np.asarray(values)
     return codes.dtype.kind in "iu" and (codes.size == 0 or (int(codes.min()) >= 0 and int(codes.max()) < count))
+
+
+def _linkage_ok(model: Any) -> bool:
+    """Whether every merge of an HDBSCAN single-linkage tree names nodes the tree has (0 .. 2n for n merges).
+
+    `dbscan_clustering` unions each merge's two nodes into the cluster it makes, in a union-find of
+    2n + 1 entries, in compiled code without bounds checks: a first merge's left node set to 10**9
+    (or -10**9) segfaulted it.
+    """
+    tree = model._single_linkage_tree_
+    if not (isinstance(tree, np.ndarray) and tree.ndim == 1 and tree.dtype.names
+            and {"left_node", "right_node"} <= set(tree.dtype.names)):
+        return False
+    nodes = 2 * len(tree)
+    return all(_codes_within(tree[k], nodes + 1) for k in ("left_node", "right_node"))
 
 
 def _hash_width_ok(hasher: Any) -> bool:

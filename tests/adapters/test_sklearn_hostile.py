@@ -1052,7 +1052,8 @@ def _crafted_encoder(kind: str) -> Any:
     to 10**8 (or -10**8) segfaulted transform or the pipeline's predict (scipy builds the sparse matrix
     without checking its column indices; the next compiled routine reads or writes at them);
     `_n_features_outs` as an array made glibc abort; n_features 0 raised SIGFPE in a hashing transform;
-    _n_threads -1 made OpenMP exit the process from KMeans.predict. A OneHotEncoder's last feature given
+    _n_threads -1 made OpenMP exit the process from KMeans.predict; an HDBSCAN merge naming node 10**9 (or
+    -10**9) segfaulted `dbscan_clustering`. A OneHotEncoder's last feature given
     one column less, or a dropped code of -1, makes column indices of the width or -1: toarray writes just
     outside the matrix (glibc found its heap corrupted in one run, in others nothing showed); the others (a repeated or
     fractional index, TfidfVectorizer's map and the infrequent index, stopped by numpy by luck of the
@@ -1102,6 +1103,11 @@ def _crafted_encoder(kind: str) -> Any:
         model = (HashingVectorizer(n_features=16) if kind == "hashing-zero" else
                  FeatureHasher(n_features=16, input_type="string")).fit(_DOCS)
         model.n_features = 0
+    elif kind.startswith("hdbscan"):  # dbscan_clustering unions each merge's nodes in a union-find of 2n + 1
+        from sklearn.cluster import HDBSCAN
+        model = HDBSCAN(copy=True).fit(require("sklearn.datasets").make_blobs(60, 2, centers=3, random_state=0)[0])
+        model._single_linkage_tree_["left_node" if kind == "hdbscan-left" else "right_node"][0] = (
+            10**9 if kind == "hdbscan-left" else -10**9)
     else:
         model = KMeans(n_clusters=2, n_init=1, random_state=0).fit(np.arange(20.0).reshape(10, 2))
         model._n_threads = -1
@@ -1112,7 +1118,7 @@ def _crafted_encoder(kind: str) -> Any:
     *((k, "index arrays point outside") for k in (
         "count-vocabulary", "count-vocabulary-negative", "count-vocabulary-repeated", "count-vocabulary-float",
         "tfidf-vocabulary", "dict-vocabulary", "label-map", "one-hot-mapping", "one-hot-infrequent",
-        "one-hot-drop", "one-hot-columns", "one-hot-columns-array")),
+        "one-hot-drop", "one-hot-columns", "one-hot-columns-array", "hdbscan-left", "hdbscan-right")),
     ("hashing-zero", "whose n_features is not"), ("hasher-zero", "whose n_features is not"),
     ("kmeans-threads", "thread count (_n_threads)")])
 def test_crafted_index_maps_column_counts_and_thread_counts_are_refused(kind: str, says: str,
@@ -1123,7 +1129,8 @@ def test_crafted_index_maps_column_counts_and_thread_counts_are_refused(kind: st
     with pytest.raises(UntrustedContentError, match=re.escape(says)) as refused:
         load_any(tmp_path / "m")
     name = {"count": "Vectorizer", "tfidf": "TfidfVectorizer", "dict": "DictVectorizer", "label": "MultiLabelBinarizer",
-            "one": "OneHotEncoder", "hashing": "HashingVectorizer", "hasher": "FeatureHasher", "kmeans": "KMeans"}
+            "one": "OneHotEncoder", "hashing": "HashingVectorizer", "hasher": "FeatureHasher", "kmeans": "KMeans",
+            "hdbscan": "HDBSCAN"}
     assert name[kind.split("-", maxsplit=1)[0]] in str(refused.value)
     assert load_any(tmp_path / "m", trusted=True) is not None  # the caller who vouches gets it as it is
 
@@ -1132,7 +1139,8 @@ def test_crafted_index_maps_column_counts_and_thread_counts_are_refused(kind: st
 @pytest.mark.parametrize("kind", ["one-hot", "one-hot-dense", "one-hot-if-binary", "one-hot-infrequent",
                                   "one-hot-max-categories", "one-hot-ignore", "count", "tfidf-max-features",
                                   "count-given-vocabulary", "dict", "dict-unsorted", "label-map", "hashing",
-                                  "hasher", "kmeans", "minibatch-kmeans", "bisecting-kmeans"])
+                                  "hasher", "kmeans", "minibatch-kmeans", "bisecting-kmeans", "hdbscan",
+                                  "hdbscan-non-finite"])
 def test_encoders_vectorizers_and_clusterers_load_and_answer_the_same(kind: str, tmp_path: Path) -> None:
     """The checks of index maps, column counts and thread counts admit every such model scikit-learn fits."""
     np = require("numpy")
@@ -1166,14 +1174,21 @@ def test_encoders_vectorizers_and_clusterers_load_and_answer_the_same(kind: str,
         model.transform(rows)  # its map is made at the first transform, and kept
     elif kind == "hasher":
         model, rows = FeatureHasher(n_features=8, input_type="string").fit(_DOCS), [d.split() for d in _DOCS]
+    elif kind.startswith("hdbscan"):  # non-finite rows: scikit-learn remaps its tree to add them back
+        rows = require("sklearn.datasets").make_blobs(60, 2, centers=3, random_state=0)[0]
+        rows[[5, 17]] = np.inf if kind.endswith("finite") else rows[[5, 17]]
+        model = cluster.HDBSCAN(copy=True).fit(rows)
     else:
         rows = require("sklearn.datasets").make_blobs(60, 3, centers=3, random_state=0)[0]
         model = {"kmeans": cluster.KMeans, "minibatch-kmeans": cluster.MiniBatchKMeans,
                  "bisecting-kmeans": cluster.BisectingKMeans}[kind](n_clusters=3, n_init=1, random_state=0).fit(rows)
     save_any(model, tmp_path / "m")
     loaded = load_any(tmp_path / "m")
-    method = "predict" if kind.endswith("kmeans") else "transform"
-    got, expected = getattr(loaded, method)(rows), getattr(model, method)(rows)
+    if kind.startswith("hdbscan"):  # a clusterer without predict: its labels at another cut
+        got, expected = loaded.dbscan_clustering(0.8), model.dbscan_clustering(0.8)
+    else:
+        method = "predict" if kind.endswith("kmeans") else "transform"
+        got, expected = getattr(loaded, method)(rows), getattr(model, method)(rows)
     dense = [a.toarray() if hasattr(a, "toarray") else a for a in (got, expected)]
     np.testing.assert_array_equal(*dense)
 
