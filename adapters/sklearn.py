@@ -397,7 +397,7 @@ def _fit_rows_ok(model: Any) -> bool:
     tried), and data cut to 3 rows still answered for 5 neighbours.
     """
     count = model.n_samples_fit_
-    return isinstance(count, (int, np.integer)) and np.shape(model._fit_X)[0] == count >= 1
+    return _count_within(count, 1, 2**63 - 1) and np.shape(model._fit_X)[0] == count
 
 
 def _neighbour_labels_ok(model: Any) -> bool:
@@ -616,14 +616,17 @@ def _linkage_ok(model: Any) -> bool:
     return all(_codes_within(tree[k], nodes + 1) for k in ("left_node", "right_node"))
 
 
+def _count_within(n: Any, low: int, high: int) -> bool:
+    """Whether `n` is an integer (Python's or numpy's) from `low` to `high`."""
+    return (type(n) is int or isinstance(n, np.integer)) and low <= int(n) <= high
+
+
 def _hash_width_ok(hasher: Any) -> bool:
-    n = hasher.n_features
-    return (type(n) is int or isinstance(n, np.integer)) and 1 <= n <= _MOST_COLUMNS
+    return _count_within(hasher.n_features, 1, _MOST_COLUMNS)
 
 
 def _threads_ok(model: Any) -> bool:
-    n = model._n_threads
-    return (type(n) is int or isinstance(n, np.integer)) and 1 <= n <= _MOST_THREADS
+    return _count_within(model._n_threads, 1, _MOST_THREADS)
 
 
 def _as_wide_as_x(model: Any) -> bool:
