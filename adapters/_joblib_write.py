@@ -16,9 +16,10 @@ joblib cuts frames at 64 KiB too (both end a frame at each wrapper), and the wra
 
 As joblib does, an array met twice is written twice (joblib does not memoize arrays): the second time
 as a wrapper spelled without the pickle memo, so that no memo index moves. What joblib writes in ways
-this does not (a `numpy.matrix` or `numpy.memmap`, protocols below 4, compression) goes to `joblib.dump`,
-as does a model holding a bytes, bytearray or str of 64 KiB or more (`_unframed`), such as the booster of
-an XGBoost step in a pipeline.
+this does not (a `numpy.matrix`, protocols below 4, compression) goes to `joblib.dump`, as does a model
+holding a bytes, bytearray or str of 64 KiB or more (`_unframed`), such as the booster of an XGBoost step
+in a pipeline. An array of a model loaded with `mmap_mode` (a `numpy.memmap`) is written as a plain one:
+joblib reads it back as one either way.
 """
 
 from __future__ import annotations
@@ -120,12 +121,12 @@ class _Pickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
-        if kind is np.ndarray:
+        if kind is np.ndarray or kind is np.memmap:  # a memmap (from mmap_mode) as joblib reads it back: plain
             self.met.add(id(obj))
             self.arrays.append((obj, False))
             state: dict[Any, Any] = {**_wrapper_state(obj), _Marker(len(self.arrays) - 1): None}
             return _NEWOBJ_EX, (NumpyArrayWrapper, (), _NO_KWARGS), state
-        if kind is np.matrix or kind is np.memmap:  # joblib wraps these as their subclass
+        if kind is np.matrix:  # joblib wraps it as its subclass
             raise _Fallback
         return NotImplemented
 

@@ -77,7 +77,8 @@ EXACT_NAMES = frozenset(
     numpy.random._pickle.__generator_ctor numpy.random.mtrand.RandomState
     numpy.random._generator.Generator numpy.random._mt19937.MT19937 numpy.random._pcg64.PCG64
     numpy.random._pcg64.PCG64DXSM numpy.random._philox.Philox numpy.random._sfc64.SFC64
-    numpy.ma.core._mareconstruct numpy.ma.core.MaskedArray numpy.ma.MaskedArray joblib.numpy_pickle.NumpyArrayWrapper
+    numpy.ma.core._mareconstruct numpy.ma.core.MaskedArray numpy.ma.MaskedArray
+    numpy.matrix numpy.matrixlib.defmatrix.matrix joblib.numpy_pickle.NumpyArrayWrapper
     xgboost.sklearn.XGBClassifier xgboost.sklearn.XGBRegressor xgboost.sklearn.XGBRanker
     xgboost.sklearn.XGBRFClassifier xgboost.sklearn.XGBRFRegressor xgboost.core.Booster
     lightgbm.sklearn.LGBMClassifier lightgbm.sklearn.LGBMRegressor lightgbm.sklearn.LGBMRanker

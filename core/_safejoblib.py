@@ -9,7 +9,7 @@ import os
 import pickle
 from typing import Any, BinaryIO
 
-from ._safepickle import Guard, PlainUnpickler, State, guarded_dispatch
+from ._safepickle import Guard, PlainUnpickler, State, _Refused, guarded_dispatch
 from .errors import CorruptArtifactError, MissingFrameworkError, PersistError
 
 # A compressed stream may hold this many times the file's size (and 1 MiB whatever its size): more than zlib and
@@ -121,6 +121,28 @@ class _Bounded(io.RawIOBase):
         return self._given
 
 
+class _Memmapped(_Refused):
+    """What `numpy.memmap` stands for in a checked joblib read: the mark of an array memory-mapped when saved.
+
+    joblib writes each array's class in its wrapper, and an array of a model loaded with `mmap_mode` is a
+    `numpy.memmap`, which joblib reads back as a plain array. The class opens files when called and stays
+    on the deny-floor, so a checked joblib read gets this stand-in for it: a wrapper's mark, read as a
+    plain array (`_read_wrapped`); called, it is refused by name, as the class itself would be.
+    """
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: State) -> None:
+        super().__init__(MEMMAP)
+        self.state = state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Refused:
+        self.state.refused.append(MEMMAP)
+        self.state.floor.add(MEMMAP)
+        return self
+
+
+MEMMAP = "numpy.memmap"
 _JOBLIB_CLASS: type | None = None
 
 
@@ -136,6 +158,13 @@ def unpickler_class() -> type:
             def __init__(self, file: BinaryIO, state: State) -> None:
                 NumpyUnpickler.__init__(self, "", file, **_native_order())
                 self._s, self._file = state, file
+
+            def find_class(self, module: str, name: str) -> Any:
+                if f"{module}.{name}" != MEMMAP:
+                    return Guard.find_class(self, module, name)
+                if self._s.seen is not None:  # audited: a wrapper's mark is allowed (a call of it is refused)
+                    self._s.seen.append((MEMMAP, True))
+                return _Memmapped(self._s)
 
             def load_build(self) -> None:
                 Guard.load_build(self)
@@ -265,10 +294,17 @@ def _read_wrapped(f: Any, s: State, wrapper: Any) -> Any:
 
     fields = wrapper.__dict__  # what the wrapper's state set (its class has no such attributes)
     shape, dtype, order = fields.get("shape"), fields.get("dtype"), fields.get("order")
+    subclass = fields.get("subclass")
+    if isinstance(subclass, _Memmapped):  # joblib reads an array that was memory-mapped when saved as a plain one
+        subclass = np.ndarray
+    an_array = subclass is np.ndarray or (isinstance(subclass, type) and issubclass(subclass, np.ndarray))
     if (not isinstance(dtype, np.dtype) or not isinstance(shape, tuple)
             or (shape and (set(map(type, shape)) != _INT or min(shape) < 0)) or order not in ("C", "F")
-            or fields.get("subclass") is not np.ndarray):
+            or not an_array):
         raise CorruptArtifactError(f"{s.what}: malformed joblib array header")
+    if subclass is not np.ndarray:  # an allowed subclass (numpy.matrix: the mean of a scipy sparse matrix is one,
+        # which BisectingKMeans fit on a csr_matrix keeps): read as a plain array, rebuilt as joblib rebuilds it
+        return _as_joblib_subclass(_read_wrapped(f, s, _Fields({**fields, "subclass": np.ndarray})), subclass)
     if dtype.hasobject:  # the inner stream goes through the same guarded unpickler (joblib GHSA-m62q-453p-gv66)
         return pickle.load(f) if s.policy.trusted else PlainUnpickler(f, s).load()
     if fields.get("numpy_array_alignment_bytes") is not None:  # joblib >= 1.2: padding, its length first
@@ -291,6 +327,22 @@ def _read_wrapped(f: Any, s: State, wrapper: Any) -> Any:
     from joblib.numpy_pickle_utils import _ensure_native_byte_order  # joblib's conversion, for such arrays only
 
     return _ensure_native_byte_order(flat)
+
+
+class _Fields:
+    """A stand-in wrapper with the given fields (`_read_wrapped` reads only its `__dict__`)."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.__dict__.update(fields)
+
+
+def _as_joblib_subclass(array: Any, subclass: type) -> Any:
+    """An array joblib wrote as an ndarray subclass, as `joblib.load` gives it back.
+
+    joblib rebuilds the subclass through `__array_prepare__`, which numpy 2 removed: there it gives the
+    plain array, under numpy 1 a view of it as the subclass.
+    """
+    return array.view(subclass) if hasattr(array, "__array_prepare__") else array
 
 
 def _past_the_end(s: State, need: int) -> CorruptArtifactError:

@@ -446,6 +446,24 @@ def test_a_malformed_array_header_is_corrupt(fields: dict[str, Any], trusted: bo
             load_any(path, trusted=trusted)
 
 
+@pytest.mark.parametrize("compress", [0, 3])
+def test_an_array_joblib_wrote_as_a_matrix_loads_as_joblib_gives_it_back(compress: int, tmp_path: Path) -> None:
+    """A BisectingKMeans fit on a scipy csr_matrix keeps the data's mean, a numpy.matrix, in its tree: a checked
+    load refused it as a malformed array header. joblib gives a matrix back under numpy 1, the plain array
+    under numpy 2 (it rebuilds the subclass through `__array_prepare__`, which numpy 2 removed)."""
+    np, sparse, joblib = require("numpy"), require("scipy.sparse"), require("joblib")
+    from sklearn.cluster import BisectingKMeans
+
+    x = sparse.csr_matrix(require("sklearn.datasets").make_blobs(60, 4, centers=3, random_state=0)[0])
+    model = BisectingKMeans(n_clusters=3, random_state=0).fit(x)
+    assert isinstance(model._bisecting_tree.center, np.matrix)  # the premise
+    save_any(model, tmp_path / "m", compress=compress)
+    loaded, native = load_any(tmp_path / "m"), joblib.load(tmp_path / "m" / "model.joblib")
+    assert type(loaded._bisecting_tree.center) is type(native._bisecting_tree.center)
+    np.testing.assert_array_equal(loaded._bisecting_tree.center, model._bisecting_tree.center)
+    np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+
+
 @pytest.mark.parametrize("trusted", [False, True], ids=["checked", "trusted"])
 def test_an_array_declaring_more_than_the_file_holds_is_refused_before_it_is_allocated(
         trusted: bool, tmp_path: Path) -> None:
