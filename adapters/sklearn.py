@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
 import sys
 import warnings
@@ -23,7 +24,8 @@ from mlpersist.errors import PersistError, UntrustedContentError, VersionMismatc
 _FILES = {"joblib": "model.joblib", "pickle": "model.pkl"}
 _MAX_CLASSES_RECORDED = 1000
 # Arrays that compiled predict routines walk row by row beside X, trusting them to be as wide as X:
-# KNeighbors*' brute-force search (_fit_X), the KMeans family's assignment (cluster_centers_).
+# KNeighbors*' brute-force search (_fit_X), the KMeans family's assignment (cluster_centers_); BisectingKMeans
+# predicts down its tree, each step against its node's two children's centres (`center`), held to it too.
 _AS_WIDE_AS_X = ("_fit_X", "cluster_centers_")
 _LIBSVM_CLASSIFIERS = ("c_svc", "nu_svc")  # the svm types whose per-class counts libsvm follows
 # Maps whose values a transform makes the column indices of a sparse matrix with one column per entry, which
@@ -160,6 +162,8 @@ def validate(model: Any) -> list[Tree]:
             _require(_categories_ok, obj, where, f"a fitted {type(obj).__name__}")
         if module.startswith("sklearn.") and any(hasattr(obj, k) for k in _AS_WIDE_AS_X):
             _require(_as_wide_as_x, obj, where, f"a fitted {type(obj).__name__}")
+        if module == "sklearn.cluster._bisect_k_means" and hasattr(obj, "center") and n_features is not None:
+            _require(functools.partial(_centre_ok, width=n_features), obj, where, "a BisectingKMeans tree node")
         if module.startswith("sklearn.neighbors.") and hasattr(obj, "_fit_X") and hasattr(obj, "n_samples_fit_"):
             _require(_fit_rows_ok, obj, where, f"a fitted {type(obj).__name__}")
         if module.startswith("sklearn.neighbors.") and hasattr(obj, "_y") and hasattr(obj, "classes_"):
@@ -614,6 +618,16 @@ def _linkage_ok(model: Any) -> bool:
         return False
     nodes = 2 * len(tree)
     return all(_codes_within(tree[k], nodes + 1) for k in ("left_node", "right_node"))
+
+
+def _centre_ok(node: Any, width: int) -> bool:
+    """Whether a BisectingKMeans tree node's centre is as wide as X (its root's may be a 1-row matrix).
+
+    predict stacks a node's two children's centres and assigns X's rows to them in compiled code that
+    walks each row's width along them: children's centres cut to one column (and no `_X_mean` to add
+    them to) were read past, and predict answered from whatever lay there.
+    """
+    return np.shape(node.center) in ((width,), (1, width))
 
 
 def _count_within(n: Any, low: int, high: int) -> bool:

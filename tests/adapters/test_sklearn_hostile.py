@@ -1071,7 +1071,8 @@ def _crafted_encoder(kind: str) -> Any:
     without checking its column indices; the next compiled routine reads or writes at them);
     `_n_features_outs` as an array made glibc abort; n_features 0 raised SIGFPE in a hashing transform;
     _n_threads -1 made OpenMP exit the process from KMeans.predict; an HDBSCAN merge naming node 10**9 (or
-    -10**9) segfaulted `dbscan_clustering`. A OneHotEncoder's last feature given
+    -10**9) segfaulted `dbscan_clustering`; a BisectingKMeans whose nodes' centres were cut to one column
+    read past them in predict, and answered. A OneHotEncoder's last feature given
     one column less, or a dropped code of -1, makes column indices of the width or -1: toarray writes just
     outside the matrix (glibc found its heap corrupted in one run, in others nothing showed); the others (a repeated or
     fractional index, TfidfVectorizer's map and the infrequent index, stopped by numpy by luck of the
@@ -1121,6 +1122,13 @@ def _crafted_encoder(kind: str) -> Any:
         model = (HashingVectorizer(n_features=16) if kind == "hashing-zero" else
                  FeatureHasher(n_features=16, input_type="string")).fit(_DOCS)
         model.n_features = 0
+    elif kind == "bisecting-centres":  # predict assigns X's rows to a node's children's centres, row by row
+        from sklearn.cluster import BisectingKMeans
+        model = BisectingKMeans(n_clusters=3, random_state=0).fit(
+            require("sklearn.datasets").make_blobs(60, 4, centers=3, random_state=0)[0])
+        for child in (model._bisecting_tree.left, model._bisecting_tree.right):
+            child.center = child.center[:1].copy()
+        del model._X_mean  # else adding it to the stacked centres fails first (a model fit on sparse data has none)
     elif kind.startswith("hdbscan"):  # dbscan_clustering unions each merge's nodes in a union-find of 2n + 1
         from sklearn.cluster import HDBSCAN
         model = HDBSCAN(copy=True).fit(require("sklearn.datasets").make_blobs(60, 2, centers=3, random_state=0)[0])
@@ -1136,7 +1144,8 @@ def _crafted_encoder(kind: str) -> Any:
     *((k, "index arrays point outside") for k in (
         "count-vocabulary", "count-vocabulary-negative", "count-vocabulary-repeated", "count-vocabulary-float",
         "tfidf-vocabulary", "dict-vocabulary", "label-map", "one-hot-mapping", "one-hot-infrequent",
-        "one-hot-drop", "one-hot-columns", "one-hot-columns-array", "hdbscan-left", "hdbscan-right")),
+        "one-hot-drop", "one-hot-columns", "one-hot-columns-array", "hdbscan-left", "hdbscan-right",
+        "bisecting-centres")),
     ("hashing-zero", "whose n_features is not"), ("hasher-zero", "whose n_features is not"),
     ("kmeans-threads", "thread count (_n_threads)")])
 def test_crafted_index_maps_column_counts_and_thread_counts_are_refused(kind: str, says: str,
@@ -1148,7 +1157,7 @@ def test_crafted_index_maps_column_counts_and_thread_counts_are_refused(kind: st
         load_any(tmp_path / "m")
     name = {"count": "Vectorizer", "tfidf": "TfidfVectorizer", "dict": "DictVectorizer", "label": "MultiLabelBinarizer",
             "one": "OneHotEncoder", "hashing": "HashingVectorizer", "hasher": "FeatureHasher", "kmeans": "KMeans",
-            "hdbscan": "HDBSCAN"}
+            "hdbscan": "HDBSCAN", "bisecting": "BisectingKMeans tree node"}
     assert name[kind.split("-", maxsplit=1)[0]] in str(refused.value)
     assert load_any(tmp_path / "m", trusted=True) is not None  # the caller who vouches gets it as it is
 
@@ -1157,8 +1166,8 @@ def test_crafted_index_maps_column_counts_and_thread_counts_are_refused(kind: st
 @pytest.mark.parametrize("kind", ["one-hot", "one-hot-dense", "one-hot-if-binary", "one-hot-infrequent",
                                   "one-hot-max-categories", "one-hot-ignore", "count", "tfidf-max-features",
                                   "count-given-vocabulary", "dict", "dict-unsorted", "label-map", "hashing",
-                                  "hasher", "kmeans", "minibatch-kmeans", "bisecting-kmeans", "hdbscan",
-                                  "hdbscan-non-finite"])
+                                  "hasher", "kmeans", "minibatch-kmeans", "bisecting-kmeans", "bisecting-kmeans-sparse",
+                                  "hdbscan", "hdbscan-non-finite"])
 def test_encoders_vectorizers_and_clusterers_load_and_answer_the_same(kind: str, tmp_path: Path) -> None:
     """The checks of index maps, column counts and thread counts admit every such model scikit-learn fits."""
     np = require("numpy")
@@ -1198,14 +1207,17 @@ def test_encoders_vectorizers_and_clusterers_load_and_answer_the_same(kind: str,
         model = cluster.HDBSCAN(copy=True).fit(rows)
     else:
         rows = require("sklearn.datasets").make_blobs(60, 3, centers=3, random_state=0)[0]
+        if kind.endswith("sparse"):  # no _X_mean; the root's centre is the data's mean: a 1-row numpy.matrix
+            rows = require("scipy.sparse").csr_matrix(rows)
         model = {"kmeans": cluster.KMeans, "minibatch-kmeans": cluster.MiniBatchKMeans,
-                 "bisecting-kmeans": cluster.BisectingKMeans}[kind](n_clusters=3, n_init=1, random_state=0).fit(rows)
+                 "bisecting-kmeans": cluster.BisectingKMeans, "bisecting-kmeans-sparse": cluster.BisectingKMeans}[kind](
+            n_clusters=3, n_init=1, random_state=0).fit(rows)
     save_any(model, tmp_path / "m")
     loaded = load_any(tmp_path / "m")
     if kind.startswith("hdbscan"):  # a clusterer without predict: its labels at another cut
         got, expected = loaded.dbscan_clustering(0.8), model.dbscan_clustering(0.8)
     else:
-        method = "predict" if kind.endswith("kmeans") else "transform"
+        method = "predict" if "kmeans" in kind else "transform"
         got, expected = getattr(loaded, method)(rows), getattr(model, method)(rows)
     dense = [a.toarray() if hasattr(a, "toarray") else a for a in (got, expected)]
     np.testing.assert_array_equal(*dense)
