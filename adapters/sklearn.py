@@ -570,8 +570,7 @@ def _one_hot_ok(model: Any) -> bool:
     so computed, must be below its columns.
     """
     categories, outs = model.categories_, model._n_features_outs
-    if not (type(outs) is list and len(outs) == len(categories)
-            and all(type(n) is int or isinstance(n, np.integer) for n in outs)):
+    if not (type(outs) is list and len(outs) == len(categories) and all(_count_within(n, 0, 1 << 62) for n in outs)):
         return False
     grouped = bool(getattr(model, "_infrequent_enabled", False))
     mappings = model._default_to_infrequent_mappings if grouped else [None] * len(categories)
@@ -592,7 +591,7 @@ def _one_hot_ok(model: Any) -> bool:
             count = int(np.max(mapping)) + 1
         drop = None if dropped is None else dropped[i]
         if drop is not None:  # codes above it move down one; one below 0 would move code 0 to -1
-            if not (isinstance(drop, (int, np.integer)) and 0 <= drop < count):
+            if not _count_within(drop, 0, count - 1):
                 return False
             count -= 1
         if not 0 <= count <= outs[i]:
