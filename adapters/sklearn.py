@@ -168,10 +168,11 @@ def validate(model: Any) -> list[Tree]:
             _require(_fit_rows_ok, obj, where, f"a fitted {type(obj).__name__}")
         if module.startswith("sklearn.neighbors.") and hasattr(obj, "_y") and hasattr(obj, "classes_"):
             _require(_neighbour_labels_ok, obj, where, f"a fitted {type(obj).__name__}")
-        if module.startswith(_ENCODING) and any(type(getattr(obj, k, None)) is dict for k in _INDEX_MAPS):
-            _require(_index_maps_ok, obj, where, f"a fitted {type(obj).__name__}")
-        if module.startswith(_ENCODING) and hasattr(obj, "_n_features_outs"):
-            _require(_one_hot_ok, obj, where, f"a fitted {type(obj).__name__}")
+        if module.startswith(_ENCODING):
+            if any(type(getattr(obj, k, None)) is dict for k in _INDEX_MAPS):
+                _require(_index_maps_ok, obj, where, f"a fitted {type(obj).__name__}")
+            if hasattr(obj, "_n_features_outs"):
+                _require(_one_hot_ok, obj, where, f"a fitted {type(obj).__name__}")
         if hashers and isinstance(obj, hashers):
             _require(_hash_width_ok, obj, where, f"a {type(obj).__name__}", why=(
                 f"whose n_features is not a number of columns scikit-learn takes (1 to {_MOST_COLUMNS}): its "
@@ -415,10 +416,9 @@ def _neighbour_labels_ok(model: Any) -> bool:
     if labels.dtype.kind not in "iu" or labels.shape[:1] != (rows,):
         return False
     if labels.ndim == 1:
-        return labels.size == 0 or (int(labels.min()) >= 0 and int(labels.max()) < len(model.classes_))
+        return _codes_within(labels, len(model.classes_))
     return labels.ndim == 2 and labels.shape[1] == len(model.classes_) and all(
-        labels[:, j].size == 0 or (int(labels[:, j].min()) >= 0 and int(labels[:, j].max()) < len(c))
-        for j, c in enumerate(model.classes_))
+        _codes_within(labels[:, j], len(c)) for j, c in enumerate(model.classes_))
 
 
 def _binary_tree_ok(tree: Any) -> bool:

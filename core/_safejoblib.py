@@ -302,9 +302,16 @@ def _read_wrapped(f: Any, s: State, wrapper: Any) -> Any:
             or (shape and (set(map(type, shape)) != _INT or min(shape) < 0)) or order not in ("C", "F")
             or not an_array):
         raise CorruptArtifactError(f"{s.what}: malformed joblib array header")
-    if subclass is not np.ndarray:  # an allowed subclass (numpy.matrix: the mean of a scipy sparse matrix is one,
-        # which BisectingKMeans fit on a csr_matrix keeps): read as a plain array, rebuilt as joblib rebuilds it
-        return _as_joblib_subclass(_read_wrapped(f, s, _Fields({**fields, "subclass": np.ndarray})), subclass)
+    array = _read_array(f, s, fields, shape=shape, dtype=dtype, order=order)
+    # an allowed subclass (numpy.matrix: the mean of a scipy sparse matrix is one, which BisectingKMeans fit on a
+    # csr_matrix keeps) is rebuilt from the plain array as joblib rebuilds it
+    return array if subclass is np.ndarray else _as_joblib_subclass(array, subclass)
+
+
+def _read_array(f: Any, s: State, fields: dict[str, Any], *, shape: tuple[int, ...], dtype: Any, order: str) -> Any:
+    """The array a checked wrapper's header (`_read_wrapped`) declares, read from the file."""
+    import numpy as np
+
     if dtype.hasobject:  # the inner stream goes through the same guarded unpickler (joblib GHSA-m62q-453p-gv66)
         return pickle.load(f) if s.policy.trusted else PlainUnpickler(f, s).load()
     if fields.get("numpy_array_alignment_bytes") is not None:  # joblib >= 1.2: padding, its length first
@@ -327,13 +334,6 @@ def _read_wrapped(f: Any, s: State, wrapper: Any) -> Any:
     from joblib.numpy_pickle_utils import _ensure_native_byte_order  # joblib's conversion, for such arrays only
 
     return _ensure_native_byte_order(flat)
-
-
-class _Fields:
-    """A stand-in wrapper with the given fields (`_read_wrapped` reads only its `__dict__`)."""
-
-    def __init__(self, fields: dict[str, Any]) -> None:
-        self.__dict__.update(fields)
 
 
 def _as_joblib_subclass(array: Any, subclass: type) -> Any:
