@@ -33,6 +33,8 @@ _LIBSVM_CLASSIFIERS = ("c_svc", "nu_svc")  # the svm types whose per-class count
 # MultiLabelBinarizer's _cached_dict.
 _INDEX_MAPS = ("vocabulary_", "_cached_dict")
 _ENCODING = ("sklearn.feature_extraction.", "sklearn.preprocessing.")  # the modules of those and of OneHotEncoder
+# what encoders' (categories_ per feature) and clusterers' (_n_features_out, their centres) feature names count
+_COUNTED, _COUNTS = ("sklearn.preprocessing.", "sklearn.cluster."), ("categories_", "_n_features_out")
 _MOST_COLUMNS = 2**31 - 1  # scikit-learn's bound for a hashing transform's n_features (its column indices are int32)
 _MOST_THREADS = 1 << 16  # far more than any machine scikit-learn counted its threads on (the KMeans family's)
 
@@ -173,6 +175,10 @@ def validate(model: Any) -> list[Tree]:
                 _require(_index_maps_ok, obj, where, f"a fitted {type(obj).__name__}")
             if hasattr(obj, "_n_features_outs"):
                 _require(_one_hot_ok, obj, where, f"a fitted {type(obj).__name__}")
+        if module.startswith(_COUNTED) and any(k in getattr(obj, "__dict__", ()) for k in _COUNTS):
+            _require(_names_counted_ok, obj, where, f"a fitted {type(obj).__name__}", why=(
+                "whose count of features disagrees with the arrays it counts: get_feature_names_out makes a name "
+                "for each counted feature, and a count of 2**31 hung it"))
         if hashers and isinstance(obj, hashers):
             _require(_hash_width_ok, obj, where, f"a {type(obj).__name__}", why=(
                 f"whose n_features is not a number of columns scikit-learn takes (1 to {_MOST_COLUMNS}): its "
@@ -383,7 +389,10 @@ def _sparse_ok(m: Any) -> bool:
     fmt = getattr(m, "format", None)
     if fmt in ("csr", "csc", "bsr"):
         m.check_format(full_check=True)  # index dtypes and lengths, indptr monotonic, indices inside the shape
-        return True
+        # scipy 1.11's full check runs only if the last pointer (its count of entries) is positive: a negative
+        # one passed it, with the pointers before it unchecked (a TfidfVectorizer's idf matrix: a segfault)
+        pointers = np.asarray(m.indptr)
+        return bool(len(pointers) and pointers[0] == 0 and np.all(pointers[1:] >= pointers[:-1]))
     if fmt == "coo":
         coords = getattr(m, "coords", None) or (m.row, m.col)
         return len(coords) == len(m.shape) and all(
@@ -634,6 +643,20 @@ def _count_within(n: Any, low: int, high: int) -> bool:
     return (type(n) is int or isinstance(n, np.integer)) and low <= int(n) <= high
 
 
+def _names_counted_ok(model: Any) -> bool:
+    """Whether an encoder has one list of categories per feature, and a clusterer one output per centre.
+
+    Their get_feature_names_out makes one name per feature counted (`n_features_in_` when the model kept
+    no names, the KMeans family's and Birch's `_n_features_out`), in Python: an edited count of 2**31 made
+    it run past any timeout, building names. Here the arrays counted are in the file, so the count must
+    match them; counts that nothing in a model backs (a Normalizer's) are a known limit (docs/security.md).
+    """
+    if hasattr(model, "categories_") and hasattr(model, "n_features_in_"):
+        return _count_within(model.n_features_in_, len(model.categories_), len(model.categories_))
+    centres = getattr(model, "cluster_centers_", getattr(model, "subcluster_centers_", None))
+    return centres is None or _count_within(model._n_features_out, len(centres), len(centres))
+
+
 def _hash_width_ok(hasher: Any) -> bool:
     return _count_within(hasher.n_features, 1, _MOST_COLUMNS)
 
@@ -669,8 +692,8 @@ def _require(ok: Any, obj: Any, where: str, what: str,
 def _check_predictor_nodes(predictor: Any, nodes: np.ndarray, n_features: int | None, where: str) -> None:
     if not _passes(_predictor_nodes_ok, predictor, nodes, n_features):  # a renamed field fails it too
         raise UntrustedContentError(
-            f"{where}: a gradient-boosting predictor's node indices point outside its arrays, back up its tree or to "
-            "a node another one names; the file is crafted or damaged, refusing it",
+            f"{where}: a gradient-boosting predictor has no nodes, or its node indices point outside its arrays, back "
+            "up its tree or to a node another one names; the file is crafted or damaged, refusing it",
             ["sklearn.ensemble._hist_gradient_boosting"])
 
 
@@ -679,9 +702,12 @@ def _predictor_nodes_ok(predictor: Any, nodes: np.ndarray, n_features: int | Non
 
     scikit-learn numbers a predictor's nodes depth first, so each path down rises: a child at or before its
     node made predict loop forever (a changed copy, on scikit-learn 1.3). A node is the child of one node at
-    most: partial dependence walks every path down, and nodes shared make them as many as 2**depth.
+    most: partial dependence walks every path down, and nodes shared make them as many as 2**depth. predict
+    starts at node 0, unchecked: a predictor with no nodes read before its array (a segfault, found fuzzing).
     """
     count = len(nodes)
+    if count == 0:
+        return False
     inner = nodes["is_leaf"] == 0
     at = np.arange(count)
     ok = bool(np.all(~inner | ((nodes["left"] < count) & (nodes["right"] < count)
