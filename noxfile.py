@@ -169,6 +169,30 @@ def faults(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON, default=False)
+def fuzz(session: nox.Session) -> None:
+    """Fuzz scikit-learn's fitted state against the checked load (about an hour); rerun when scikit-learn moves.
+
+    Every number and array of every estimator all_estimators() fits, compiled state (trees, KD-trees,
+    libsvm) included, edited one at a time in a forked process: a crash or a hang is a finding. The sklearn
+    session's tests make every 7th edit of the curated models (tests/adapters/sklearn_fuzz.py).
+    """
+    session.install(*CONSTRAINTS, "-e", ".[sklearn]")
+    _run_fuzz(session)
+
+
+@nox.session(name="fuzz-compat", python="3.10", default=False)
+def fuzz_compat(session: nox.Session) -> None:
+    """The fuzzer on the oldest releases (compat-3.10's): scikit-learn 1.3 and scipy 1.11 check less themselves."""
+    session.install("-c", COMPAT["3.10"], "-e", ".[sklearn]")
+    _run_fuzz(session)
+
+
+def _run_fuzz(session: nox.Session) -> None:
+    keep = f".nox/fuzz-findings-{session.python}"  # each finding's file, to load again by hand
+    session.run("python", "tests/adapters/sklearn_fuzz.py", "--all", "--keep", keep, *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
     """Benchmarks against native calls (minutes; not part of plain `nox`): writes benchmarks/RESULTS.md."""
     session.install(*CONSTRAINTS, "-e", ".[sklearn,torch,keras]", "numpy", "tensorflow-cpu", "xgboost-cpu",
