@@ -162,6 +162,9 @@ def validate(model: Any) -> list[Tree]:
             boosted.append((obj, where))
         if hasattr(obj, "_bin_mapper") and hasattr(obj, "_predictors"):
             _require(_categories_ok, obj, where, f"a fitted {type(obj).__name__}")
+            _require(_trees_per_iteration_ok, obj, where, f"a fitted {type(obj).__name__}", why=(
+                "whose n_trees_per_iteration_ is not the number of trees in each of its iterations: predict sizes "
+                "its output by it, and 10**6 made a 100-iteration model's staged_predict take 29 s"))
         if module.startswith("sklearn.") and any(hasattr(obj, k) for k in _AS_WIDE_AS_X):
             _require(_as_wide_as_x, obj, where, f"a fitted {type(obj).__name__}")
         if module == "sklearn.cluster._bisect_k_means" and hasattr(obj, "center") and n_features is not None:
@@ -543,6 +546,10 @@ def _categories_ok(model: Any) -> bool:
         if len(split) and (int(split.max()) >= categorical.size or not np.all(categorical[split])):
             return False
     return True
+
+
+def _trees_per_iteration_ok(model: Any) -> bool:
+    return all(_count_within(model.n_trees_per_iteration_, len(trees), len(trees)) for trees in model._predictors)
 
 
 def _index_maps_ok(model: Any) -> bool:

@@ -874,6 +874,8 @@ else:
         nodes["right"][0] = nodes["left"][0]
     elif kind == "hist-gbm-empty":  # predict starts at node 0 of an array of none: a segfault
         model._predictors[0][0].nodes = nodes[:0].copy()
+    elif kind == "hist-gbm-trees":  # predict sizes its output by it: staged_predict took 29 s (100 iterations)
+        model.n_trees_per_iteration_ = 10**6
     else:  # a negative feature index (one byte changed in a file segfaulted predict)
         nodes["feature_idx"][0] = -2**56
 mlpersist.save_any(model, path)
@@ -888,7 +890,8 @@ except mlpersist.UntrustedContentError as exc:
     *((k, "outside its arrays") for k in ("forest-child", "forest-loop", "forest-feature", "hist-gbm", "hist-gbm-loop",
                                           "hist-gbm-feature", "hist-gbm-two-parents", "hist-gbm-empty", "gb-child")),
     ("forest-shallow", "deeper than its max_depth of 1"), ("forest-two-parents", "the child of two nodes"),
-    *((k, "disagree with its shape") for k in ("gb-columns", "gb-narrow-first-tree", "gb-init-classes"))])
+    *((k, "disagree with its shape") for k in ("gb-columns", "gb-narrow-first-tree", "gb-init-classes")),
+    ("hist-gbm-trees", "n_trees_per_iteration_ is not")])
 def test_crafted_tree_indices_are_refused_before_predict(kind: str, says: str, tmp_path: Path) -> None:
     require("sklearn")
     (tmp_path / "craft.py").write_text(CRAFT)
@@ -897,6 +900,22 @@ def test_crafted_tree_indices_are_refused_before_predict(kind: str, says: str, t
     assert proc.stdout.startswith("REFUSED") and says in proc.stdout, proc.stdout + proc.stderr
     if kind.startswith("forest"):  # all trees are checked at once; the crafted one (estimators_[1]) is named
         assert "][1][" in proc.stdout.split(":")[0], proc.stdout
+
+
+@pytest.mark.parametrize("classes", [2, 3, 0], ids=["binary", "three-classes", "regressor"])
+def test_hist_gradient_boosting_loads_with_its_trees_per_iteration_and_predicts_the_same(classes: int,
+                                                                                          tmp_path: Path) -> None:
+    """One tree per iteration (binary, regressor) or one per class: the count check admits each, every stage."""
+    np, ensemble = require("numpy"), require("sklearn.ensemble")
+    x, y = require("sklearn.datasets").make_classification(120, 5, n_informative=3, n_classes=max(classes, 2),
+                                                           random_state=0)
+    model = (ensemble.HistGradientBoostingRegressor(max_iter=5) if classes == 0 else
+             ensemble.HistGradientBoostingClassifier(max_iter=5)).fit(x, y)
+    save_any(model, tmp_path / "m")
+    loaded = load_any(tmp_path / "m")
+    assert loaded.n_trees_per_iteration_ == (3 if classes == 3 else 1)
+    for got, expected in zip(loaded.staged_predict(x), model.staged_predict(x), strict=True):
+        np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("init", ["prior", "zero", "logistic"])
