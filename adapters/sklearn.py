@@ -182,6 +182,10 @@ def validate(model: Any) -> list[Tree]:
             _require(_names_counted_ok, obj, where, f"a fitted {type(obj).__name__}", why=(
                 "whose count of features disagrees with the arrays it counts: get_feature_names_out makes a name "
                 "for each counted feature, and a count of 2**31 hung it"))
+        if module == "sklearn.random_projection" and hasattr(obj, "components_"):
+            _require(_finite_components_ok, obj, where, f"a fitted {type(obj).__name__}", why=(
+                "whose components are not all finite: inverse_transform hands them to LAPACK's SVD, unchecked, and "
+                "an infinite one made it loop forever"))
         if hashers and isinstance(obj, hashers):
             _require(_hash_width_ok, obj, where, f"a {type(obj).__name__}", why=(
                 f"whose n_features is not a number of columns scikit-learn takes (1 to {_MOST_COLUMNS}): its "
@@ -662,6 +666,13 @@ def _names_counted_ok(model: Any) -> bool:
         return _count_within(model.n_features_in_, len(model.categories_), len(model.categories_))
     centres = getattr(model, "cluster_centers_", getattr(model, "subcluster_centers_", None))
     return centres is None or _count_within(model._n_features_out, len(centres), len(centres))
+
+
+def _finite_components_ok(model: Any) -> bool:
+    """Whether a random projection's components (an array, or a csr matrix's entries) are all finite."""
+    components = model.components_
+    values = components.data if hasattr(components, "format") else components
+    return bool(np.isfinite(np.asarray(values, dtype=float)).all())
 
 
 def _hash_width_ok(hasher: Any) -> bool:

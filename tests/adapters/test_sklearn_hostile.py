@@ -1263,6 +1263,28 @@ def test_encoders_vectorizers_and_clusterers_load_and_answer_the_same(kind: str,
         np.testing.assert_array_equal(loaded.get_feature_names_out(), model.get_feature_names_out())
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "sparse"])
+def test_random_projections_load_and_invert_the_same_unless_a_component_is_infinite(kind: str,
+                                                                                      tmp_path: Path) -> None:
+    """inverse_transform hands the components to LAPACK's SVD with no finiteness check (scipy's pinv,
+    check_finite=False), and one infinite component made it loop forever (found by nox -s fuzz): refused.
+    A model as scikit-learn fits it loads, and transforms and inverts the same."""
+    np, projection = require("numpy"), require("sklearn.random_projection")
+    x = np.random.default_rng(0).normal(size=(40, 8))
+    model = getattr(projection, f"{kind.capitalize()}RandomProjection")(n_components=4, random_state=0).fit(x)
+    save_any(model, tmp_path / "m")
+    loaded = load_any(tmp_path / "m")
+    for method in ("transform", "inverse_transform"):
+        rows = x if method == "transform" else model.transform(x)
+        got, expected = getattr(loaded, method)(rows), getattr(model, method)(rows)
+        np.testing.assert_array_equal(*(a.toarray() if hasattr(a, "toarray") else a for a in (got, expected)))
+    components = model.components_.data if kind == "sparse" else model.components_.ravel()
+    components[0] = np.inf
+    save_any(model, tmp_path / "crafted")
+    with pytest.raises(UntrustedContentError, match="components are not all finite"):
+        load_any(tmp_path / "crafted")
+
+
 def _with_state(obj: Any, edit: Callable[[list[Any]], None]) -> Any:
     """A copy of a Cython object (neighbour tree, distance metric) whose pickled state `edit` changed."""
     copy = pickle.loads(pickle.dumps(obj))
