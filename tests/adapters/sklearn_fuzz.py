@@ -66,6 +66,9 @@ def _data(kind: str) -> tuple[Any, Any, Any]:
         rng = np.random.default_rng(0)
         docs = [" ".join(rng.choice(words, 4)) for _ in range(60)]
         return docs, np.arange(60) % 3, docs[:12]
+    if kind == "dicts":
+        rows = [{"a": i % 3, "b": i % 5, f"c{i % 7}": 1.0} for i in range(60)]
+        return rows, np.arange(60) % 3, rows[:12]
     if kind == "categories":
         rng = np.random.default_rng(0)
         x = rng.choice(np.array(["a", "b", "c", "d", "e", "rare"], dtype=object), size=(60, 2),
@@ -75,8 +78,14 @@ def _data(kind: str) -> tuple[Any, Any, Any]:
         x, y = make_regression(n_samples=60, n_features=5, random_state=0)
         return x, y, x[:12]
     x, y = make_classification(n_samples=60, n_features=5, n_informative=3, n_classes=3, random_state=0)
-    if kind == "positive":
-        x = np.abs(x)
+    if kind in ("positive", "counts", "two-targets", "labels", "binary", "positive-target"):
+        x = np.round(np.abs(x) * 3) if kind == "counts" else np.abs(x)
+        y = (np.column_stack([y == 0, y == 1]).astype(int) if kind in ("two-targets", "labels") else
+             y % 2 if kind == "binary" else y + 1.0 if kind == "positive-target" else y)
+    if kind == "one-column":
+        x = x[:, :1]
+    if kind == "kernel":  # a linear kernel of the rows with themselves, and with the first 12
+        return x @ x.T, y, x[:12] @ x.T
     if kind == "coded":  # a first column of small integer codes, for categorical splits
         x[:, 0] = np.arange(60) % 4
     if kind == "sparse":  # scipy's csr matrix: its index arrays are state too
@@ -123,15 +132,84 @@ def curated() -> list[tuple[str, Callable[[], Any], str]]:
 
 
 def every_estimator() -> list[tuple[str, Callable[[], Any], str]]:
-    """Every estimator scikit-learn lists, with its defaults, on the data its kind takes."""
+    """Every estimator scikit-learn lists, with its defaults, on the data its kind takes.
+
+    Those that need arguments (meta-estimators) or other data (counts, two targets) get them from
+    `_needs`; the label encoders, which transform y, not X, are skipped.
+    """
     from sklearn.base import ClassifierMixin, RegressorMixin
     from sklearn.utils import all_estimators
 
+    needs = _needs()
     out: list[tuple[str, Callable[[], Any], str]] = []
     for name, cls in all_estimators():
         kind = "classes" if issubclass(cls, ClassifierMixin) else (
             "regression" if issubclass(cls, RegressorMixin) else "positive")
-        out.append((name, cls, kind))
+        made = needs.get(name)
+        out.append((name, cls, kind) if made is None else (name, made[0], made[1]))
+    return out
+
+
+def _needs() -> dict[str, tuple[Callable[[], Any], str]]:
+    """The estimators that fit with defaults on no data `_data` makes: what they need, and the data kind."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
+
+    def tree() -> Any:
+        return DecisionTreeClassifier(max_depth=3, random_state=0)
+
+    def pair() -> list[tuple[str, Any]]:
+        return [("tree", tree()), ("linear", LogisticRegression())]
+
+    wrapping: dict[str, tuple[Callable[[Any], Any], str]] = {
+        "ClassifierChain": (lambda c: c(tree()), "labels"),
+        "MultiOutputClassifier": (lambda c: c(tree()), "labels"),
+        "MultiOutputRegressor": (lambda c: c(DecisionTreeRegressor(max_depth=3)), "two-targets"),
+        "RegressorChain": (lambda c: c(DecisionTreeRegressor(max_depth=3)), "two-targets"),
+        "OneVsOneClassifier": (lambda c: c(tree()), "classes"),
+        "OneVsRestClassifier": (lambda c: c(tree()), "classes"),
+        "OutputCodeClassifier": (lambda c: c(tree(), random_state=0), "classes"),
+        "RFE": (lambda c: c(tree(), n_features_to_select=2), "classes"),
+        "RFECV": (lambda c: c(tree(), cv=2), "classes"),
+        "SelectFromModel": (lambda c: c(tree()), "classes"),
+        "SelfTrainingClassifier": (lambda c: c(tree()), "classes"),
+        "SequentialFeatureSelector": (lambda c: c(tree(), n_features_to_select=2, cv=2), "classes"),
+        "GridSearchCV": (lambda c: c(tree(), {"max_depth": [2, 3]}, cv=2), "classes"),
+        "RandomizedSearchCV": (lambda c: c(tree(), {"max_depth": [2, 3]}, n_iter=1, cv=2, random_state=0),
+                               "classes"),
+        "FixedThresholdClassifier": (lambda c: c(LogisticRegression()), "binary"),
+        "TunedThresholdClassifierCV": (lambda c: c(LogisticRegression(), cv=2), "binary"),
+        "StackingClassifier": (lambda c: c(pair(), cv=2), "classes"),
+        "StackingRegressor": (lambda c: c([("tree", DecisionTreeRegressor(max_depth=3)), ("ridge", Ridge())], cv=2),
+                              "regression"),
+        "FrozenEstimator": (lambda c: c(tree().fit(*_data("classes")[:2])), "classes"),
+        "QuadraticDiscriminantAnalysis": (lambda c: c(reg_param=0.1), "classes"),
+        "SparseCoder": (lambda c: c(np.eye(5)[:3]), "positive"),
+        "VotingClassifier": (lambda c: c(pair()), "classes"),
+        "VotingRegressor": (lambda c: c([("tree", DecisionTreeRegressor(max_depth=3))]), "regression"),
+        "Pipeline": (lambda c: c([("scale", StandardScaler()), ("tree", tree())]), "classes"),
+        "FeatureUnion": (lambda c: c([("pca", PCA(2)), ("scale", StandardScaler())]), "positive"),
+        "ColumnTransformer": (lambda c: c([("pca", PCA(1), [0, 1]), ("scale", StandardScaler(), [2, 3])]),
+                              "positive"),
+        "GaussianRandomProjection": (lambda c: c(n_components=3, random_state=0), "positive"),
+        "SparseRandomProjection": (lambda c: c(n_components=3, random_state=0), "positive"),
+    }
+    by_data = {"CategoricalNB": "counts", "ComplementNB": "counts", "MultinomialNB": "counts",
+               "GammaRegressor": "positive-target", "PoissonRegressor": "positive-target",
+               "IsotonicRegression": "one-column", "CCA": "two-targets", "PLSCanonical": "two-targets",
+               "PLSSVD": "two-targets", "MultiTaskElasticNet": "two-targets", "MultiTaskElasticNetCV": "two-targets",
+               "MultiTaskLasso": "two-targets", "MultiTaskLassoCV": "two-targets", "CountVectorizer": "text",
+               "TfidfVectorizer": "text", "HashingVectorizer": "text", "DictVectorizer": "dicts",
+               "KernelCenterer": "kernel"}
+    from sklearn.utils import all_estimators
+
+    classes = dict(all_estimators())
+    out: dict[str, tuple[Callable[[], Any], str]] = {
+        name: (lambda make=make, cls=classes[name]: make(cls), kind)
+        for name, (make, kind) in wrapping.items() if name in classes}
+    out.update((name, (classes[name], kind)) for name, kind in by_data.items() if name in classes)
     return out
 
 
@@ -426,7 +504,7 @@ def fuzz(models: list[tuple[str, Callable[[], Any], str]], *, trusted: bool, tim
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--all", action="store_true", help="also every estimator all_estimators() lists")
-    parser.add_argument("--model", action="append", help="only the curated models of these names")
+    parser.add_argument("--model", action="append", help="only the models of these names (with --all, estimators too)")
     parser.add_argument("--only", help="only the values whose path contains this text (e.g. tree_)")
     parser.add_argument("--trusted", action="store_true", help="load with trusted=True: the control run")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds one child may take (default 30)")
@@ -437,9 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("OMP_NUM_THREADS") != "1":  # one thread everywhere: no OpenMP pool for a fork to inherit
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         os.execve(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)], env)
-    models = [m for m in curated() if not args.model or m[0] in args.model]
-    if args.all:
-        models += every_estimator()
+    models = [m for m in curated() + (every_estimator() if args.all else []) if not args.model or m[0] in args.model]
     started = time.monotonic()
     report = fuzz(models, trusted=args.trusted, timeout=args.timeout, keep=args.keep, only=args.only,
                   stop_after=args.stop_after, every=args.every)
