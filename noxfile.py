@@ -170,7 +170,7 @@ def faults(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=False)
 def fuzz(session: nox.Session) -> None:
-    """Fuzz scikit-learn's fitted state against the checked load (about an hour); rerun when scikit-learn moves.
+    """Fuzz scikit-learn's fitted state against the checked load (80 minutes here); rerun when scikit-learn moves.
 
     Every number and array of every estimator all_estimators() fits, compiled state (trees, KD-trees,
     libsvm) included, edited one at a time in a forked process: a crash or a hang is a finding. The sklearn
