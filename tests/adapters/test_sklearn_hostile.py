@@ -1102,7 +1102,8 @@ def _crafted_encoder(kind: str) -> Any:
     one column less, or a dropped code of -1, makes column indices of the width or -1: toarray writes just
     outside the matrix (glibc found its heap corrupted in one run, in others nothing showed); the others (a repeated or
     fractional index, TfidfVectorizer's map and the infrequent index, stopped by numpy by luck of the
-    path) are refused as well: each is a map scikit-learn never makes.
+    path) are refused as well: each is a map scikit-learn never makes. A OneHotEncoder's n_features_in_
+    or a KMeans's _n_features_out set to 2**31 made get_feature_names_out build names past any timeout.
     """
     np = require("numpy")
     from sklearn.cluster import KMeans
@@ -1182,8 +1183,9 @@ def _crafted_encoder(kind: str) -> Any:
     *((k, "count of features disagrees") for k in ("one-hot-features", "kmeans-outputs"))])
 def test_crafted_index_maps_column_counts_and_thread_counts_are_refused(kind: str, says: str,
                                                                           tmp_path: Path) -> None:
-    """Each of these crashed a real process at transform or predict time, after a plain load_any (the edits
-    are those of `_crafted_encoder`); the checked load refuses them, naming the object."""
+    """Each of these crashed a real process at transform or predict time, or hung get_feature_names_out,
+    after a plain load_any (the edits are those of `_crafted_encoder`); the checked load refuses them,
+    naming the object."""
     save_any(_crafted_encoder(kind), tmp_path / "m")
     with pytest.raises(UntrustedContentError, match=re.escape(says)) as refused:
         load_any(tmp_path / "m")
