@@ -395,11 +395,10 @@ def _sparse_ok(m: Any) -> bool:
     """
     fmt = getattr(m, "format", None)
     if fmt in ("csr", "csc", "bsr"):
-        m.check_format(full_check=True)  # index dtypes and lengths, indptr monotonic, indices inside the shape
-        # scipy 1.11's full check runs only if the last pointer (its count of entries) is positive: a negative
-        # one passed it, with the pointers before it unchecked (a TfidfVectorizer's idf matrix: a segfault)
-        pointers = np.asarray(m.indptr)
-        return bool(len(pointers) and pointers[0] == 0 and np.all(pointers[1:] >= pointers[:-1]))
+        m.check_format(full_check=True)  # index dtypes and lengths, indptr from 0, indices inside the shape
+        # and indptr rising, but in scipy 1.11 only if the last pointer (its count of entries) is positive: a
+        # negative one passed, the pointers before it unchecked (a TfidfVectorizer's idf matrix: a segfault)
+        return bool(np.all(m.indptr[1:] >= m.indptr[:-1]))
     if fmt == "coo":
         coords = getattr(m, "coords", None) or (m.row, m.col)
         return len(coords) == len(m.shape) and all(

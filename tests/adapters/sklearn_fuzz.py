@@ -28,6 +28,7 @@ the step it came at); --keep DIR keeps each finding's file, to load again by han
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -144,18 +145,22 @@ def every_estimator() -> list[tuple[str, Callable[[], Any], str]]:
     from sklearn.base import ClassifierMixin, RegressorMixin
     from sklearn.utils import all_estimators
 
-    needs = _needs()
+    wrapping, by_data = _needs()
     out: list[tuple[str, Callable[[], Any], str]] = []
     for name, cls in all_estimators():
-        kind = "classes" if issubclass(cls, ClassifierMixin) else (
-            "regression" if issubclass(cls, RegressorMixin) else "positive")
-        made = needs.get(name)
-        out.append((name, cls, kind) if made is None else (name, made[0], made[1]))
+        if name in wrapping:
+            make, kind = wrapping[name]
+            out.append((name, functools.partial(make, cls), kind))
+            continue
+        kind = by_data.get(name) or ("classes" if issubclass(cls, ClassifierMixin) else (
+            "regression" if issubclass(cls, RegressorMixin) else "positive"))
+        out.append((name, cls, kind))
     return out
 
 
-def _needs() -> dict[str, tuple[Callable[[], Any], str]]:
-    """The estimators that fit with defaults on no data `_data` makes: what they need, and the data kind."""
+def _needs() -> tuple[dict[str, tuple[Callable[[Any], Any], str]], dict[str, str]]:
+    """The estimators that fit with defaults on no data `_data` makes: (what each meta-estimator wraps, made
+    from its class, and its data kind; the data kind of the others)."""
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.preprocessing import StandardScaler
@@ -207,14 +212,7 @@ def _needs() -> dict[str, tuple[Callable[[], Any], str]]:
                "MultiTaskLasso": "two-targets", "MultiTaskLassoCV": "two-targets", "CountVectorizer": "text",
                "TfidfVectorizer": "text", "HashingVectorizer": "text", "DictVectorizer": "dicts",
                "KernelCenterer": "kernel"}
-    from sklearn.utils import all_estimators
-
-    classes = dict(all_estimators())
-    out: dict[str, tuple[Callable[[], Any], str]] = {
-        name: (lambda make=make, cls=classes[name]: make(cls), kind)
-        for name, (make, kind) in wrapping.items() if name in classes}
-    out.update((name, (classes[name], kind)) for name, kind in by_data.items() if name in classes)
-    return out
+    return wrapping, by_data
 
 
 def fitted(factory: Callable[[], Any], kind: str) -> tuple[Any, Any] | None:
